@@ -1,0 +1,1 @@
+"""The CDM: its specification, generated schema (DDL) and, later, the table builders."""

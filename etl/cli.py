@@ -1,0 +1,150 @@
+"""The `omop-etl` command line."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from enum import Enum
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from etl import __version__
+from etl.logs import configure
+
+app = typer.Typer(
+    help="OMOP CDM v5.4 ETL for hospitals: EHR, HL7 v2 lab and DICOM feeds into a gated warehouse.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+cdm_app = typer.Typer(help="The CDM v5.4 (+ imaging extension) schema.", no_args_is_help=True)
+vocab_app = typer.Typer(help="Athena vocabulary releases.", no_args_is_help=True)
+app.add_typer(cdm_app, name="cdm")
+app.add_typer(vocab_app, name="vocab")
+
+console = Console(stderr=True)
+log = logging.getLogger("etl")
+
+WAREHOUSE_OPT = typer.Option(
+    None, "--warehouse", "-w", envvar="OMOP_ETL_WAREHOUSE",
+    help="duckdb:///file.duckdb or postgresql+psycopg://user@host/db",
+)  # fmt: skip
+SCHEMA_OPT = typer.Option(None, "--schema", "-s", help="Default: main (DuckDB), cdm (PostgreSQL).")
+
+
+class DialectName(str, Enum):
+    duckdb = "duckdb"
+    postgresql = "postgresql"
+
+
+def _default_schema(url: str, schema: str | None) -> str:
+    return schema or ("main" if url.startswith("duckdb") else "cdm")
+
+
+@app.callback()
+def main(
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging."),
+    version: bool = typer.Option(False, "--version", help="Print the version and exit."),
+) -> None:
+    configure(verbose)
+    if version:
+        typer.echo(__version__)
+        raise typer.Exit(0)
+
+
+@cdm_app.command("ddl")
+def cdm_ddl(
+    dialect: DialectName = typer.Option(..., "--dialect", "-d"),
+    schema: str | None = SCHEMA_OPT,
+    foreign_keys: bool = typer.Option(False, "--foreign-keys", help="Add FK constraints."),
+    indexes: bool = typer.Option(False, "--indexes", help="Add OHDSI-style indexes."),
+) -> None:
+    """Print the CDM DDL for a dialect, generated from the specification."""
+    from etl.cdm.schema import build_metadata, ddl_statements, dialect_for
+
+    md = build_metadata(schema, foreign_keys=foreign_keys, indexes=indexes)
+    for stmt in ddl_statements(md, dialect_for(dialect.value)):
+        typer.echo(stmt + ";\n")
+
+
+@cdm_app.command("create")
+def cdm_create(
+    warehouse: str = WAREHOUSE_OPT,
+    schema: str | None = SCHEMA_OPT,
+    foreign_keys: bool = typer.Option(False, "--foreign-keys", help="PostgreSQL only."),
+    indexes: bool | None = typer.Option(
+        None, "--indexes/--no-indexes", help="Default: on for PostgreSQL, off for DuckDB."
+    ),
+) -> None:
+    """Create the 41 CDM tables (39 CDM v5.4 + 2 imaging) that are missing in a warehouse."""
+    from etl.cdm.schema import create_cdm
+    from etl.warehouse import open_warehouse
+
+    _require(warehouse, "--warehouse")
+    schema = _default_schema(warehouse, schema)
+    with open_warehouse(warehouse) as wh:
+        try:
+            created = create_cdm(wh, schema, foreign_keys=foreign_keys, indexes=indexes)
+        except ValueError as exc:
+            _fail(str(exc))
+        total = len(wh.table_names(schema))
+    console.print(f"schema [bold]{schema}[/]: {len(created)} table(s) created, {total} in all")
+
+
+@vocab_app.command("load")
+def vocab_load(
+    path: Path = typer.Argument(..., help="Folder of an Athena download (tab-separated files)."),
+    warehouse: str = WAREHOUSE_OPT,
+    schema: str | None = SCHEMA_OPT,
+) -> None:
+    """Load an Athena vocabulary release, replacing the previous one atomically."""
+    from etl.vocab import VocabularyError, load_vocabulary
+    from etl.warehouse import open_warehouse
+
+    _require(warehouse, "--warehouse")
+    schema = _default_schema(warehouse, schema)
+    with open_warehouse(warehouse) as wh:
+        try:
+            result = load_vocabulary(wh, path, schema, show_progress=sys.stderr.isatty())
+        except VocabularyError as exc:
+            _fail(str(exc))
+    table = Table(title=f"vocabulary loaded into {schema} in {result.seconds:.1f}s")
+    table.add_column("table")
+    table.add_column("rows", justify="right")
+    for name, n in result.rows.items():
+        table.add_row(name, f"{n:,}")
+    console.print(table)
+    if result.vocabulary_version:
+        console.print(f"release: {result.vocabulary_version}")
+
+
+@app.command()
+def demo(
+    workdir: Path = typer.Option(Path("demo-output"), "--workdir", help="Where to write."),
+) -> None:
+    """Run the bundled demo into WORKDIR/warehouse.duckdb."""
+    from etl.demo import run_demo
+
+    result = run_demo(workdir, show_progress=sys.stderr.isatty())
+    console.print(
+        f"demo warehouse [bold]{result.warehouse_path}[/]: {len(result.tables)} tables, "
+        f"vocabulary {sum(result.vocabulary.rows.values()):,} rows "
+        f"({result.vocabulary.rows['concept']:,} concepts); config {result.config_path}"
+    )
+
+
+def _require(value: str | None, flag: str) -> None:
+    if not value:
+        _fail(f"{flag} is required (or set OMOP_ETL_WAREHOUSE)")
+
+
+def _fail(message: str, code: int = 2) -> None:
+    console.print(f"[red]error:[/] {escape(message)}", highlight=False)
+    raise typer.Exit(code)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

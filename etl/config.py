@@ -1,0 +1,85 @@
+"""The site configuration (YAML), validated: a bad key is named in the error."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+
+class ConfigError(ValueError):
+    """The site configuration cannot be used; the message names the file and the key."""
+
+
+class FeedConfig(BaseModel):
+    """One source feed of the nightly run."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=r"^[a-z][a-z0-9_]*$")
+    kind: Literal["ehr_csv", "hl7v2", "dicom"]
+    path: Path
+    profile: str | None = None
+
+
+class SiteConfig(BaseModel):
+    """What a site configures: the warehouse, its vocabulary and its feeds."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    warehouse: str
+    cdm_schema: str | None = None  # default: main on DuckDB, cdm on PostgreSQL
+    vocabulary: Path | None = None
+    pseudonym_key_env: str = "OMOP_ETL_PSEUDONYM_KEY"
+    feeds: list[FeedConfig] = Field(default_factory=list)
+
+    @field_validator("warehouse")
+    @classmethod
+    def _known_engine(cls, v: str) -> str:
+        if not v.startswith(("duckdb://", "postgresql")):
+            raise ValueError("must be duckdb:///path or postgresql+psycopg://user@host/db")
+        return v
+
+    @field_validator("feeds")
+    @classmethod
+    def _unique_names(cls, v: list[FeedConfig]) -> list[FeedConfig]:
+        names = [f.name for f in v]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"feed names must be unique: {', '.join(dupes)}")
+        return v
+
+    @property
+    def schema_name(self) -> str:
+        if self.cdm_schema:
+            return self.cdm_schema
+        return "main" if self.warehouse.startswith("duckdb") else "cdm"
+
+
+def load_config(path: Path) -> SiteConfig:
+    """Read and validate a site config; relative paths are relative to the config file."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of settings at the top level")
+    try:
+        cfg = SiteConfig.model_validate(raw)
+    except ValidationError as exc:
+        lines = [
+            f"{path}: {'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
+        ]
+        raise ConfigError("\n".join(lines)) from None
+    base = path.parent.resolve()
+    if cfg.vocabulary is not None and not cfg.vocabulary.is_absolute():
+        cfg.vocabulary = base / cfg.vocabulary
+    for feed in cfg.feeds:
+        if not feed.path.is_absolute():
+            feed.path = base / feed.path
+    return cfg

@@ -1,0 +1,108 @@
+"""The warehouse interface: a SQLAlchemy engine plus each engine's native bulk path."""
+
+from __future__ import annotations
+
+import logging
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+
+import pyarrow as pa
+import sqlalchemy as sa
+
+log = logging.getLogger(__name__)
+
+WAREHOUSE_ENV = "OMOP_ETL_WAREHOUSE"
+
+
+class Warehouse(ABC):
+    """A CDM warehouse: connections, schema management and bulk Arrow loading."""
+
+    dialect: str
+    default_schema: str
+
+    def __init__(self, url: str, engine: sa.Engine) -> None:
+        self.url = url
+        self.engine = engine
+
+    # -- connections -------------------------------------------------------------------
+    @contextmanager
+    def begin(self) -> Iterator[sa.Connection]:
+        """A connection inside one transaction: committed on success, rolled back on error."""
+        with self.engine.begin() as conn:
+            yield conn
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def __enter__(self) -> Warehouse:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- names -------------------------------------------------------------------------
+    def quote(self, ident: str) -> str:
+        return self.engine.dialect.identifier_preparer.quote(ident)
+
+    def qualified(self, schema: str | None, table: str) -> str:
+        schema = schema or self.default_schema
+        return f"{self.quote(schema)}.{self.quote(table)}"
+
+    # -- schemas -----------------------------------------------------------------------
+    def create_schema(self, conn: sa.Connection, schema: str) -> None:
+        conn.execute(sa.text(f"CREATE SCHEMA IF NOT EXISTS {self.quote(schema)}"))
+
+    def drop_schema(self, conn: sa.Connection, schema: str) -> None:
+        conn.execute(sa.text(f"DROP SCHEMA IF EXISTS {self.quote(schema)} CASCADE"))
+
+    def table_names(self, schema: str | None = None) -> list[str]:
+        return sorted(sa.inspect(self.engine).get_table_names(schema=schema or self.default_schema))
+
+    def count_rows(self, conn: sa.Connection, schema: str | None, table: str) -> int:
+        return int(conn.execute(sa.text(f"SELECT count(*) FROM {self.qualified(schema, table)}")).scalar_one())
+
+    # -- bulk --------------------------------------------------------------------------
+    @abstractmethod
+    def bulk_insert(
+        self,
+        conn: sa.Connection,
+        schema: str | None,
+        table: str,
+        batches: pa.Table | Iterable[pa.RecordBatch],
+    ) -> int:
+        """Append Arrow data to an existing table through the engine's native bulk path.
+
+        Columns are matched by name. Returns the number of rows written. Runs inside the
+        caller's transaction.
+        """
+
+    def analyze(self, conn: sa.Connection, schema: str | None, table: str) -> None:
+        """Refresh planner statistics after a bulk load (no-op where not needed)."""
+
+
+def _as_batches(data: pa.Table | Iterable[pa.RecordBatch]) -> Iterable[pa.RecordBatch]:
+    if isinstance(data, pa.Table):
+        return data.to_batches(max_chunksize=256_000)
+    return data
+
+
+def open_warehouse(url: str | None = None) -> Warehouse:
+    """Open the warehouse at `url` (or $OMOP_ETL_WAREHOUSE).
+
+    `duckdb:///path/file.duckdb` or `postgresql+psycopg://user@host:port/db`.
+    """
+    url = url or os.environ.get(WAREHOUSE_ENV)
+    if not url:
+        raise ValueError(f"no warehouse URL: pass --warehouse or set {WAREHOUSE_ENV}")
+    backend = sa.engine.make_url(url).get_backend_name()
+    if backend == "duckdb":
+        from etl.warehouse.duckdb import DuckDBWarehouse
+
+        return DuckDBWarehouse.from_url(url)
+    if backend in ("postgresql", "postgres"):
+        from etl.warehouse.postgres import PostgresWarehouse
+
+        return PostgresWarehouse.from_url(url)
+    raise ValueError(f"unsupported warehouse {url!r}: use duckdb:/// or postgresql+psycopg://")
