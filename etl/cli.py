@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 
 import typer
@@ -35,7 +35,7 @@ WAREHOUSE_OPT = typer.Option(
 SCHEMA_OPT = typer.Option(None, "--schema", "-s", help="Default: main (DuckDB), cdm (PostgreSQL).")
 
 
-class DialectName(str, Enum):
+class DialectName(StrEnum):
     duckdb = "duckdb"
     postgresql = "postgresql"
 

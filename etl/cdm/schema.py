@@ -71,9 +71,7 @@ def build_metadata(
             if foreign_keys and f.fk_table and f.fk_field and f.fk_table in specs:
                 target = f"{schema}.{f.fk_table}.{f.fk_field}" if schema else None
                 target = target or f"{f.fk_table}.{f.fk_field}"
-                args.append(
-                    sa.ForeignKey(target, name=f"fpk_{name}_{f.name}"[:63], use_alter=True)
-                )
+                args.append(sa.ForeignKey(target, name=f"fpk_{name}_{f.name}"[:63], use_alter=True))
             cols.append(
                 sa.Column(
                     f.name,

@@ -80,7 +80,11 @@ def _normalise_type(raw: str) -> str:
 
 
 def _read(name: str) -> list[dict[str, str]]:
-    with resources.files("etl.cdm").joinpath(_SPEC_DIR, name).open(encoding="utf-8", newline="") as fh:
+    with (
+        resources.files("etl.cdm")
+        .joinpath(_SPEC_DIR, name)
+        .open(encoding="utf-8", newline="") as fh
+    ):
         return list(csv.DictReader(fh))
 
 

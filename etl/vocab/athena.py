@@ -9,6 +9,7 @@ every check is vectorised over a block (Arrow compute), never a Python loop over
 from __future__ import annotations
 
 import io
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,10 +55,15 @@ class VocabularyError(Exception):
 def find_file(release_dir: Path, table: str) -> Path | None:
     """The file for `table` in an Athena folder (CONCEPT.csv, concept.csv, CONCEPT.tsv...)."""
     for candidate in sorted(release_dir.iterdir()):
-        if candidate.is_file() and candidate.stem.lower() == table and candidate.suffix.lower() in (
-            ".csv",
-            ".tsv",
-            ".txt",
+        if (
+            candidate.is_file()
+            and candidate.stem.lower() == table
+            and candidate.suffix.lower()
+            in (
+                ".csv",
+                ".tsv",
+                ".txt",
+            )
         ):
             return candidate
     return None
@@ -243,7 +249,7 @@ def read_table(
             except StopIteration:
                 break
             except pa.ArrowInvalid as exc:
-                problems.append(Problem(fname, None, f"unreadable: {exc}"))
+                problems.append(_unreadable(fname, exc))
                 return
             n = batch.num_rows
             lines = _line_numbers(first_line, n, skipped_lines)
@@ -255,10 +261,20 @@ def read_table(
             ]
             yield pa.RecordBatch.from_arrays([*columns, lines], schema=_nullable(target))
     except pa.ArrowInvalid as exc:
-        problems.append(Problem(fname, None, f"unreadable: {exc}"))
+        problems.append(_unreadable(fname, exc))
     finally:
         source.close()
         problems.extend(bad_rows)
+
+
+def _unreadable(fname: str, exc: Exception) -> Problem:
+    """A problem for a block Arrow could not decode, naming the line where it knows it."""
+    text = str(exc)
+    m = re.search(r"Row #(\d+)", text)
+    line = int(m.group(1)) if m else None
+    if "invalid UTF8" in text:
+        return Problem(fname, line, "unreadable: not valid UTF-8 (Athena files are UTF-8)")
+    return Problem(fname, line, f"unreadable: {text}")
 
 
 def _line_numbers(first: int, n: int, skipped: list[int]) -> pa.Array:

@@ -90,7 +90,9 @@ def _stage_files(
         with wh.begin() as conn:
             batches = read_table(path, spec, problems=problems, on_bytes=on_bytes)
             rows[name] = wh.bulk_insert(conn, stage, name, batches)
-        log.info("staged %s: %d rows (%d problem(s))", path.name, rows[name], len(problems) - before)
+        log.info(
+            "staged %s: %d rows (%d problem(s))", path.name, rows[name], len(problems) - before
+        )
     return rows
 
 
@@ -149,9 +151,7 @@ def _check_references(
             if not n:
                 continue
             sample = conn.execute(
-                sa.text(
-                    f"SELECT s.{LINE_COLUMN}, s.{c} {dangling} ORDER BY 1 LIMIT {_EXAMPLES}"
-                )
+                sa.text(f"SELECT s.{LINE_COLUMN}, s.{c} {dangling} ORDER BY 1 LIMIT {_EXAMPLES}")
             ).all()
             message = f"{col}: {n} row(s) reference a {ref_table}.{ref_col} not in the release"
             if fatal:

@@ -61,7 +61,11 @@ class Warehouse(ABC):
         return sorted(sa.inspect(self.engine).get_table_names(schema=schema or self.default_schema))
 
     def count_rows(self, conn: sa.Connection, schema: str | None, table: str) -> int:
-        return int(conn.execute(sa.text(f"SELECT count(*) FROM {self.qualified(schema, table)}")).scalar_one())
+        return int(
+            conn.execute(
+                sa.text(f"SELECT count(*) FROM {self.qualified(schema, table)}")
+            ).scalar_one()
+        )
 
     # -- bulk --------------------------------------------------------------------------
     @abstractmethod
@@ -80,6 +84,7 @@ class Warehouse(ABC):
 
     def analyze(self, conn: sa.Connection, schema: str | None, table: str) -> None:
         """Refresh planner statistics after a bulk load (no-op where not needed)."""
+        return None
 
 
 def _as_batches(data: pa.Table | Iterable[pa.RecordBatch]) -> Iterable[pa.RecordBatch]:

@@ -1,0 +1,46 @@
+"""Shared fixtures: real DuckDB files and a real PostgreSQL (local server or embedded)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from etl.warehouse import Warehouse, open_warehouse
+from etl.warehouse.embedded import postgres_url
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO_VOCAB = REPO / "vocab"
+
+
+@pytest.fixture(scope="session")
+def pg_url() -> str:
+    return postgres_url()
+
+
+@pytest.fixture
+def duckdb_wh(tmp_path: Path) -> Iterator[tuple[Warehouse, str]]:
+    wh = open_warehouse(f"duckdb:///{tmp_path / 'warehouse.duckdb'}")
+    yield wh, "main"
+    wh.close()
+
+
+@pytest.fixture
+def pg_wh(pg_url: str) -> Iterator[tuple[Warehouse, str]]:
+    """A PostgreSQL warehouse with a private schema, dropped afterwards."""
+    schema = f"t_{uuid.uuid4().hex[:10]}"
+    wh = open_warehouse(pg_url)
+    yield wh, schema
+    with wh.begin() as conn:
+        wh.drop_schema(conn, schema)
+        wh.drop_schema(conn, f"{schema}_vocab_stage")
+    wh.close()
+
+
+@pytest.fixture(params=["duckdb", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def warehouse(request: pytest.FixtureRequest) -> tuple[Warehouse, str]:
+    """Each test using this runs once on DuckDB and once on PostgreSQL."""
+    fixture = "duckdb_wh" if request.param == "duckdb" else "pg_wh"
+    return request.getfixturevalue(fixture)

@@ -1,0 +1,102 @@
+"""The command line and the demo, as a user runs them."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+from typer.testing import CliRunner
+
+from etl.cli import app
+from etl.config import ConfigError, load_config
+from tests.conftest import DEMO_VOCAB, REPO
+
+
+def test_help_lists_the_commands() -> None:
+    result = CliRunner().invoke(app, ["--help"])
+    assert result.exit_code == 0
+    for command in ("demo", "cdm", "vocab"):
+        assert command in result.output
+
+
+def test_console_script_is_installed() -> None:
+    exe = REPO / ".venv" / "bin" / "omop-etl"
+    if not exe.exists():
+        pytest.skip("not installed through `make` (no .venv/bin/omop-etl)")
+    out = subprocess.run([exe, "--help"], capture_output=True, text=True, check=True)
+    assert "vocab" in out.stdout
+
+
+def test_demo_builds_warehouse_with_41_tables_and_vocabulary(tmp_path: Path) -> None:
+    result = CliRunner().invoke(app, ["demo", "--workdir", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    engine = sa.create_engine(f"duckdb:///{tmp_path / 'warehouse.duckdb'}")
+    with engine.connect() as conn:
+        tables = conn.execute(
+            sa.text("SELECT count(*) FROM information_schema.tables WHERE table_schema='main'")
+        ).scalar_one()
+        concepts = conn.execute(sa.text("SELECT count(*) FROM concept")).scalar_one()
+    engine.dispose()
+    expected = sum(1 for _ in (DEMO_VOCAB / "CONCEPT.csv").open(encoding="utf-8")) - 1
+    assert tables == 41
+    assert concepts == expected
+    cfg = load_config(tmp_path / "site.yaml")
+    assert cfg.vocabulary == DEMO_VOCAB
+    # running it again is safe: same warehouse, vocabulary replaced, not doubled
+    again = CliRunner().invoke(app, ["demo", "--workdir", str(tmp_path)])
+    assert again.exit_code == 0, again.output
+
+
+def test_cdm_create_cli_on_postgres(pg_wh) -> None:
+    wh, schema = pg_wh
+    args = ["cdm", "create", "--warehouse", wh.url, "--schema", schema, "--foreign-keys"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "41 table(s) created" in result.output
+    assert len(wh.table_names(schema)) == 41
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "site.yaml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_config_resolves_relative_paths(tmp_path: Path) -> None:
+    cfg = load_config(
+        _write(
+            tmp_path,
+            "warehouse: duckdb:///w.duckdb\nvocabulary: athena\n"
+            "feeds:\n  - {name: ehr, kind: ehr_csv, profile: synthea, path: csv}\n",
+        )
+    )
+    assert cfg.vocabulary == tmp_path.resolve() / "athena"
+    assert cfg.feeds[0].path == tmp_path.resolve() / "csv"
+    assert cfg.schema_name == "main"
+    assert cfg.pseudonym_key_env == "OMOP_ETL_PSEUDONYM_KEY"
+
+
+@pytest.mark.parametrize(
+    ("text", "named"),
+    [
+        ("warehouse: duckdb:///w.duckdb\nwarehose_typo: 1\n", "warehose_typo"),
+        (
+            "warehouse: duckdb:///w.duckdb\nfeeds:\n  - {name: lab, kind: hl7, path: x}\n",
+            "feeds.0.kind",
+        ),
+        ("warehouse: mysql://x\n", "warehouse"),
+        ("cdm_schema: cdm\n", "warehouse: Field required"),
+        (
+            "warehouse: duckdb:///w\nfeeds:\n  - {name: a, kind: dicom, path: x}\n"
+            "  - {name: a, kind: dicom, path: y}\n",
+            "unique",
+        ),
+    ],
+)
+def test_config_errors_name_the_bad_key(tmp_path: Path, text: str, named: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(_write(tmp_path, text))
+    assert named in str(err.value)
+    assert "site.yaml" in str(err.value)
