@@ -111,7 +111,8 @@ def read_header(path: Path) -> list[str]:
     with path.open("rb") as fh:
         first = fh.readline()
     text = first.decode("utf-8-sig", errors="replace").rstrip("\r\n")
-    return [c.strip().lower() for c in text.split("\t")]
+    # Some exporters quote header names even when the data are unquoted.
+    return [c.strip().strip('"').lower() for c in text.split("\t")]
 
 
 def _examples(mask: pa.Array, lines: pa.Array, values: pa.Array | None = None) -> list[tuple]:

@@ -34,6 +34,8 @@ NATURAL_KEYS = {
     "concept_synonym": ("concept_id", "concept_synonym_name", "language_concept_id"),
     "drug_strength": ("drug_concept_id", "ingredient_concept_id"),
 }
+# Key columns that still only name a metadata concept (reported, not fatal, when absent).
+METADATA_REFERENCES = {"language_concept_id"}
 _EXAMPLES = 5
 
 
@@ -131,7 +133,8 @@ def _references(spec: TableSpec) -> list[tuple[str, str, str, bool]]:
     out = []
     for f in spec.fields:
         if f.fk_table in vocab and f.fk_field and not f.is_primary_key:
-            fatal = f.name in keys or f.fk_table != "concept"
+            in_key = f.name in keys and f.name not in METADATA_REFERENCES
+            fatal = in_key or f.fk_table != "concept"
             out.append((f.name, f.fk_table, f.fk_field, fatal))
     return out
 
