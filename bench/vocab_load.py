@@ -51,7 +51,9 @@ def _worker(engine: str, release: Path, workdir: Path) -> None:
                 conn.execute(sa.text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
         wh.close()
     rows = sum(result.rows.values())
-    print(json.dumps({"engine": engine, "seconds": seconds, "rows": rows, "peak_mb": peak_rss_mb()}))
+    print(
+        json.dumps({"engine": engine, "seconds": seconds, "rows": rows, "peak_mb": peak_rss_mb()})
+    )
 
 
 def main() -> None:
