@@ -1,0 +1,115 @@
+"""Canonical record shapes: what every feed is reduced to before mapping.
+
+A new source is a profile (or a parser) that emits these Arrow tables; everything after
+extraction (landing, mapping, building, the report) only knows these shapes. Every record
+carries its provenance: feed, source file and line (or message/instance position).
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+PROVENANCE = [
+    pa.field("feed", pa.string(), nullable=False),
+    pa.field("source_file", pa.string(), nullable=False),
+    pa.field("source_line", pa.int64(), nullable=False),
+]
+
+PERSON = pa.schema(
+    [
+        pa.field("person_key", pa.string(), nullable=False),  # keyed HMAC, never the MRN
+        pa.field("birth_datetime", pa.timestamp("us")),
+        pa.field("death_datetime", pa.timestamp("us")),
+        pa.field("gender_code", pa.string()),
+        pa.field("gender_vocabulary", pa.string()),
+        pa.field("race_code", pa.string()),
+        pa.field("race_vocabulary", pa.string()),
+        pa.field("ethnicity_code", pa.string()),
+        pa.field("ethnicity_vocabulary", pa.string()),
+        pa.field("state", pa.string()),
+        pa.field("zip3", pa.string()),  # HIPAA safe harbour: 3-digit ZIP at most
+        pa.field("care_site_key", pa.string()),
+        pa.field("provider_key", pa.string()),
+        *PROVENANCE,
+    ]
+)
+
+VISIT = pa.schema(
+    [
+        pa.field("visit_key", pa.string(), nullable=False),
+        pa.field("person_key", pa.string(), nullable=False),
+        pa.field("class_code", pa.string()),
+        pa.field("class_vocabulary", pa.string()),
+        pa.field("start_datetime", pa.timestamp("us"), nullable=False),
+        pa.field("end_datetime", pa.timestamp("us")),
+        pa.field("provider_key", pa.string()),
+        pa.field("care_site_key", pa.string()),
+        *PROVENANCE,
+    ]
+)
+
+EVENT = pa.schema(
+    [
+        pa.field("event_key", pa.string(), nullable=False),  # stable identity of the record
+        pa.field("record_set", pa.string(), nullable=False),  # e.g. conditions, medications
+        pa.field("person_key", pa.string(), nullable=False),
+        pa.field("visit_key", pa.string()),
+        pa.field("code", pa.string()),
+        pa.field("vocabulary_id", pa.string()),
+        pa.field("default_domain", pa.string(), nullable=False),
+        pa.field("type_concept_id", pa.int32(), nullable=False),
+        pa.field("start_datetime", pa.timestamp("us"), nullable=False),
+        pa.field("end_datetime", pa.timestamp("us")),
+        pa.field("value_as_number", pa.float64()),
+        pa.field("value_as_string", pa.string()),
+        pa.field("value_code", pa.string()),
+        pa.field("value_vocabulary", pa.string()),
+        pa.field("unit_code", pa.string()),
+        pa.field("unit_vocabulary", pa.string()),
+        pa.field("range_low", pa.float64()),
+        pa.field("range_high", pa.float64()),
+        pa.field("quantity", pa.float64()),
+        pa.field("device_identifier", pa.string()),
+        pa.field("provider_key", pa.string()),
+        *PROVENANCE,
+    ]
+)
+
+CARE_SITE = pa.schema(
+    [
+        pa.field("care_site_key", pa.string(), nullable=False),
+        pa.field("name", pa.string()),
+        pa.field("state", pa.string()),
+        pa.field("zip3", pa.string()),
+        *PROVENANCE,
+    ]
+)
+
+PROVIDER = pa.schema(
+    [
+        pa.field("provider_key", pa.string(), nullable=False),
+        pa.field("care_site_key", pa.string()),
+        pa.field("specialty_code", pa.string()),
+        pa.field("specialty_vocabulary", pa.string()),
+        pa.field("gender_code", pa.string()),
+        pa.field("gender_vocabulary", pa.string()),
+        *PROVENANCE,
+    ]
+)
+
+QUARANTINE = pa.schema(
+    [
+        pa.field("record_set", pa.string(), nullable=False),
+        pa.field("reason", pa.string(), nullable=False),
+        *PROVENANCE,
+    ]
+)
+
+SHAPES: dict[str, pa.Schema] = {
+    "person": PERSON,
+    "visit": VISIT,
+    "event": EVENT,
+    "care_site": CARE_SITE,
+    "provider": PROVIDER,
+    "quarantine": QUARANTINE,
+}

@@ -1,0 +1,69 @@
+"""Pseudonymisation: source keys become keyed HMAC-SHA256 digests before they land.
+
+The key comes from the environment variable the site config names; it never sits in a
+file of the repository. The digest is computed inside DuckDB (sha256 over the HMAC
+construction, RFC 2104), so keys of millions of rows are hashed set-based, not in a
+Python loop. The same key and source value always give the same pseudonym, which is
+what keeps person_id stable from one night to the next.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import os
+import secrets
+
+log = logging.getLogger(__name__)
+
+DIGEST_CHARS = 32  # 128 bits of the HMAC, hex: fits person_source_value varchar(50)
+_BLOCK = 64
+
+
+class PseudonymKeyError(RuntimeError):
+    """The pseudonymisation key is missing or too short."""
+
+
+def load_key(env_var: str, *, allow_generated: bool = False) -> bytes:
+    """The secret from `env_var`; with `allow_generated` (demo only), a fresh one if unset."""
+    value = os.environ.get(env_var)
+    if value:
+        if len(value) < 16:
+            raise PseudonymKeyError(f"${env_var} is shorter than 16 characters")
+        return value.encode("utf-8")
+    if not allow_generated:
+        raise PseudonymKeyError(
+            f"${env_var} is not set: the pseudonymisation key must come from the environment"
+        )
+    generated = secrets.token_hex(32)
+    os.environ[env_var] = generated
+    log.warning(
+        "$%s not set: generated a one-off key for this demo. Ids stay stable only while "
+        "the same key is used; a site must set its own secret.",
+        env_var,
+    )
+    return generated.encode("utf-8")
+
+
+def pseudonym(key: bytes, value: str) -> str:
+    """The pseudonym of one value (for tests and single look-ups, not bulk work)."""
+    return hmac.new(key, value.encode("utf-8"), hashlib.sha256).hexdigest()[:DIGEST_CHARS]
+
+
+def _pads(key: bytes) -> tuple[str, str]:
+    if len(key) > _BLOCK:
+        key = hashlib.sha256(key).digest()
+    key = key.ljust(_BLOCK, b"\0")
+    inner = bytes(b ^ 0x36 for b in key).hex()
+    outer = bytes(b ^ 0x5C for b in key).hex()
+    return inner, outer
+
+
+def duckdb_hmac_sql(key: bytes, expr: str) -> str:
+    """A DuckDB SQL expression: the pseudonym of the VARCHAR expression `expr` (NULL stays NULL)."""
+    inner, outer = _pads(key)
+    return (
+        f"CASE WHEN ({expr}) IS NULL THEN NULL ELSE left(sha256(unhex('{outer}') || "
+        f"unhex(sha256(unhex('{inner}') || encode({expr})))), {DIGEST_CHARS}) END"
+    )

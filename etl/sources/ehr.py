@@ -1,0 +1,397 @@
+"""The EHR feed: a folder of CSV or Parquet extracts read through a declarative profile.
+
+Each file is streamed in blocks; every block is typed, checked and pseudonymised by one
+DuckDB query (set-based), and split into canonical records and quarantine records (file,
+line, reason). Only the columns a profile names are ever read into a query, and every
+source key (patient, encounter, provider, record) is replaced by its keyed HMAC before
+anything is written: direct identifiers never reach the landing area.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import duckdb
+import pyarrow as pa
+
+from etl import canonical
+from etl.pseudonym import duckdb_hmac_sql
+from etl.sources.delimited import LINE, count_data_lines, stream
+from etl.sources.profile import Coded, EventSpec, Profile
+
+log = logging.getLogger(__name__)
+
+# ZIP3 areas with 20,000 people or fewer (HIPAA safe harbour, 2000 census): reported as 000.
+RESTRICTED_ZIP3 = {
+    "036", "059", "063", "102", "203", "556", "692", "790", "821", "823", "830", "831",
+    "878", "879", "884", "890", "893",
+}  # fmt: skip
+KEY_SEPARATOR = "\x1f"
+
+
+@dataclass
+class FileStats:
+    """Accounting for one input file of one record set."""
+
+    record_set: str
+    file: str
+    records_in: int = 0
+    quarantined: int = 0
+    extracted: int = 0
+    message: str | None = None
+
+
+@dataclass
+class Extract:
+    """What extraction produced for one feed: Arrow tables per shape, and per-file stats."""
+
+    tables: dict[str, list[pa.Table]] = field(default_factory=dict)
+    files: list[FileStats] = field(default_factory=list)
+
+    def add(self, shape: str, table: pa.Table) -> None:
+        self.tables.setdefault(shape, []).append(table)
+
+    def table(self, shape: str) -> pa.Table:
+        parts = self.tables.get(shape) or []
+        schema = canonical.SHAPES[shape]
+        if not parts:
+            return schema.empty_table()
+        return pa.concat_tables([p.cast(schema) for p in parts])
+
+
+def _q(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _lit(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+class _Query:
+    """Builds the typed-and-checked SELECT for one record set over a decoded block."""
+
+    def __init__(self, profile: Profile, key: bytes, feed: str, file: str, record_set: str):
+        self.profile = profile
+        self.key = key
+        self.columns: list[str] = []  # source columns the query reads
+        self.select: dict[str, str] = {}
+        self.checks: list[tuple[str, str]] = []  # (condition that is bad, reason)
+        self.feed, self.file, self.record_set = feed, file, record_set
+
+    def col(self, name: str) -> str:
+        if name not in self.columns:
+            self.columns.append(name)
+        return _q(name)
+
+    def required(self, name: str) -> str:
+        expr = self.col(name)
+        self.checks.append((f"{expr} IS NULL", f"{name} is empty"))
+        return expr
+
+    def timestamp(self, name: str, *, required: bool) -> str:
+        expr = self.col(name)
+        formats = "[" + ", ".join(_lit(f) for f in self.profile.date_formats) + "]"
+        parsed = f"try_strptime({expr}, {formats})"
+        if required:
+            self.checks.append((f"{expr} IS NULL", f"{name} is empty"))
+        self.checks.append(
+            (f"{expr} IS NOT NULL AND {parsed} IS NULL", f"{name} is not a recognised date")
+        )
+        return f"CAST({parsed} AS TIMESTAMP)"
+
+    def number(self, name: str, *, must_parse: str | None = None) -> str:
+        expr = self.col(name)
+        parsed = f"try_cast({expr} AS DOUBLE)"
+        condition = f"{expr} IS NOT NULL AND {parsed} IS NULL"
+        if must_parse is not None:
+            self.checks.append((f"({must_parse}) AND {condition}", f"{name} is not a number"))
+        else:
+            self.checks.append((condition, f"{name} is not a number"))
+        return parsed
+
+    def pseudonym(self, expr: str) -> str:
+        return duckdb_hmac_sql(self.key, expr)
+
+    def coded(self, spec: Coded) -> tuple[str, str]:
+        code = self.col(spec.column)
+        if spec.vocabulary is not None:
+            return code, _lit(spec.vocabulary)
+        system = self.col(spec.vocabulary_column or "")
+        cases = " ".join(
+            f"WHEN {_lit(src)} THEN {_lit(vocab)}"
+            for src, vocab in self.profile.code_systems.items()
+        )
+        return code, f"CASE {system} {cases} ELSE {system} END" if cases else system
+
+    def sql(self, source: str) -> str:
+        decoded = ", ".join(
+            f"nullif(trim(try(decode({_q(c)}))), '') AS {_q(c)}" for c in self.columns
+        )
+        enc = ", ".join(
+            f"CASE WHEN {_q(c)} IS NOT NULL AND try(decode({_q(c)})) IS NULL "
+            f"THEN {_lit(c + ' is not valid text in the declared encoding')} END"
+            for c in self.columns
+        )
+        reason_cases = " ".join(f"WHEN {cond} THEN {_lit(r)}" for cond, r in self.checks)
+        reason = f"CASE {reason_cases} END" if reason_cases else "NULL"
+        body = ", ".join(f"{expr} AS {_q(name)}" for name, expr in self.select.items())
+        return f"""
+            WITH d AS (
+                SELECT {LINE}, {decoded},
+                       nullif(concat_ws('; ', {enc}), '') AS _enc
+                FROM {source}
+            )
+            SELECT {body},
+                   {_lit(self.feed)} AS feed, {_lit(self.file)} AS source_file,
+                   {LINE} AS source_line,
+                   coalesce(_enc, {reason}) AS _reason
+            FROM d
+        """
+
+
+def _zip3(expr: str) -> str:
+    digits = f"regexp_replace({expr}, '[^0-9]', '', 'g')"
+    restricted = ", ".join(_lit(z) for z in sorted(RESTRICTED_ZIP3))
+    return (
+        f"CASE WHEN length({digits}) >= 5 THEN CASE WHEN left({digits}, 3) IN ({restricted}) "
+        f"THEN '000' ELSE left({digits}, 3) END END"
+    )
+
+
+def _state(expr: str) -> str:
+    return f"coalesce((SELECT s.code FROM us_states s WHERE upper(s.name) = upper({expr})), CASE WHEN length({expr}) = 2 THEN upper({expr}) END)"
+
+
+def _persons(q: _Query) -> str:
+    p = q.profile.persons
+    q.select["person_key"] = q.pseudonym(q.required(p.key))
+    q.select["birth_datetime"] = q.timestamp(p.birth_date, required=True)
+    q.select["death_datetime"] = (
+        q.timestamp(p.death_date, required=False) if p.death_date else "NULL"
+    )
+    for name in ("gender", "race", "ethnicity"):
+        spec = getattr(p, name)
+        code, vocab = q.coded(spec) if spec else ("NULL", "NULL")
+        q.select[f"{name}_code"], q.select[f"{name}_vocabulary"] = code, vocab
+    q.select["state"] = _state(q.col(p.state)) if p.state else "NULL"
+    q.select["zip3"] = _zip3(q.col(p.zip)) if p.zip else "NULL"
+    q.select["care_site_key"] = q.pseudonym(q.col(p.care_site)) if p.care_site else "NULL"
+    q.select["provider_key"] = q.pseudonym(q.col(p.provider)) if p.provider else "NULL"
+    return "person"
+
+
+def _visits(q: _Query) -> str:
+    v = q.profile.visits
+    assert v is not None
+    q.select["visit_key"] = q.pseudonym(q.required(v.key))
+    q.select["person_key"] = q.pseudonym(q.required(v.person))
+    q.select["class_code"], q.select["class_vocabulary"] = q.coded(v.visit_class)
+    q.select["start_datetime"] = q.timestamp(v.start, required=True)
+    q.select["end_datetime"] = q.timestamp(v.end, required=False) if v.end else "NULL"
+    q.select["provider_key"] = q.pseudonym(q.col(v.provider)) if v.provider else "NULL"
+    q.select["care_site_key"] = q.pseudonym(q.col(v.care_site)) if v.care_site else "NULL"
+    return "visit"
+
+
+def _care_sites(q: _Query) -> str:
+    c = q.profile.care_sites
+    assert c is not None
+    q.select["care_site_key"] = q.pseudonym(q.required(c.key))
+    q.select["name"] = q.col(c.name) if c.name else "NULL"
+    q.select["state"] = _state(q.col(c.state)) if c.state else "NULL"
+    q.select["zip3"] = _zip3(q.col(c.zip)) if c.zip else "NULL"
+    return "care_site"
+
+
+def _providers(q: _Query) -> str:
+    p = q.profile.providers
+    assert p is not None
+    q.select["provider_key"] = q.pseudonym(q.required(p.key))
+    q.select["care_site_key"] = q.pseudonym(q.col(p.care_site)) if p.care_site else "NULL"
+    for name in ("specialty", "gender"):
+        spec = getattr(p, name)
+        code, vocab = q.coded(spec) if spec else ("NULL", "NULL")
+        q.select[f"{name}_code"], q.select[f"{name}_vocabulary"] = code, vocab
+    return "provider"
+
+
+def _event(spec: EventSpec) -> Callable[[_Query], str]:
+    def build(q: _Query) -> str:
+        person = q.required(spec.person)
+        q.select["person_key"] = q.pseudonym(person)
+        q.select["record_set"] = _lit(spec.name)
+        q.select["visit_key"] = q.pseudonym(q.col(spec.visit)) if spec.visit else "NULL"
+        code, vocab = q.coded(spec.code)
+        q.required(spec.code.column)
+        q.select["code"], q.select["vocabulary_id"] = code, vocab
+        q.select["default_domain"] = _lit(spec.domain)
+        q.select["type_concept_id"] = f"CAST({spec.type_concept_id} AS INTEGER)"
+        q.select["start_datetime"] = q.timestamp(spec.start, required=True)
+        q.select["end_datetime"] = q.timestamp(spec.end, required=False) if spec.end else "NULL"
+        value_number = value_string = value_code = value_vocab = "NULL"
+        if spec.value is not None:
+            v = spec.value
+            raw_value = q.col(v.column)
+            must = None
+            if v.numeric_when is not None:
+                must = f"{q.col(v.numeric_when.column)} = {_lit(v.numeric_when.equals)}"
+                value_number = f"CASE WHEN {must} THEN {q.number(v.column, must_parse=must)} END"
+            elif v.coded is None:
+                value_number = f"try_cast({raw_value} AS DOUBLE)"
+            value_string = f"CASE WHEN ({value_number}) IS NULL THEN {raw_value} END"
+            if v.coded is not None:
+                value_code, value_vocab = q.coded(v.coded)
+        q.select["value_as_number"] = value_number
+        q.select["value_as_string"] = value_string
+        q.select["value_code"], q.select["value_vocabulary"] = value_code, value_vocab
+        q.select["unit_code"] = q.col(spec.unit) if spec.unit else "NULL"
+        q.select["unit_vocabulary"] = _lit(spec.unit_vocabulary) if spec.unit else "NULL"
+        q.select["range_low"] = q.number(spec.range_low) if spec.range_low else "NULL"
+        q.select["range_high"] = q.number(spec.range_high) if spec.range_high else "NULL"
+        q.select["quantity"] = q.number(spec.quantity) if spec.quantity else "NULL"
+        # A UDI's device identifier, (01)..., names the product; serials identify a patient.
+        q.select["device_identifier"] = (
+            f"nullif(regexp_extract({q.col(spec.device_identifier)}, '\\(01\\)[0-9]+'), '')"
+            if spec.device_identifier
+            else "NULL"
+        )
+        q.select["provider_key"] = q.pseudonym(q.col(spec.provider)) if spec.provider else "NULL"
+        key_cols = spec.key or list(q.columns)
+        for c in key_cols:
+            q.col(c)
+        parts = ", ".join(f"coalesce({_q(c)}, '')" for c in key_cols)
+        key_text = f"{_lit(spec.name)} || '|' || concat_ws({_lit(KEY_SEPARATOR)}, {parts})"
+        q.select = {"event_key": q.pseudonym(key_text), **q.select}
+        return "event"
+
+    return build
+
+
+def _record_sets(profile: Profile) -> list[tuple[str, str, Callable[[_Query], str]]]:
+    sets: list[tuple[str, str, Callable[[_Query], str]]] = [
+        ("persons", profile.persons.file, _persons)
+    ]
+    if profile.visits:
+        sets.append(("visits", profile.visits.file, _visits))
+    if profile.care_sites:
+        sets.append(("care_sites", profile.care_sites.file, _care_sites))
+    if profile.providers:
+        sets.append(("providers", profile.providers.file, _providers))
+    sets.extend((e.name, e.file, _event(e)) for e in profile.events)
+    return sets
+
+
+def _states_table() -> pa.Table:
+    from etl.paths import MAPPINGS_DIR
+
+    import pyarrow.csv as pacsv
+
+    return pacsv.read_csv(MAPPINGS_DIR / "us_states.csv")
+
+
+def extract_ehr(feed: str, folder: Path, profile: Profile, key: bytes) -> Extract:
+    """Read every file the profile names from `folder` into canonical records."""
+    out = Extract()
+    con = duckdb.connect()
+    con.register("us_states", _states_table())
+    for record_set, file_name, build in _record_sets(profile):
+        path = folder / file_name
+        stats = FileStats(record_set, file_name)
+        out.files.append(stats)
+        if not path.is_file():
+            stats.message = f"{file_name} not found in {folder.name}/: no {record_set} records"
+            log.warning("%s: %s", feed, stats.message)
+            continue
+        q = _Query(profile, key, feed, file_name, record_set)
+        shape = build(q)
+        raw, batches = stream(
+            path, delimiter=profile.delimiter, encoding=profile.encoding, fmt=profile.format
+        )
+        missing = [c for c in q.columns if c not in raw.header]
+        if missing:
+            n = count_data_lines(path) if profile.format == "csv" else 0
+            reason = f"column(s) missing from the file: {', '.join(missing)}"
+            stats.records_in = stats.quarantined = n
+            stats.message = reason
+            out.add("quarantine", _whole_file_quarantine(record_set, reason, feed, file_name, n))
+            log.error("%s/%s: %s; %d record(s) quarantined", feed, file_name, reason, n)
+            continue
+        sql = q.sql("batch")
+        for batch in batches:
+            con.register("batch", batch)
+            result = con.execute(sql).to_arrow_table()
+            con.unregister("batch")
+            stats.records_in += result.num_rows
+            bad = result.filter(result["_reason"].is_valid())
+            good = result.filter(result["_reason"].is_null()).drop_columns(["_reason"])
+            stats.quarantined += bad.num_rows
+            stats.extracted += good.num_rows
+            out.add(shape, good.select(canonical.SHAPES[shape].names))
+            if bad.num_rows:
+                out.add(
+                    "quarantine",
+                    pa.table(
+                        {
+                            "record_set": pa.array([record_set] * bad.num_rows),
+                            "reason": bad["_reason"],
+                            "feed": bad["feed"],
+                            "source_file": bad["source_file"],
+                            "source_line": bad["source_line"],
+                        }
+                    ),
+                )
+        _account_unparsed_rows(out, stats, raw, record_set, feed, file_name)
+        log.info(
+            "%s/%s: %d record(s), %d quarantined",
+            feed,
+            file_name,
+            stats.records_in,
+            stats.quarantined,
+        )
+    con.close()
+    return out
+
+
+def _account_unparsed_rows(out: Extract, stats: FileStats, raw, record_set, feed, file_name):
+    lines = [ln for ln, _ in raw.malformed]
+    reasons = [r for _, r in raw.malformed]
+    if raw.unreadable:
+        # the rest of the file after an undecodable block: count its lines, quarantine them
+        total = count_data_lines(raw.path)
+        rest = max(0, total - stats.records_in - len(lines))
+        stats.message = f"unreadable after record {stats.records_in}: {raw.unreadable}"
+        log.error("%s/%s: %s", feed, file_name, stats.message)
+        lines += [None] * rest
+        reasons += [f"file unreadable from here: {raw.unreadable}"] * rest
+    if not lines:
+        return
+    n = len(lines)
+    stats.records_in += n
+    stats.quarantined += n
+    out.add(
+        "quarantine",
+        pa.table(
+            {
+                "record_set": pa.array([record_set] * n),
+                "reason": pa.array(reasons),
+                "feed": pa.array([feed] * n),
+                "source_file": pa.array([file_name] * n),
+                "source_line": pa.array([ln if ln is not None else -1 for ln in lines], pa.int64()),
+            }
+        ),
+    )
+
+
+def _whole_file_quarantine(record_set: str, reason: str, feed: str, file: str, n: int) -> pa.Table:
+    return pa.table(
+        {
+            "record_set": pa.array([record_set] * n, pa.string()),
+            "reason": pa.array([reason] * n, pa.string()),
+            "feed": pa.array([feed] * n, pa.string()),
+            "source_file": pa.array([file] * n, pa.string()),
+            "source_line": pa.array(range(2, n + 2), pa.int64()),
+        }
+    )

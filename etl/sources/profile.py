@@ -1,0 +1,173 @@
+"""Declarative EHR source profiles (YAML in mappings/profiles/), validated.
+
+A profile says which file holds persons, visits and each kind of clinical event, which
+columns carry the patient key, dates, code, code system, value and unit, and which OMOP
+vocabulary each code system means. A new hospital writes a profile, not Python.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from etl.paths import MAPPINGS_DIR
+
+
+class ProfileError(ValueError):
+    """A profile that cannot be used; the message names the file and the key."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Coded(_Strict):
+    """A coded column: its code system is fixed (`vocabulary`) or read from another column."""
+
+    column: str
+    vocabulary: str | None = None
+    vocabulary_column: str | None = None
+
+    @model_validator(mode="after")
+    def _one_system(self) -> Coded:
+        if (self.vocabulary is None) == (self.vocabulary_column is None):
+            raise ValueError("give exactly one of vocabulary or vocabulary_column")
+        return self
+
+
+class NumericWhen(_Strict):
+    column: str
+    equals: str
+
+
+class ValueSpec(_Strict):
+    """A result value: numeric when it parses (or when `numeric_when` says it must)."""
+
+    column: str
+    numeric_when: NumericWhen | None = None
+    coded: Coded | None = None  # a coded answer (value_as_concept_id)
+
+
+class PersonsSpec(_Strict):
+    file: str
+    key: str
+    birth_date: str
+    death_date: str | None = None
+    gender: Coded
+    race: Coded | None = None
+    ethnicity: Coded | None = None
+    state: str | None = None
+    zip: str | None = None
+    care_site: str | None = None
+    provider: str | None = None
+    # Direct identifiers in this file: never read, listed so reviews and tests can check.
+    identifiers: list[str] = Field(default_factory=list)
+
+
+class VisitsSpec(_Strict):
+    file: str
+    key: str
+    person: str
+    start: str
+    end: str | None = None
+    visit_class: Coded
+    provider: str | None = None
+    care_site: str | None = None
+
+
+Domain = Literal[
+    "Condition", "Drug", "Procedure", "Measurement", "Observation", "Device", "Specimen"
+]
+
+
+class EventSpec(_Strict):
+    """One kind of clinical event (a file, or a filtered part of one)."""
+
+    name: str = Field(pattern=r"^[a-z][a-z0-9_]*$")
+    file: str
+    key: list[str] | None = None  # natural key; default: every column the profile reads
+    person: str
+    visit: str | None = None
+    start: str
+    end: str | None = None
+    code: Coded
+    domain: Domain  # where the row goes when its code maps to nothing
+    type_concept_id: int
+    value: ValueSpec | None = None
+    unit: str | None = None
+    unit_vocabulary: str = "UCUM"
+    range_low: str | None = None
+    range_high: str | None = None
+    quantity: str | None = None
+    device_identifier: str | None = None
+    provider: str | None = None
+
+
+class CareSitesSpec(_Strict):
+    file: str
+    key: str
+    name: str | None = None
+    state: str | None = None
+    zip: str | None = None
+
+
+class ProvidersSpec(_Strict):
+    file: str
+    key: str
+    care_site: str | None = None
+    specialty: Coded | None = None
+    gender: Coded | None = None
+    identifiers: list[str] = Field(default_factory=list)
+
+
+class Profile(_Strict):
+    """How to read one kind of EHR extract."""
+
+    name: str
+    description: str = ""
+    format: Literal["csv", "parquet"] = "csv"
+    delimiter: str = ","
+    encoding: str = "utf-8"
+    # Formats tried in order for every date/datetime column (DuckDB strptime syntax).
+    date_formats: list[str] = Field(
+        default_factory=lambda: ["%Y-%m-%dT%H:%M:%SZ", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M:%S",
+                                 "%Y-%m-%d", "%Y%m%d"]
+    )  # fmt: skip
+    code_systems: dict[str, str] = Field(default_factory=dict)  # source system -> vocabulary_id
+    persons: PersonsSpec
+    visits: VisitsSpec | None = None
+    events: list[EventSpec] = Field(default_factory=list)
+    care_sites: CareSitesSpec | None = None
+    providers: ProvidersSpec | None = None
+
+    @model_validator(mode="after")
+    def _unique_event_names(self) -> Profile:
+        names = [e.name for e in self.events]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"event names must be unique: {', '.join(dupes)}")
+        return self
+
+
+def load_profile(name_or_path: str | Path) -> Profile:
+    """A profile by name (mappings/profiles/NAME.yaml) or by path."""
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = MAPPINGS_DIR / "profiles" / f"{name_or_path}.yaml"
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ProfileError(f"profile {path}: cannot read: {exc.strerror}") from exc
+    except yaml.YAMLError as exc:
+        raise ProfileError(f"profile {path}: not valid YAML: {exc}") from exc
+    try:
+        return Profile.model_validate(raw)
+    except ValidationError as exc:
+        lines = [
+            f"profile {path}: {'.'.join(str(p) for p in e['loc'])}: {e['msg']}"
+            for e in exc.errors()
+        ]
+        raise ProfileError("\n".join(lines)) from None
