@@ -122,18 +122,53 @@ def vocab_load(
 
 
 @app.command()
+def run(
+    config: Path = typer.Option(..., "--config", "-c", help="The site config (YAML)."),
+    workdir: Path = typer.Option(Path("."), "--workdir", help="Where runs/RUN_ID/ is written."),
+    replay: str | None = typer.Option(
+        None, "--replay", help="Rebuild from the landing area of run RUN_ID, without the feeds."
+    ),
+) -> None:
+    """Run the nightly job once. Exit 0 published, 1 refused by the gate, 2 failed."""
+    from etl.config import ConfigError, load_config
+    from etl.pipeline.run import run_pipeline
+
+    try:
+        cfg = load_config(config)
+    except ConfigError as exc:
+        _fail(str(exc))
+    result = run_pipeline(cfg, workdir, replay=replay)
+    _print_run(result)
+    raise typer.Exit(result.exit_code)
+
+
+@app.command()
 def demo(
     workdir: Path = typer.Option(Path("demo-output"), "--workdir", help="Where to write."),
 ) -> None:
-    """Run the bundled demo into WORKDIR/warehouse.duckdb."""
+    """Run the nightly job over the bundled demo feeds into WORKDIR/warehouse.duckdb."""
     from etl.demo import run_demo
 
-    result = run_demo(workdir, show_progress=sys.stderr.isatty())
-    console.print(
-        f"demo warehouse [bold]{result.warehouse_path}[/]: {len(result.tables)} tables, "
-        f"vocabulary {sum(result.vocabulary.rows.values()):,} rows "
-        f"({result.vocabulary.rows['concept']:,} concepts); config {result.config_path}"
-    )
+    result = run_demo(workdir)
+    _print_run(result)
+    raise typer.Exit(result.exit_code)
+
+
+def _print_run(result) -> None:  # type: ignore[no-untyped-def]
+    report = result.report
+    table = Table(title=f"run {result.run_id}: {result.status}")
+    for col in ("feed", "records in", "loaded", "quarantined", "filtered"):
+        table.add_column(col, justify="right" if col != "feed" else "left")
+    for feed, f in report.get("feeds", {}).items():
+        table.add_row(feed, *(f"{f[k]:,}" for k in ("records_in", "loaded", "quarantined",
+                                                     "filtered")))  # fmt: skip
+    console.print(table)
+    if report.get("tables"):
+        loaded = {t: n for t, n in report["tables"].items() if n}
+        console.print("tables: " + ", ".join(f"{t} {n:,}" for t, n in loaded.items()))
+    for err in report.get("errors", []):
+        console.print(f"[red]error:[/] {escape(err)}", highlight=False)
+    console.print(f"report: {result.run_dir / 'report.json'}")
 
 
 def _require(value: str | None, flag: str) -> None:

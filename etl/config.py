@@ -34,6 +34,10 @@ class SiteConfig(BaseModel):
     vocabulary: Path | None = None
     pseudonym_key_env: str = "OMOP_ETL_PSEUDONYM_KEY"
     feeds: list[FeedConfig] = Field(default_factory=list)
+    # Folder of local maps (local/, usagi/) and profiles; default: the project's mappings/.
+    mappings: Path | None = None
+    # cdm_source.cdm_source_name and cdm_holder.
+    site_name: str = "omop-etl warehouse"
 
     @field_validator("warehouse")
     @classmethod
@@ -79,6 +83,8 @@ def load_config(path: Path) -> SiteConfig:
     base = path.parent.resolve()
     if cfg.vocabulary is not None and not cfg.vocabulary.is_absolute():
         cfg.vocabulary = base / cfg.vocabulary
+    if cfg.mappings is not None and not cfg.mappings.is_absolute():
+        cfg.mappings = base / cfg.mappings
     for feed in cfg.feeds:
         if not feed.path.is_absolute():
             feed.path = base / feed.path

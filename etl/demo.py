@@ -1,53 +1,65 @@
-"""The demo: a site config for the bundled demo data, run into a DuckDB file."""
+"""The demo: a site config for the bundled demo feeds, run into a DuckDB file."""
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import os
+import secrets
 from pathlib import Path
 
 import yaml
 
-from etl.cdm.schema import create_cdm
-from etl.config import SiteConfig, load_config
-from etl.paths import DEMO_VOCABULARY
-from etl.vocab import VocabularyLoadResult, load_vocabulary
-from etl.warehouse import open_warehouse
+from etl.config import load_config
+from etl.paths import DEMO_VOCABULARY, PROJECT_ROOT
+from etl.pipeline.run import RunResult, run_pipeline
 
 log = logging.getLogger(__name__)
 
-
-@dataclass
-class DemoResult:
-    config_path: Path
-    warehouse_path: Path
-    tables: list[str]
-    vocabulary: VocabularyLoadResult
+DEMO_FEEDS = PROJECT_ROOT / "demo"
+KEY_ENV = "OMOP_ETL_PSEUDONYM_KEY"
 
 
 def write_demo_config(workdir: Path) -> Path:
-    """Write `workdir/site.yaml` pointing at the bundled demo assets."""
+    """Write `workdir/site.yaml` pointing at the bundled demo feeds and vocabulary."""
     workdir.mkdir(parents=True, exist_ok=True)
     cfg = {
         "warehouse": f"duckdb:///{(workdir / 'warehouse.duckdb').resolve()}",
         "cdm_schema": "main",
         "vocabulary": str(DEMO_VOCABULARY),
-        "pseudonym_key_env": "OMOP_ETL_PSEUDONYM_KEY",
-        "feeds": [],
-    }
+        "pseudonym_key_env": KEY_ENV,
+        "site_name": "omop-etl demo (Synthea 27)",
+        "feeds": [
+            {"name": "ehr", "kind": "ehr_csv", "profile": "synthea",
+             "path": str(DEMO_FEEDS / "synthea27")},
+        ],
+    }  # fmt: skip
     path = workdir / "site.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
     return path
 
 
-def run_demo(workdir: Path, *, show_progress: bool = False) -> DemoResult:
-    """Create the CDM in `workdir/warehouse.duckdb` and load the demo vocabulary into it."""
+def ensure_demo_key(workdir: Path) -> None:
+    """Use $OMOP_ETL_PSEUDONYM_KEY if set; else a demo key kept in WORKDIR (with a warning).
+
+    A real site sets its own secret in the environment; the demo keeps one beside its
+    warehouse so ids stay stable from one demo run to the next.
+    """
+    if os.environ.get(KEY_ENV):
+        return
+    key_file = workdir / "pseudonym.key"
+    if not key_file.exists():
+        key_file.write_text(secrets.token_hex(32), encoding="ascii")
+        key_file.chmod(0o600)
+    os.environ[KEY_ENV] = key_file.read_text(encoding="ascii").strip()
+    log.warning(
+        "$%s is not set: using the demo key in %s. A site must set its own secret.",
+        KEY_ENV, key_file,
+    )  # fmt: skip
+
+
+def run_demo(workdir: Path) -> RunResult:
+    """Run the nightly pipeline over the bundled demo feeds into WORKDIR/warehouse.duckdb."""
+    workdir = Path(workdir)
     config_path = write_demo_config(workdir)
-    cfg: SiteConfig = load_config(config_path)
-    with open_warehouse(cfg.warehouse) as wh:
-        created = create_cdm(wh, cfg.schema_name)
-        log.info("CDM schema %s: %d table(s) created", cfg.schema_name, len(created))
-        assert cfg.vocabulary is not None
-        vocab = load_vocabulary(wh, cfg.vocabulary, cfg.schema_name, show_progress=show_progress)
-        tables = wh.table_names(cfg.schema_name)
-    return DemoResult(config_path, workdir / "warehouse.duckdb", tables, vocab)
+    ensure_demo_key(workdir)
+    return run_pipeline(load_config(config_path), workdir)

@@ -162,7 +162,8 @@ def _zip3(expr: str) -> str:
 
 
 def _state(expr: str) -> str:
-    return f"coalesce((SELECT s.code FROM us_states s WHERE upper(s.name) = upper({expr})), CASE WHEN length({expr}) = 2 THEN upper({expr}) END)"
+    by_name = f"(SELECT s.code FROM us_states s WHERE upper(s.name) = upper({expr}))"
+    return f"coalesce({by_name}, CASE WHEN length({expr}) = 2 THEN upper({expr}) END)"
 
 
 def _persons(q: _Query) -> str:
@@ -285,9 +286,9 @@ def _record_sets(profile: Profile) -> list[tuple[str, str, Callable[[_Query], st
 
 
 def _states_table() -> pa.Table:
-    from etl.paths import MAPPINGS_DIR
-
     import pyarrow.csv as pacsv
+
+    from etl.paths import MAPPINGS_DIR
 
     return pacsv.read_csv(MAPPINGS_DIR / "us_states.csv")
 

@@ -149,6 +149,12 @@ class Profile(_Strict):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"event names must be unique: {', '.join(dupes)}")
+        files = [self.persons.file, *(e.file for e in self.events)]
+        files += [x.file for x in (self.visits, self.care_sites, self.providers) if x]
+        shared = sorted({f for f in files if files.count(f) > 1})
+        if shared:
+            # accounting is per input file: each file feeds exactly one record set
+            raise ValueError(f"a file can feed only one record set: {', '.join(shared)}")
         return self
 
 

@@ -82,6 +82,10 @@ class Warehouse(ABC):
         caller's transaction.
         """
 
+    @abstractmethod
+    def fetch_arrow(self, conn: sa.Connection, sql: str) -> pa.Table:
+        """The result of a SELECT as an Arrow table, through the engine's bulk path."""
+
     def analyze(self, conn: sa.Connection, schema: str | None, table: str) -> None:
         """Refresh planner statistics after a bulk load (no-op where not needed)."""
         return None

@@ -52,3 +52,6 @@ class DuckDBWarehouse(Warehouse):
                 raw.unregister(view)
             total += data.num_rows
         return total
+
+    def fetch_arrow(self, conn: sa.Connection, sql: str) -> pa.Table:
+        return conn.connection.driver_connection.sql(sql).to_arrow_table()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import itertools
 from collections.abc import Iterable
 
@@ -56,3 +57,16 @@ class PostgresWarehouse(Warehouse):
 
     def analyze(self, conn: sa.Connection, schema: str | None, table: str) -> None:
         conn.execute(sa.text(f"ANALYZE {self.qualified(schema, table)}"))
+
+    def fetch_arrow(self, conn: sa.Connection, sql: str) -> pa.Table:
+        """COPY (query) TO STDOUT as CSV, parsed by Arrow; column types are inferred, so
+        callers cast to the schema they expect."""
+        raw = conn.connection.driver_connection
+        sink = io.BytesIO()
+        with raw.cursor() as cur, cur.copy(f"COPY ({sql}) TO STDOUT (FORMAT csv, HEADER)") as cp:
+            for chunk in cp:
+                sink.write(chunk)
+        if sink.tell() == 0:
+            return pa.table({})
+        sink.seek(0)
+        return pacsv.read_csv(sink)

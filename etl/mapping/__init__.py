@@ -1,0 +1,1 @@
+"""Source code -> OMOP concept mapping: local maps first, then the vocabulary."""

@@ -1,0 +1,1 @@
+"""The nightly run: extract -> land -> stage -> map + build -> gate -> publish -> report."""

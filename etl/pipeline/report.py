@@ -1,0 +1,160 @@
+"""The run report: row accounting per feed and file, tables, unmapped codes, timings.
+
+`report.json` is the machine contract (see the README); `report.html` renders the same
+content for auditors. Both hold counts, codes, rule names and file/line coordinates only:
+never a source identifier.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+
+from etl.pipeline.schemas import Schemas
+from etl.sources.ehr import FileStats
+
+UNMAPPED_LIMIT = 500
+
+
+def accounting(
+    s: Schemas, conn: sa.Connection, files: dict[str, list[FileStats]], quarantine_reasons: list
+) -> tuple[dict[str, Any], list[dict], list[dict], list[str]]:
+    """Per feed and file: records_in = loaded + quarantined + filtered, checked."""
+    loaded = {
+        (f, sf): n
+        for f, sf, n in s.run(
+            conn,
+            "SELECT feed, source_file, count(*) FROM (SELECT DISTINCT feed, source_file,"
+            " source_line FROM {S}.lineage) x GROUP BY feed, source_file",
+        ).all()
+    }
+    disp = s.run(
+        conn,
+        "SELECT feed, source_file, status, rule, count(*) FROM {S}.disposition"
+        " GROUP BY feed, source_file, status, rule ORDER BY feed, source_file, rule",
+    ).all()
+    quarantined_build: dict[tuple[str, str], int] = {}
+    filtered: dict[tuple[str, str], int] = {}
+    filtered_rows, quarantine_rows = [], list(quarantine_reasons)
+    for feed, sf, status, rule, n in disp:
+        target = filtered if status == "filtered" else quarantined_build
+        target[(feed, sf)] = target.get((feed, sf), 0) + n
+        row = {"feed": feed, "file": sf, "rule" if status == "filtered" else "reason": rule,
+               "rows": n}  # fmt: skip
+        (filtered_rows if status == "filtered" else quarantine_rows).append(row)
+
+    feeds: dict[str, Any] = {}
+    errors: list[str] = []
+    for feed, stats in files.items():
+        totals = {"records_in": 0, "loaded": 0, "quarantined": 0, "filtered": 0}
+        per_file = {}
+        for st in stats:
+            key = (feed, st.file)
+            row = {
+                "record_set": st.record_set,
+                "records_in": st.records_in,
+                "loaded": loaded.get(key, 0),
+                "quarantined": st.quarantined + quarantined_build.get(key, 0),
+                "filtered": filtered.get(key, 0),
+            }
+            if st.message:
+                row["message"] = st.message
+            per_file[st.file] = row
+            for k in totals:
+                totals[k] += row[k]
+            if row["records_in"] != row["loaded"] + row["quarantined"] + row["filtered"]:
+                errors.append(
+                    f"{feed}/{st.file}: records_in {row['records_in']} != loaded {row['loaded']}"
+                    f" + quarantined {row['quarantined']} + filtered {row['filtered']}"
+                )
+        feeds[feed] = {**totals, "files": per_file}
+    return feeds, quarantine_rows, filtered_rows, errors
+
+
+def unmapped_codes(s: Schemas, conn: sa.Connection) -> list[dict[str, Any]]:
+    """Source codes that reached no standard concept, most frequent first."""
+    rows = s.run(
+        conn,
+        "SELECT feed, source_vocabulary, source_code, cdm_table, count(*) AS n"
+        " FROM {S}.lineage WHERE mapping_rule = 'unmapped'"
+        " GROUP BY feed, source_vocabulary, source_code, cdm_table"
+        " ORDER BY n DESC, feed, source_vocabulary, source_code LIMIT :limit",
+        {"limit": UNMAPPED_LIMIT},
+    ).all()
+    return [
+        {"feed": f, "vocabulary_id": v, "source_code": c, "table": t, "rows": n}
+        for f, v, c, t, n in rows
+    ]
+
+
+def write_reports(report: dict[str, Any], run_dir: Path) -> tuple[Path, Path]:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    json_path = run_dir / "report.json"
+    json_path.write_text(json.dumps(report, indent=2, default=str), encoding="utf-8")
+    html_path = run_dir / "report.html"
+    html_path.write_text(render_html(report), encoding="utf-8")
+    return json_path, html_path
+
+
+def _table(headers: list[str], rows: list[list[Any]]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in rows
+    )
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def render_html(report: dict[str, Any]) -> str:
+    """A self-contained page for auditors: the same facts as report.json."""
+    parts = [
+        f"<h1>Run {html.escape(report['run_id'])}: {html.escape(report['status'])}</h1>",
+    ]
+    if report.get("errors"):
+        parts.append("<h2>Errors</h2><ul>" + "".join(
+            f"<li>{html.escape(e)}</li>" for e in report["errors"]) + "</ul>")  # fmt: skip
+    parts.append("<h2>What came in and where it went</h2>")
+    rows = []
+    for feed, f in report.get("feeds", {}).items():
+        for name, r in f.get("files", {}).items():
+            rows.append([feed, name, r["record_set"], r["records_in"], r["loaded"],
+                         r["quarantined"], r["filtered"], r.get("message", "")])  # fmt: skip
+        rows.append([feed, "(all files)", "", f["records_in"], f["loaded"], f["quarantined"],
+                     f["filtered"], ""])  # fmt: skip
+    parts.append(_table(["feed", "file", "records", "in", "loaded", "quarantined", "filtered",
+                         "note"], rows))  # fmt: skip
+    parts.append("<h2>CDM tables</h2>")
+    parts.append(_table(["table", "rows"], [[t, n] for t, n in report.get("tables", {}).items()]))
+    parts.append("<h2>Quarantined, by reason</h2>")
+    parts.append(_table(["feed", "file", "reason", "rows"],
+                        [[q["feed"], q["file"], q["reason"], q["rows"]]
+                         for q in report.get("quarantine", [])]))  # fmt: skip
+    parts.append("<h2>Filtered, by rule</h2>")
+    parts.append(_table(["feed", "file", "rule", "rows"],
+                        [[q["feed"], q["file"], q["rule"], q["rows"]]
+                         for q in report.get("filtered", [])]))  # fmt: skip
+    parts.append("<h2>Unmapped codes (concept 0), most frequent first</h2>")
+    parts.append(_table(["feed", "vocabulary", "code", "table", "rows"],
+                        [[u["feed"], u["vocabulary_id"], u["source_code"], u["table"], u["rows"]]
+                         for u in report.get("unmapped", [])]))  # fmt: skip
+    parts.append("<h2>Quality checks</h2>")
+    parts.append(_table(["check", "table", "field", "passed", "violating", "total", "threshold %"],
+                        [[c["name"], c["table"], c.get("field") or "", c["passed"],
+                          c["violating_rows"], c["total_rows"], c["threshold_pct"]]
+                         for c in report.get("checks", [])]))  # fmt: skip
+    parts.append("<h2>Timings (seconds)</h2>")
+    timings = [[k, f"{v:.2f}"] for k, v in report.get("timings", {}).items()]
+    parts.append(_table(["step", "seconds"], timings))
+    style = (
+        "body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;margin:1em 0}"
+        "td,th{border:1px solid #ccc;padding:4px 8px;text-align:left}th{background:#eee}"
+    )
+    return (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>omop-etl run "
+        f"{html.escape(report['run_id'])}</title><style>{style}</style></head><body>"
+        + "".join(parts)
+        + "</body></html>"
+    )

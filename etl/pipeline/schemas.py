@@ -1,0 +1,34 @@
+"""The three schemas a run uses in the warehouse, and SQL formatting against them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import sqlalchemy as sa
+
+from etl.warehouse.base import Warehouse
+
+
+@dataclass(frozen=True)
+class Schemas:
+    """`cdm`: what researchers see. `stage`: this run's build, dropped and recreated each
+    run. `etl`: the ETL's own persistent state (key map), never seen by OHDSI tools."""
+
+    wh: Warehouse
+    cdm: str
+
+    @property
+    def stage(self) -> str:
+        return f"{self.cdm}_stage"
+
+    @property
+    def etl(self) -> str:
+        return f"{self.cdm}_etl"
+
+    def sql(self, text: str, **extra: str) -> str:
+        """Fill {C}, {S}, {E} (quoted cdm, stage and etl schema names) into `text`."""
+        q = self.wh.quote
+        return text.format(C=q(self.cdm), S=q(self.stage), E=q(self.etl), **extra)
+
+    def run(self, conn: sa.Connection, text: str, params: dict | None = None, **extra: str):
+        return conn.execute(sa.text(self.sql(text, **extra)), params or {})

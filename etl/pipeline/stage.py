@@ -1,0 +1,62 @@
+"""Stage: a fresh staging schema holding this run's canonical records and empty CDM tables."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import sqlalchemy as sa
+
+from etl import canonical
+from etl.cdm.build.common import KEY_MAP_DDL, LINEAGE_DDL
+from etl.cdm.schema import create_cdm
+from etl.cdm.spec import ATHENA_TABLES
+from etl.mapping.local_maps import LOCAL_MAP
+from etl.pipeline.schemas import Schemas
+
+_ARROW_SQL = {
+    pa.string(): sa.Text(),
+    pa.int64(): sa.BigInteger(),
+    pa.int32(): sa.Integer(),
+    pa.float64(): sa.Double(),
+    pa.timestamp("us"): sa.DateTime(),
+}
+SOURCE_TABLES = {
+    "src_person": "person",
+    "src_visit": "visit",
+    "src_event": "event",
+    "src_care_site": "care_site",
+    "src_provider": "provider",
+}
+
+
+def _table_for(md: sa.MetaData, name: str, schema: pa.Schema) -> sa.Table:
+    return sa.Table(name, md, *(sa.Column(f.name, _ARROW_SQL[f.type]) for f in schema))
+
+
+def prepare(s: Schemas, shapes: dict[str, pa.Table], local_map: pa.Table) -> None:
+    """Drop and recreate the stage schema, create the CDM tables, load the source records."""
+    wh = s.wh
+    with wh.begin() as conn:
+        wh.drop_schema(conn, s.stage)
+        wh.create_schema(conn, s.stage)
+        wh.create_schema(conn, s.etl)
+        s.run(conn, KEY_MAP_DDL)
+    clinical = [t for t in _cdm_table_names() if t not in ATHENA_TABLES]
+    create_cdm(wh, s.stage, indexes=False, tables=clinical)
+    md = sa.MetaData(schema=s.stage)
+    for name, shape in SOURCE_TABLES.items():
+        _table_for(md, name, canonical.SHAPES[shape])
+    _table_for(md, "local_map", LOCAL_MAP)
+    with wh.begin() as conn:
+        md.create_all(conn)
+        s.run(conn, LINEAGE_DDL)
+        for name, shape in SOURCE_TABLES.items():
+            wh.bulk_insert(conn, s.stage, name, shapes[shape])
+        wh.bulk_insert(conn, s.stage, "local_map", local_map)
+        for name in [*SOURCE_TABLES, "local_map"]:
+            wh.analyze(conn, s.stage, name)
+
+
+def _cdm_table_names() -> list[str]:
+    from etl.cdm.spec import cdm_tables
+
+    return list(cdm_tables())
