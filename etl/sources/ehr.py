@@ -323,7 +323,7 @@ def extract_ehr(feed: str, folder: Path, profile: Profile, key: bytes) -> Extrac
         sql = q.sql("batch")
         for batch in batches:
             con.register("batch", batch)
-            result = con.execute(sql).to_arrow_table()
+            result = con.sql(sql).to_arrow_table()
             con.unregister("batch")
             stats.records_in += result.num_rows
             bad = result.filter(result["_reason"].is_valid())

@@ -1,0 +1,108 @@
+"""Shared building blocks: stable ids from the key map, spec-typed inserts, lineage."""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+
+from etl.cdm.spec import cdm_tables
+from etl.pipeline.schemas import Schemas
+
+KEY_MAP_DDL = """
+CREATE TABLE IF NOT EXISTS {E}.key_map (
+    cdm_table VARCHAR(64) NOT NULL,
+    natural_key VARCHAR(200) NOT NULL,
+    id INTEGER NOT NULL,
+    PRIMARY KEY (cdm_table, natural_key)
+)
+"""
+
+LINEAGE_DDL = """
+CREATE TABLE {S}.lineage (
+    cdm_table VARCHAR(64) NOT NULL,
+    cdm_id INTEGER NOT NULL,
+    feed VARCHAR(64) NOT NULL,
+    source_file VARCHAR(255) NOT NULL,
+    source_line BIGINT NOT NULL,
+    source_vocabulary VARCHAR(64),
+    source_code VARCHAR(255),
+    mapping_rule VARCHAR(32)
+)
+"""
+
+
+def assign_ids(s: Schemas, conn: sa.Connection, cdm_table: str, natural_keys_sql: str) -> str:
+    """Map every natural key `natural_keys_sql` yields to a stable integer id.
+
+    Known keys keep their id from the persistent key map; new keys get the next ids in
+    natural-key order (deterministic, so two engines given the same input agree).
+    Creates and returns the stage table `ids_<cdm_table>(natural_key, id, is_new)`; the
+    new keys join the key map only when the run publishes.
+    """
+    target = f"ids_{cdm_table}"
+    s.run(
+        conn,
+        """
+        CREATE TABLE {S}.{target} AS
+        WITH n AS (SELECT DISTINCT natural_key FROM ({keys}) q WHERE natural_key IS NOT NULL),
+        known AS (
+            SELECT n.natural_key, k.id FROM n
+            JOIN {E}.key_map k ON k.cdm_table = :t AND k.natural_key = n.natural_key
+        ),
+        fresh AS (
+            SELECT n.natural_key FROM n
+            WHERE NOT EXISTS (
+                SELECT 1 FROM {E}.key_map k WHERE k.cdm_table = :t AND k.natural_key = n.natural_key
+            )
+        ),
+        base AS (SELECT coalesce(max(id), 0) AS top FROM {E}.key_map WHERE cdm_table = :t)
+        SELECT natural_key, id, FALSE AS is_new FROM known
+        UNION ALL
+        SELECT f.natural_key,
+               CAST(b.top + row_number() OVER (ORDER BY f.natural_key) AS INTEGER), TRUE
+        FROM fresh f CROSS JOIN base b
+        """,
+        {"t": cdm_table},
+        target=target,
+        keys=s.sql(natural_keys_sql),
+    )
+    return target
+
+
+def insert_rows(
+    s: Schemas, conn: sa.Connection, table: str, columns: dict[str, str], from_sql: str
+) -> int:
+    """INSERT INTO stage.<table> the `columns` (CDM column -> SQL expression) of `from_sql`.
+
+    Text is cut to the specification's varchar length so a long source value cannot
+    fail the load on PostgreSQL; columns not given are NULL.
+    """
+    spec = cdm_tables()[table]
+    exprs = []
+    for name, expr in columns.items():
+        length = spec.field(name).varchar_length
+        exprs.append(f"substr(CAST({expr} AS VARCHAR), 1, {length})" if length else expr)
+    cols = ", ".join(columns)
+    result = s.run(
+        conn,
+        "INSERT INTO {S}.{table} ({cols}) SELECT {exprs} {from_sql}",
+        table=table,
+        cols=cols,
+        exprs=", ".join(exprs),
+        from_sql=s.sql(from_sql),
+    )
+    return result.rowcount
+
+
+def add_lineage(s: Schemas, conn: sa.Connection, cdm_table: str, select_sql: str) -> None:
+    """Record where rows of `cdm_table` came from.
+
+    `select_sql` yields (cdm_id, feed, source_file, source_line, source_vocabulary,
+    source_code, mapping_rule).
+    """
+    s.run(
+        conn,
+        "INSERT INTO {S}.lineage (cdm_table, cdm_id, feed, source_file, source_line,"
+        " source_vocabulary, source_code, mapping_rule) SELECT :t, q.* FROM ({q}) q",
+        {"t": cdm_table},
+        q=s.sql(select_sql),
+    )

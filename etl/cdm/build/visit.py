@@ -1,0 +1,51 @@
+"""visit_occurrence: one visit per source encounter (no roll-up; see the README)."""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+
+from etl.cdm.build.common import add_lineage, assign_ids, insert_rows
+from etl.pipeline.schemas import Schemas
+
+EHR_ENCOUNTER_RECORD = 32827  # Type Concept "EHR encounter record"
+
+JOINS = """
+    FROM {S}.visit_ok v
+    JOIN {S}.ids_visit_occurrence i ON i.natural_key = v.visit_key
+    JOIN {S}.ids_person p ON p.natural_key = v.person_key
+    LEFT JOIN {S}.ids_provider pr ON pr.natural_key = v.provider_key
+    LEFT JOIN {S}.ids_care_site cs ON cs.natural_key = v.care_site_key
+    LEFT JOIN {S}.code_map_single m
+           ON m.vocabulary_id = v.class_vocabulary AND m.code = v.class_code
+"""
+
+
+def build_visit(s: Schemas, conn: sa.Connection) -> None:
+    assign_ids(s, conn, "visit_occurrence", "SELECT visit_key AS natural_key FROM {S}.visit_ok")
+    start, end = "v.start_datetime", "coalesce(v.end_datetime, v.start_datetime)"
+    insert_rows(
+        s, conn, "visit_occurrence",
+        {
+            "visit_occurrence_id": "i.id",
+            "person_id": "p.id",
+            "visit_concept_id": "coalesce(m.target_concept_id, 0)",
+            "visit_start_date": f"CAST({start} AS DATE)",
+            "visit_start_datetime": start,
+            "visit_end_date": f"CAST({end} AS DATE)",
+            "visit_end_datetime": end,
+            "visit_type_concept_id": str(EHR_ENCOUNTER_RECORD),
+            "provider_id": "pr.id",
+            "care_site_id": "cs.id",
+            "visit_source_value": "v.class_code",
+            "visit_source_concept_id": "coalesce(m.source_concept_id, 0)",
+            "preceding_visit_occurrence_id": (
+                "lag(i.id) OVER (PARTITION BY p.id ORDER BY v.start_datetime, i.id)"
+            ),
+        },
+        JOINS,
+    )  # fmt: skip
+    add_lineage(
+        s, conn, "visit_occurrence",
+        "SELECT i.id, v.feed, v.source_file, v.source_line, v.class_vocabulary, v.class_code,"
+        " coalesce(m.mapping_rule, 'unmapped') " + JOINS,
+    )  # fmt: skip
