@@ -82,16 +82,31 @@ def main() -> None:
     figures = []
     for engine in args.engines.split(","):
         out = subprocess.run(
-            [sys.executable, __file__, "--worker", engine, "--release", str(release),
-             "--workdir", str(args.workdir)],
-            capture_output=True, text=True, check=True,
-        )  # fmt: skip
+            [
+                sys.executable,
+                __file__,
+                "--worker",
+                engine,
+                "--release",
+                str(release),
+                "--workdir",
+                str(args.workdir),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         fig = json.loads(out.stdout.strip().splitlines()[-1])
         figures.append(fig)
         rows.append(
-            [engine, f"{fig['rows']:,}", f"{fig['seconds']:.1f}",
-             f"{fig['rows'] / fig['seconds']:,.0f}", f"{fig['peak_mb']:.0f}"]
-        )  # fmt: skip
+            [
+                engine,
+                f"{fig['rows']:,}",
+                f"{fig['seconds']:.1f}",
+                f"{fig['rows'] / fig['seconds']:,.0f}",
+                f"{fig['peak_mb']:.0f}",
+            ]
+        )
     print_table(["engine", "rows", "seconds", "rows/s", "peak RSS MiB"], rows)
     (args.workdir / "vocab_load.json").write_text(json.dumps(figures, indent=2))
 

@@ -29,9 +29,12 @@ console = Console(stderr=True)
 log = logging.getLogger("etl")
 
 WAREHOUSE_OPT = typer.Option(
-    None, "--warehouse", "-w", envvar="OMOP_ETL_WAREHOUSE",
+    None,
+    "--warehouse",
+    "-w",
+    envvar="OMOP_ETL_WAREHOUSE",
     help="duckdb:///file.duckdb or postgresql+psycopg://user@host/db",
-)  # fmt: skip
+)
 SCHEMA_OPT = typer.Option(None, "--schema", "-s", help="Default: main (DuckDB), cdm (PostgreSQL).")
 
 
@@ -160,8 +163,9 @@ def _print_run(result) -> None:  # type: ignore[no-untyped-def]
     for col in ("feed", "records in", "loaded", "quarantined", "filtered"):
         table.add_column(col, justify="right" if col != "feed" else "left")
     for feed, f in report.get("feeds", {}).items():
-        table.add_row(feed, *(f"{f[k]:,}" for k in ("records_in", "loaded", "quarantined",
-                                                     "filtered")))  # fmt: skip
+        table.add_row(
+            feed, *(f"{f[k]:,}" for k in ("records_in", "loaded", "quarantined", "filtered"))
+        )
     console.print(table)
     if report.get("tables"):
         loaded = {t: n for t, n in report["tables"].items() if n}

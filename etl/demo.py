@@ -29,10 +29,14 @@ def write_demo_config(workdir: Path) -> Path:
         "pseudonym_key_env": KEY_ENV,
         "site_name": "omop-etl demo (Synthea 27)",
         "feeds": [
-            {"name": "ehr", "kind": "ehr_csv", "profile": "synthea",
-             "path": str(DEMO_FEEDS / "synthea27")},
+            {
+                "name": "ehr",
+                "kind": "ehr_csv",
+                "profile": "synthea",
+                "path": str(DEMO_FEEDS / "synthea27"),
+            },
         ],
-    }  # fmt: skip
+    }
     path = workdir / "site.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
     return path
@@ -53,8 +57,9 @@ def ensure_demo_key(workdir: Path) -> None:
     os.environ[KEY_ENV] = key_file.read_text(encoding="ascii").strip()
     log.warning(
         "$%s is not set: using the demo key in %s. A site must set its own secret.",
-        KEY_ENV, key_file,
-    )  # fmt: skip
+        KEY_ENV,
+        key_file,
+    )
 
 
 def run_demo(workdir: Path) -> RunResult:

@@ -13,6 +13,14 @@ from etl.warehouse.embedded import postgres_url
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_VOCAB = REPO / "vocab"
+DEMO_SYNTHEA = REPO / "demo" / "synthea27"
+TEST_KEY = "test-pseudonym-key-0123456789abcdef"
+
+
+@pytest.fixture(autouse=True)
+def _pseudonym_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test runs with a fixed pseudonymisation key from the environment."""
+    monkeypatch.setenv("OMOP_ETL_PSEUDONYM_KEY", TEST_KEY)
 
 
 @pytest.fixture(scope="session")
@@ -34,8 +42,8 @@ def pg_wh(pg_url: str) -> Iterator[tuple[Warehouse, str]]:
     wh = open_warehouse(pg_url)
     yield wh, schema
     with wh.begin() as conn:
-        wh.drop_schema(conn, schema)
-        wh.drop_schema(conn, f"{schema}_vocab_stage")
+        for suffix in ("", "_vocab_stage", "_stage", "_etl"):
+            wh.drop_schema(conn, f"{schema}{suffix}")
     wh.close()
 
 

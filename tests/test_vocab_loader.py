@@ -15,9 +15,16 @@ from etl.vocab import VocabularyError, load_vocabulary
 from tests.conftest import DEMO_VOCAB
 
 ATHENA_FILES = [
-    "VOCABULARY", "DOMAIN", "CONCEPT_CLASS", "RELATIONSHIP", "CONCEPT",
-    "CONCEPT_RELATIONSHIP", "CONCEPT_ANCESTOR", "CONCEPT_SYNONYM", "DRUG_STRENGTH",
-]  # fmt: skip
+    "VOCABULARY",
+    "DOMAIN",
+    "CONCEPT_CLASS",
+    "RELATIONSHIP",
+    "CONCEPT",
+    "CONCEPT_RELATIONSHIP",
+    "CONCEPT_ANCESTOR",
+    "CONCEPT_SYNONYM",
+    "DRUG_STRENGTH",
+]
 
 
 def _data_lines(path: Path) -> list[list[str]]:
@@ -164,9 +171,16 @@ def _bad_encoding(release: Path) -> tuple[str, int | None]:
 
 
 MALFORMED = [
-    _missing_column, _bad_date, _duplicate_key, _short_row, _not_an_integer,
-    _dangling_relationship, _missing_required_value, _missing_file, _bad_encoding,
-]  # fmt: skip
+    _missing_column,
+    _bad_date,
+    _duplicate_key,
+    _short_row,
+    _not_an_integer,
+    _dangling_relationship,
+    _missing_required_value,
+    _missing_file,
+    _bad_encoding,
+]
 
 
 @pytest.mark.parametrize("breakage", MALFORMED, ids=lambda f: f.__name__.strip("_"))

@@ -122,9 +122,12 @@ def cdm_tables() -> dict[str, TableSpec]:
         )
     for name in IMAGING_TABLES:
         tables[name] = TableSpec(
-            name=name, group="IMAGING", required=False, concept_prefix=None,
+            name=name,
+            group="IMAGING",
+            required=False,
+            concept_prefix=None,
             fields=tuple(fields.pop(name)),
-        )  # fmt: skip
+        )
     if fields:
         raise ValueError(f"fields for tables missing from the table list: {sorted(fields)}")
     return tables

@@ -129,7 +129,11 @@ def build_code_map(s: Schemas, conn: sa.Connection) -> None:
         for table, pairs in CODED_COLUMNS.items()
         for vocab, code in pairs
     ]
-    s.run(conn, "CREATE TABLE {S}.source_codes AS SELECT DISTINCT vocabulary_id, code FROM ("
-          + " UNION ALL ".join(parts) + ") x")  # fmt: skip
+    s.run(
+        conn,
+        "CREATE TABLE {S}.source_codes AS SELECT DISTINCT vocabulary_id, code FROM ("
+        + " UNION ALL ".join(parts)
+        + ") x",
+    )
     for statement in (_SOURCE_CONCEPT, _CODE_TARGET, _CODE_MAP, _VALUE_MAP, _SINGLE_MAP):
         s.run(conn, statement)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import importlib.util
 import logging
 from collections.abc import Callable
 
@@ -11,6 +10,7 @@ import sqlalchemy as sa
 
 from etl.cdm.build import events, health_system, observation_period, person, rules, visit
 from etl.cdm.build.cdm_source import build_cdm_source
+from etl.cdm.build.eras import build_eras
 from etl.mapping.mapper import build_code_map
 from etl.pipeline.schemas import Schemas
 
@@ -49,18 +49,19 @@ def build_steps(site_name: str, run_date: dt.date) -> list[tuple[str, Callable]]
         ("observation_period", observation_period.build_observation_period),
         ("source_to_concept_map", _source_to_concept_map),
     ]
-    if importlib.util.find_spec("etl.cdm.build.eras") is not None:
-        from etl.cdm.build.eras import build_eras
-
-        steps.append(("eras", build_eras))
+    steps.append(("eras", build_eras))
     steps.append(
         (
             "cdm_source",
             lambda s, conn: build_cdm_source(
-                s, conn, name=site_name, abbreviation=site_name[:25], holder=site_name,
+                s,
+                conn,
+                name=site_name,
+                abbreviation=site_name[:25],
+                holder=site_name,
                 description="Built by omop-etl from the site's configured feeds",
                 release_date=run_date,
             ),
         )
-    )  # fmt: skip
+    )
     return steps

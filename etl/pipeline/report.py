@@ -43,8 +43,12 @@ def accounting(
     for feed, sf, status, rule, n in disp:
         target = filtered if status == "filtered" else quarantined_build
         target[(feed, sf)] = target.get((feed, sf), 0) + n
-        row = {"feed": feed, "file": sf, "rule" if status == "filtered" else "reason": rule,
-               "rows": n}  # fmt: skip
+        row = {
+            "feed": feed,
+            "file": sf,
+            "rule" if status == "filtered" else "reason": rule,
+            "rows": n,
+        }
         (filtered_rows if status == "filtered" else quarantine_rows).append(row)
 
     feeds: dict[str, Any] = {}
@@ -114,37 +118,86 @@ def render_html(report: dict[str, Any]) -> str:
         f"<h1>Run {html.escape(report['run_id'])}: {html.escape(report['status'])}</h1>",
     ]
     if report.get("errors"):
-        parts.append("<h2>Errors</h2><ul>" + "".join(
-            f"<li>{html.escape(e)}</li>" for e in report["errors"]) + "</ul>")  # fmt: skip
+        parts.append(
+            "<h2>Errors</h2><ul>"
+            + "".join(f"<li>{html.escape(e)}</li>" for e in report["errors"])
+            + "</ul>"
+        )
     parts.append("<h2>What came in and where it went</h2>")
     rows = []
     for feed, f in report.get("feeds", {}).items():
         for name, r in f.get("files", {}).items():
-            rows.append([feed, name, r["record_set"], r["records_in"], r["loaded"],
-                         r["quarantined"], r["filtered"], r.get("message", "")])  # fmt: skip
-        rows.append([feed, "(all files)", "", f["records_in"], f["loaded"], f["quarantined"],
-                     f["filtered"], ""])  # fmt: skip
-    parts.append(_table(["feed", "file", "records", "in", "loaded", "quarantined", "filtered",
-                         "note"], rows))  # fmt: skip
+            rows.append(
+                [
+                    feed,
+                    name,
+                    r["record_set"],
+                    r["records_in"],
+                    r["loaded"],
+                    r["quarantined"],
+                    r["filtered"],
+                    r.get("message", ""),
+                ]
+            )
+        rows.append(
+            [
+                feed,
+                "(all files)",
+                "",
+                f["records_in"],
+                f["loaded"],
+                f["quarantined"],
+                f["filtered"],
+                "",
+            ]
+        )
+    parts.append(
+        _table(["feed", "file", "records", "in", "loaded", "quarantined", "filtered", "note"], rows)
+    )
     parts.append("<h2>CDM tables</h2>")
     parts.append(_table(["table", "rows"], [[t, n] for t, n in report.get("tables", {}).items()]))
     parts.append("<h2>Quarantined, by reason</h2>")
-    parts.append(_table(["feed", "file", "reason", "rows"],
-                        [[q["feed"], q["file"], q["reason"], q["rows"]]
-                         for q in report.get("quarantine", [])]))  # fmt: skip
+    parts.append(
+        _table(
+            ["feed", "file", "reason", "rows"],
+            [[q["feed"], q["file"], q["reason"], q["rows"]] for q in report.get("quarantine", [])],
+        )
+    )
     parts.append("<h2>Filtered, by rule</h2>")
-    parts.append(_table(["feed", "file", "rule", "rows"],
-                        [[q["feed"], q["file"], q["rule"], q["rows"]]
-                         for q in report.get("filtered", [])]))  # fmt: skip
+    parts.append(
+        _table(
+            ["feed", "file", "rule", "rows"],
+            [[q["feed"], q["file"], q["rule"], q["rows"]] for q in report.get("filtered", [])],
+        )
+    )
     parts.append("<h2>Unmapped codes (concept 0), most frequent first</h2>")
-    parts.append(_table(["feed", "vocabulary", "code", "table", "rows"],
-                        [[u["feed"], u["vocabulary_id"], u["source_code"], u["table"], u["rows"]]
-                         for u in report.get("unmapped", [])]))  # fmt: skip
+    parts.append(
+        _table(
+            ["feed", "vocabulary", "code", "table", "rows"],
+            [
+                [u["feed"], u["vocabulary_id"], u["source_code"], u["table"], u["rows"]]
+                for u in report.get("unmapped", [])
+            ],
+        )
+    )
     parts.append("<h2>Quality checks</h2>")
-    parts.append(_table(["check", "table", "field", "passed", "violating", "total", "threshold %"],
-                        [[c["name"], c["table"], c.get("field") or "", c["passed"],
-                          c["violating_rows"], c["total_rows"], c["threshold_pct"]]
-                         for c in report.get("checks", [])]))  # fmt: skip
+    parts.append(
+        _table(
+            ["check", "table", "field", "passed", "violating", "total", "threshold %"],
+            [
+                [
+                    c["name"],
+                    c["table"],
+                    c.get("field") or "",
+                    c["passed"],
+                    c["violating_rows"],
+                    c["total_rows"],
+                    c["threshold_pct"],
+                ]
+                for c in report.get("checks", [])
+            ],
+        )
+    )
     parts.append("<h2>Timings (seconds)</h2>")
     timings = [[k, f"{v:.2f}"] for k, v in report.get("timings", {}).items()]
     parts.append(_table(["step", "seconds"], timings))

@@ -126,19 +126,28 @@ def run_pipeline(
     (run_dir / "landing").mkdir(parents=True, exist_ok=True)
     timer = _Timer()
     report: dict[str, Any] = {
-        "run_id": run_id, "status": "failed", "replay_of": replay,
+        "run_id": run_id,
+        "status": "failed",
+        "replay_of": replay,
         "started_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "warehouse": sa.engine.make_url(cfg.warehouse).render_as_string(hide_password=True),
         "cdm_schema": cfg.schema_name,
-        "feeds": {}, "tables": {}, "unmapped": [], "quarantine": [], "filtered": [],
-        "checks": [], "timings": timer.timings, "errors": [],
-    }  # fmt: skip
+        "feeds": {},
+        "tables": {},
+        "unmapped": [],
+        "quarantine": [],
+        "filtered": [],
+        "checks": [],
+        "timings": timer.timings,
+        "errors": [],
+    }
     status, code = "failed", EXIT_FAILED
     with _run_log(run_dir):
         log.info("run %s started%s", run_id, f" (replay of {replay})" if replay else "")
         try:
-            status, code = _run(cfg, Path(workdir), run_dir, replay, run_date, timer, report,
-                                on_step)  # fmt: skip
+            status, code = _run(
+                cfg, Path(workdir), run_dir, replay, run_date, timer, report, on_step
+            )
         except Exception as exc:  # a failed run must still report, and never publish
             log.error("run %s failed: %s", run_id, exc)
             log.debug("%s", traceback.format_exc())
@@ -151,10 +160,15 @@ def run_pipeline(
 
 
 def _run(
-    cfg: SiteConfig, workdir: Path, run_dir: Path, replay: str | None,
-    run_date: dt.date | None, timer: _Timer, report: dict[str, Any],
+    cfg: SiteConfig,
+    workdir: Path,
+    run_dir: Path,
+    replay: str | None,
+    run_date: dt.date | None,
+    timer: _Timer,
+    report: dict[str, Any],
     on_step: Callable[[str], None] | None,
-) -> tuple[str, int]:  # fmt: skip
+) -> tuple[str, int]:
     def step(name: str):
         if on_step:
             on_step(name)
@@ -220,10 +234,14 @@ def _quarantine_summary(quarantine: pa.Table) -> list[dict[str, Any]]:
         [("source_line", "count")]
     )
     return [
-        {"feed": r["feed"], "file": r["source_file"], "reason": r["reason"],
-         "rows": r["source_line_count"]}
+        {
+            "feed": r["feed"],
+            "file": r["source_file"],
+            "reason": r["reason"],
+            "rows": r["source_line_count"],
+        }
         for r in grouped.to_pylist()
-    ]  # fmt: skip
+    ]
 
 
 def _write_quarantine(s: Schemas, conn: sa.Connection, run_dir: Path, extraction: pa.Table) -> None:

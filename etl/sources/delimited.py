@@ -91,14 +91,17 @@ def _csv_batches(raw: RawFile, delimiter: str, encoding: str) -> Iterator[pa.Rec
     reader = pacsv.open_csv(
         raw.path,
         read_options=pacsv.ReadOptions(
-            column_names=raw.header, skip_rows=1, block_size=_BLOCK_SIZE,
-            use_threads=False, encoding=encoding,
+            column_names=raw.header,
+            skip_rows=1,
+            block_size=_BLOCK_SIZE,
+            use_threads=False,
+            encoding=encoding,
         ),
         parse_options=pacsv.ParseOptions(delimiter=delimiter, invalid_row_handler=on_invalid),
         convert_options=pacsv.ConvertOptions(
             column_types={c: pa.binary() for c in raw.header}, strings_can_be_null=False
         ),
-    )  # fmt: skip
+    )
     first = 2
     while True:
         try:

@@ -133,9 +133,14 @@ class Profile(_Strict):
     encoding: str = "utf-8"
     # Formats tried in order for every date/datetime column (DuckDB strptime syntax).
     date_formats: list[str] = Field(
-        default_factory=lambda: ["%Y-%m-%dT%H:%M:%SZ", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M:%S",
-                                 "%Y-%m-%d", "%Y%m%d"]
-    )  # fmt: skip
+        default_factory=lambda: [
+            "%Y-%m-%dT%H:%M:%SZ",
+            "%Y-%m-%dT%H:%M:%S",
+            "%Y-%m-%d %H:%M:%S",
+            "%Y-%m-%d",
+            "%Y%m%d",
+        ]
+    )
     code_systems: dict[str, str] = Field(default_factory=dict)  # source system -> vocabulary_id
     persons: PersonsSpec
     visits: VisitsSpec | None = None

@@ -13,9 +13,15 @@ CDM_V54_CONCEPT = 756265  # "OMOP CDM Version 5.4.0"
 
 
 def build_cdm_source(
-    s: Schemas, conn: sa.Connection, *, name: str, abbreviation: str, holder: str,
-    description: str, release_date: dt.date,
-) -> None:  # fmt: skip
+    s: Schemas,
+    conn: sa.Connection,
+    *,
+    name: str,
+    abbreviation: str,
+    holder: str,
+    description: str,
+    release_date: dt.date,
+) -> None:
     version = s.run(
         conn, "SELECT vocabulary_version FROM {C}.vocabulary WHERE vocabulary_id = 'None'"
     ).scalar_one_or_none()
@@ -29,9 +35,13 @@ def build_cdm_source(
                 'v5.4', :cdm_concept, :vocab)
         """,
         {
-            "name": name[:255], "abbr": abbreviation[:25], "holder": holder[:255],
-            "description": description, "etl": f"omop-etl {__version__}",
-            "released": release_date, "cdm_concept": CDM_V54_CONCEPT,
+            "name": name[:255],
+            "abbr": abbreviation[:25],
+            "holder": holder[:255],
+            "description": description,
+            "etl": f"omop-etl {__version__}",
+            "released": release_date,
+            "cdm_concept": CDM_V54_CONCEPT,
             "vocab": (version or "unknown")[:20],
         },
-    )  # fmt: skip
+    )

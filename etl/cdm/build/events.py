@@ -148,7 +148,9 @@ TABLE_COLUMNS: dict[str, dict[str, str]] = {
 
 def _routing_case() -> str:
     whens = " ".join(f"WHEN '{d}' THEN '{t}'" for d, t in DOMAIN_TABLES.items())
-    return f"CASE coalesce(m.target_domain_id, e.default_domain) {whens} ELSE '{FALLBACK_TABLE}' END"
+    return (
+        f"CASE coalesce(m.target_domain_id, e.default_domain) {whens} ELSE '{FALLBACK_TABLE}' END"
+    )
 
 
 EVENT_MAPPED = f"""
@@ -192,17 +194,21 @@ def build_events(s: Schemas, conn: sa.Connection) -> None:
     s.run(conn, EVENT_MAPPED)
     for table, columns in TABLE_COLUMNS.items():
         ids = assign_ids(
-            s, conn, table,
+            s,
+            conn,
+            table,
             f"SELECT {_natural_key('e')} AS natural_key FROM {{S}}.event_mapped e"
             f" WHERE e.cdm_table = '{table}'",
-        )  # fmt: skip
+        )
         joins = (
             f"FROM {{S}}.event_mapped e JOIN {{S}}.{ids} i ON i.natural_key = {_natural_key('e')}"
             f" WHERE e.cdm_table = '{table}'"
         )
         insert_rows(s, conn, table, columns, joins)
         add_lineage(
-            s, conn, table,
+            s,
+            conn,
+            table,
             "SELECT i.id, e.feed, e.source_file, e.source_line, e.vocabulary_id, e.code,"
             f" e.mapping_rule {joins}",
-        )  # fmt: skip
+        )

@@ -29,17 +29,22 @@ def build_location(s: Schemas, conn: sa.Connection) -> None:
         ) x WHERE state IS NOT NULL OR zip3 IS NOT NULL
         """,
     )
-    assign_ids(s, conn, "location", f"SELECT {location_key('l')} AS natural_key FROM {{S}}.location_src l")
+    assign_ids(
+        s, conn, "location", f"SELECT {location_key('l')} AS natural_key FROM {{S}}.location_src l"
+    )
     insert_rows(
-        s, conn, "location",
+        s,
+        conn,
+        "location",
         {
             "location_id": "i.id",
             "state": "l.state",
             "zip": "l.zip3",
             "location_source_value": location_key("l"),
         },
-        f"FROM {{S}}.location_src l JOIN {{S}}.ids_location i ON i.natural_key = {location_key('l')}",
-    )  # fmt: skip
+        "FROM {S}.location_src l"
+        f" JOIN {{S}}.ids_location i ON i.natural_key = {location_key('l')}",
+    )
 
 
 def build_care_site(s: Schemas, conn: sa.Connection) -> None:
@@ -47,10 +52,12 @@ def build_care_site(s: Schemas, conn: sa.Connection) -> None:
     joins = f"""
         FROM {{S}}.care_site_ok c
         JOIN {{S}}.ids_care_site i ON i.natural_key = c.care_site_key
-        LEFT JOIN {{S}}.ids_location l ON l.natural_key = {location_key('c')}
+        LEFT JOIN {{S}}.ids_location l ON l.natural_key = {location_key("c")}
     """
     insert_rows(
-        s, conn, "care_site",
+        s,
+        conn,
+        "care_site",
         {
             "care_site_id": "i.id",
             "care_site_name": "c.name",
@@ -58,11 +65,13 @@ def build_care_site(s: Schemas, conn: sa.Connection) -> None:
             "care_site_source_value": "c.care_site_key",
         },
         joins,
-    )  # fmt: skip
+    )
     add_lineage(
-        s, conn, "care_site",
+        s,
+        conn,
+        "care_site",
         f"SELECT i.id, c.feed, c.source_file, c.source_line, NULL, NULL, NULL {joins}",
-    )  # fmt: skip
+    )
 
 
 def build_provider(s: Schemas, conn: sa.Connection) -> None:
@@ -77,7 +86,9 @@ def build_provider(s: Schemas, conn: sa.Connection) -> None:
                ON g.vocabulary_id = p.gender_vocabulary AND g.code = p.gender_code
     """
     insert_rows(
-        s, conn, "provider",
+        s,
+        conn,
+        "provider",
         {
             "provider_id": "i.id",
             "specialty_concept_id": "coalesce(sp.target_concept_id, 0)",
@@ -90,8 +101,10 @@ def build_provider(s: Schemas, conn: sa.Connection) -> None:
             "gender_source_concept_id": "coalesce(g.source_concept_id, 0)",
         },
         joins,
-    )  # fmt: skip
+    )
     add_lineage(
-        s, conn, "provider",
+        s,
+        conn,
+        "provider",
         f"SELECT i.id, p.feed, p.source_file, p.source_line, NULL, NULL, NULL {joins}",
-    )  # fmt: skip
+    )

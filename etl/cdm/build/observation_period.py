@@ -41,11 +41,15 @@ def build_observation_period(s: Schemas, conn: sa.Connection) -> None:
         spans=s.sql(spans),
     )
     assign_ids(
-        s, conn, "observation_period",
+        s,
+        conn,
+        "observation_period",
         "SELECT CAST(person_id AS VARCHAR) AS natural_key FROM {S}.person_span",
-    )  # fmt: skip
+    )
     insert_rows(
-        s, conn, "observation_period",
+        s,
+        conn,
+        "observation_period",
         {
             "observation_period_id": "i.id",
             "person_id": "x.person_id",
@@ -55,4 +59,4 @@ def build_observation_period(s: Schemas, conn: sa.Connection) -> None:
         },
         "FROM {S}.person_span x"
         " JOIN {S}.ids_observation_period i ON i.natural_key = CAST(x.person_id AS VARCHAR)",
-    )  # fmt: skip
+    )

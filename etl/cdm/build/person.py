@@ -19,19 +19,21 @@ def _coded(alias: str, field: str) -> str:
 PERSON_JOINS = f"""
     FROM {{S}}.person_ok p
     JOIN {{S}}.ids_person i ON i.natural_key = p.person_key
-    LEFT JOIN {{S}}.ids_location l ON l.natural_key = {location_key('p')}
+    LEFT JOIN {{S}}.ids_location l ON l.natural_key = {location_key("p")}
     LEFT JOIN {{S}}.ids_care_site cs ON cs.natural_key = p.care_site_key
     LEFT JOIN {{S}}.ids_provider pr ON pr.natural_key = p.provider_key
-    {_coded('g', 'gender')}
-    {_coded('r', 'race')}
-    {_coded('eth', 'ethnicity')}
+    {_coded("g", "gender")}
+    {_coded("r", "race")}
+    {_coded("eth", "ethnicity")}
 """
 
 
 def build_person(s: Schemas, conn: sa.Connection) -> None:
     assign_ids(s, conn, "person", "SELECT person_key AS natural_key FROM {S}.person_ok")
     insert_rows(
-        s, conn, "person",
+        s,
+        conn,
+        "person",
         {
             "person_id": "i.id",
             "gender_concept_id": "coalesce(g.target_concept_id, 0)",
@@ -53,17 +55,21 @@ def build_person(s: Schemas, conn: sa.Connection) -> None:
             "ethnicity_source_concept_id": "coalesce(eth.source_concept_id, 0)",
         },
         PERSON_JOINS,
-    )  # fmt: skip
+    )
     add_lineage(
-        s, conn, "person",
+        s,
+        conn,
+        "person",
         "SELECT i.id, p.feed, p.source_file, p.source_line, NULL, NULL, NULL"
         " FROM {S}.person_ok p JOIN {S}.ids_person i ON i.natural_key = p.person_key",
-    )  # fmt: skip
+    )
 
 
 def build_death(s: Schemas, conn: sa.Connection) -> None:
     insert_rows(
-        s, conn, "death",
+        s,
+        conn,
+        "death",
         {
             "person_id": "i.id",
             "death_date": "CAST(p.death_datetime AS DATE)",
@@ -72,4 +78,4 @@ def build_death(s: Schemas, conn: sa.Connection) -> None:
         },
         "FROM {S}.person_ok p JOIN {S}.ids_person i ON i.natural_key = p.person_key"
         " WHERE p.death_datetime IS NOT NULL",
-    )  # fmt: skip
+    )

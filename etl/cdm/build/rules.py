@@ -48,8 +48,10 @@ def _first_per_key(s: Schemas, conn: sa.Connection, src: str, key: str, ok: str,
             FROM {S}.{src} t
         ) x WHERE key_rank = 1
         """,
-        ok=ok, key=key, src=src,
-    )  # fmt: skip
+        ok=ok,
+        key=key,
+        src=src,
+    )
     s.run(
         conn,
         """
@@ -62,8 +64,10 @@ def _first_per_key(s: Schemas, conn: sa.Connection, src: str, key: str, ok: str,
             FROM {S}.{src} t
         ) x WHERE key_rank > 1
         """,
-        rs=rs, key=key, src=src,
-    )  # fmt: skip
+        rs=rs,
+        key=key,
+        src=src,
+    )
 
 
 def _checked(s: Schemas, conn: sa.Connection, src: str, out: str, record_set: str) -> None:
@@ -85,8 +89,10 @@ def _checked(s: Schemas, conn: sa.Connection, src: str, out: str, record_set: st
         FROM {S}.{src} t
         LEFT JOIN {S}.person_ok p ON p.person_key = t.person_key
         """,
-        out=out, src=src, days=str(DEATH_ALLOWANCE_DAYS),
-    )  # fmt: skip
+        out=out,
+        src=src,
+        days=str(DEATH_ALLOWANCE_DAYS),
+    )
     s.run(
         conn,
         """
@@ -95,8 +101,9 @@ def _checked(s: Schemas, conn: sa.Connection, src: str, out: str, record_set: st
                CASE WHEN rule = 'unknown_person' THEN 'quarantined' ELSE 'filtered' END, rule
         FROM {S}.{out} WHERE rule IS NOT NULL
         """,
-        out=out, rs=record_set,
-    )  # fmt: skip
+        out=out,
+        rs=record_set,
+    )
 
 
 def apply_rules(s: Schemas, conn: sa.Connection) -> None:

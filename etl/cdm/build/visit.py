@@ -24,7 +24,9 @@ def build_visit(s: Schemas, conn: sa.Connection) -> None:
     assign_ids(s, conn, "visit_occurrence", "SELECT visit_key AS natural_key FROM {S}.visit_ok")
     start, end = "v.start_datetime", "coalesce(v.end_datetime, v.start_datetime)"
     insert_rows(
-        s, conn, "visit_occurrence",
+        s,
+        conn,
+        "visit_occurrence",
         {
             "visit_occurrence_id": "i.id",
             "person_id": "p.id",
@@ -43,9 +45,11 @@ def build_visit(s: Schemas, conn: sa.Connection) -> None:
             ),
         },
         JOINS,
-    )  # fmt: skip
+    )
     add_lineage(
-        s, conn, "visit_occurrence",
+        s,
+        conn,
+        "visit_occurrence",
         "SELECT i.id, v.feed, v.source_file, v.source_line, v.class_vocabulary, v.class_code,"
         " coalesce(m.mapping_rule, 'unmapped') " + JOINS,
-    )  # fmt: skip
+    )

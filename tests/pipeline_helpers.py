@@ -1,0 +1,64 @@
+"""Helpers for tests that run the whole pipeline on DuckDB or PostgreSQL."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+import yaml
+
+from etl.config import load_config
+from etl.pipeline.run import RunResult, run_pipeline
+from etl.warehouse import Warehouse
+from tests.conftest import DEMO_VOCAB
+
+
+def write_config(
+    tmp: Path,
+    wh: Warehouse,
+    schema: str,
+    feed_dir: Path,
+    *,
+    vocabulary: Path = DEMO_VOCAB,
+    mappings: Path | None = None,
+    profile: str = "synthea",
+) -> Path:
+    cfg: dict[str, Any] = {
+        "warehouse": wh.url,
+        "cdm_schema": schema,
+        "vocabulary": str(vocabulary),
+        "feeds": [{"name": "ehr", "kind": "ehr_csv", "profile": profile, "path": str(feed_dir)}],
+    }
+    if mappings is not None:
+        cfg["mappings"] = str(mappings)
+    path = tmp / "site.yaml"
+    path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
+    return path
+
+
+def run(config: Path, workdir: Path, **kwargs: Any) -> RunResult:
+    return run_pipeline(load_config(config), workdir, **kwargs)
+
+
+def rows(path: Path) -> list[dict[str, str]]:
+    with path.open(encoding="utf-8", newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def write_rows(path: Path, header: list[str], data: list[dict[str, str]]) -> None:
+    with path.open("w", encoding="utf-8", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=header)
+        w.writeheader()
+        for r in data:
+            w.writerow({k: r.get(k, "") for k in header})
+
+
+def query(wh: Warehouse, sql: str, **params: Any) -> list[tuple]:
+    with wh.engine.connect() as conn:
+        return [tuple(r) for r in conn.execute(sa.text(sql), params).all()]
+
+
+def scalar(wh: Warehouse, sql: str, **params: Any) -> Any:
+    return query(wh, sql, **params)[0][0]

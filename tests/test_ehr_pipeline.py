@@ -1,0 +1,195 @@
+"""The EHR feed end to end on the Synthea demo: counts from the input files, not constants."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from tests.conftest import DEMO_SYNTHEA
+from tests.pipeline_helpers import query, rows, run, scalar, write_config
+
+CLINICAL_FILES = [
+    "conditions.csv",
+    "medications.csv",
+    "immunizations.csv",
+    "procedures.csv",
+    "observations.csv",
+    "allergies.csv",
+    "devices.csv",
+    "supplies.csv",
+    "careplans.csv",
+    "imaging_studies.csv",
+]
+EVENT_TABLES = {
+    "condition_occurrence": "condition_start_date",
+    "drug_exposure": "drug_exposure_start_date",
+    "procedure_occurrence": "procedure_date",
+    "measurement": "measurement_date",
+    "observation": "observation_date",
+    "device_exposure": "device_exposure_start_date",
+}
+
+
+@pytest.fixture
+def demo_run(warehouse, tmp_path: Path):
+    wh, schema = warehouse
+    config = write_config(tmp_path, wh, schema, DEMO_SYNTHEA)
+    result = run(config, tmp_path)
+    assert result.status == "published", result.report["errors"]
+    return wh, schema, result
+
+
+def _t(schema: str, table: str) -> str:
+    return f'"{schema}"."{table}"'
+
+
+def test_demo_publishes_faithful_counts(demo_run) -> None:
+    wh, schema, result = demo_run
+    patients = rows(DEMO_SYNTHEA / "patients.csv")
+    encounters = rows(DEMO_SYNTHEA / "encounters.csv")
+    assert scalar(wh, f"SELECT count(*) FROM {_t(schema, 'person')}") == len(patients)
+    assert scalar(wh, f"SELECT count(*) FROM {_t(schema, 'death')}") == sum(
+        1 for p in patients if p["DEATHDATE"]
+    )
+    assert scalar(wh, f"SELECT count(*) FROM {_t(schema, 'visit_occurrence')}") == len(encounters)
+    assert scalar(wh, f"SELECT count(*) FROM {_t(schema, 'observation_period')}") == len(patients)
+    assert scalar(wh, f"SELECT count(*) FROM {_t(schema, 'condition_era')}") > 0
+    assert scalar(wh, f"SELECT count(*) FROM {_t(schema, 'drug_era')}") > 0
+    source = query(wh, f"SELECT cdm_version, vocabulary_version FROM {_t(schema, 'cdm_source')}")
+    assert source == [("v5.4", "v5.0 30-AUG-24")]
+    assert result.report["tables"]["person"] == len(patients)
+
+
+def test_every_input_record_is_accounted_for(demo_run) -> None:
+    _, _, result = demo_run
+    report = json.loads((result.run_dir / "report.json").read_text())
+    files = report["feeds"]["ehr"]["files"]
+    for name in ["patients.csv", "encounters.csv", *CLINICAL_FILES]:
+        f = files[name]
+        assert f["records_in"] == len(rows(DEMO_SYNTHEA / name)), name
+        assert f["records_in"] == f["loaded"] + f["quarantined"] + f["filtered"], name
+    feed = report["feeds"]["ehr"]
+    assert feed["records_in"] == feed["loaded"] + feed["quarantined"] + feed["filtered"]
+    assert report["status"] == "published"
+    assert set(report["timings"]) >= {"extract", "land", "stage", "publish"}
+    assert (result.run_dir / "report.html").read_text().count("<table>") >= 5
+    landed = pq.read_table(result.run_dir / "landing" / "ehr" / "event.parquet")
+    assert landed.num_rows == sum(len(rows(DEMO_SYNTHEA / n)) for n in CLINICAL_FILES)
+
+
+def test_events_land_in_the_table_of_their_domain(demo_run) -> None:
+    wh, schema, _ = demo_run
+    # every row's concept belongs to its table's domain (or is 0, unmapped)
+    for table, domain in [
+        ("condition_occurrence", "Condition"),
+        ("drug_exposure", "Drug"),
+        ("procedure_occurrence", "Procedure"),
+        ("measurement", "Measurement"),
+    ]:
+        concept_col = f"{table.split('_')[0]}_concept_id"
+        wrong = scalar(
+            wh,
+            f"SELECT count(*) FROM {_t(schema, table)} t JOIN {_t(schema, 'concept')} c"
+            f" ON c.concept_id = t.{concept_col} WHERE t.{concept_col} <> 0"
+            f" AND c.domain_id <> '{domain}'",
+        )
+        assert wrong == 0, table
+    # Synthea's conditions.csv holds findings whose standard concept is an Observation
+    # (e.g. 160903007 Full-time employment): they are in observation, not lost
+    finding = scalar(
+        wh,
+        f"SELECT count(*) FROM {_t(schema, 'observation')}"
+        " WHERE observation_source_value = '160903007'",
+    )
+    expected = sum(1 for r in rows(DEMO_SYNTHEA / "conditions.csv") if r["CODE"] == "160903007")
+    assert finding == expected > 0
+    # all 29 immunizations are drug exposures with their CVX concept (standard, no Maps to)
+    imm = rows(DEMO_SYNTHEA / "immunizations.csv")
+    mapped = scalar(
+        wh,
+        f"SELECT count(*) FROM {_t(schema, 'drug_exposure')}"
+        " WHERE drug_type_concept_id = 32818 AND drug_concept_id <> 0",
+    )
+    assert mapped == len(imm)
+
+
+def test_observation_periods_cover_every_event(demo_run) -> None:
+    wh, schema, _ = demo_run
+    for table, date_col in EVENT_TABLES.items():
+        outside = scalar(
+            wh,
+            f"SELECT count(*) FROM {_t(schema, table)} e"
+            f" LEFT JOIN {_t(schema, 'observation_period')} op ON op.person_id = e.person_id"
+            f" AND e.{date_col} BETWEEN op.observation_period_start_date"
+            " AND op.observation_period_end_date WHERE op.person_id IS NULL",
+        )
+        assert outside == 0, table
+
+
+def test_demographics_and_visits_map_through_local_maps(demo_run) -> None:
+    wh, schema, _ = demo_run
+    patients = rows(DEMO_SYNTHEA / "patients.csv")
+    genders = Counter(
+        r[0] for r in query(wh, f"SELECT gender_concept_id FROM {_t(schema, 'person')}")
+    )
+    assert genders == Counter({"M": 8507, "F": 8532}[p["GENDER"]] for p in patients)
+    unmapped_visits = scalar(
+        wh, f"SELECT count(*) FROM {_t(schema, 'visit_occurrence')} WHERE visit_concept_id = 0"
+    )
+    assert unmapped_visits == 0
+    # the CDM's source_to_concept_map documents the site's local maps
+    assert scalar(wh, f"SELECT count(*) FROM {_t(schema, 'source_to_concept_map')}") > 0
+
+
+def test_location_keeps_only_state_and_zip3(demo_run) -> None:
+    wh, schema, _ = demo_run
+    locations = query(wh, f"SELECT state, zip, address_1, city FROM {_t(schema, 'location')}")
+    assert locations
+    for state, zip3, address, city in locations:
+        assert state is None or len(state) == 2
+        assert zip3 is None or len(zip3) == 3
+        assert address is None and city is None
+
+
+def test_unmapped_codes_are_kept_and_ranked(demo_run) -> None:
+    wh, schema, result = demo_run
+    unmapped = result.report["unmapped"]
+    counts = [u["rows"] for u in unmapped]
+    assert counts == sorted(counts, reverse=True)
+    top = {(u["vocabulary_id"], u["source_code"]): u["rows"] for u in unmapped}
+    dalys = sum(1 for r in rows(DEMO_SYNTHEA / "observations.csv") if r["CODE"] == "DALY")
+    assert top[("LOINC", "DALY")] == dalys
+    kept = scalar(
+        wh,
+        f"SELECT count(*) FROM {_t(schema, 'measurement')}"
+        " WHERE measurement_source_value = 'DALY' AND measurement_concept_id = 0",
+    )
+    assert kept == dalys
+
+
+@pytest.mark.postgres
+def test_postgres_and_duckdb_give_identical_results(duckdb_wh, pg_wh, tmp_path: Path) -> None:
+    results = {}
+    for name, (wh, schema) in {"duckdb": duckdb_wh, "postgresql": pg_wh}.items():
+        workdir = tmp_path / name
+        workdir.mkdir()
+        result = run(write_config(workdir, wh, schema, DEMO_SYNTHEA), workdir)
+        assert result.status == "published", result.report["errors"]
+        concepts = {}
+        for table, date_col in EVENT_TABLES.items():
+            concept_col = f"{table.split('_')[0]}_concept_id"
+            id_col = f"{table}_id" if table != "measurement" else "measurement_id"
+            concepts[table] = sorted(
+                query(
+                    wh,
+                    f"SELECT {id_col}, person_id, {concept_col}, {date_col}"
+                    f" FROM {_t(schema, table)}",
+                )
+            )
+        results[name] = (result.report["tables"], concepts)
+    assert results["duckdb"][0] == results["postgresql"][0]
+    assert results["duckdb"][1] == results["postgresql"][1]
