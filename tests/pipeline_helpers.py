@@ -62,3 +62,25 @@ def query(wh: Warehouse, sql: str, **params: Any) -> list[tuple]:
 
 def scalar(wh: Warehouse, sql: str, **params: Any) -> Any:
     return query(wh, sql, **params)[0][0]
+
+
+def columns(wh: Warehouse, schema: str, table: str) -> list[tuple[str, str]]:
+    """(name, data_type) of a table's columns, in order (information_schema: both engines)."""
+    return query(
+        wh,
+        "SELECT column_name, data_type FROM information_schema.columns"
+        " WHERE table_schema = :s AND table_name = :t ORDER BY ordinal_position",
+        s=schema,
+        t=table,
+    )
+
+
+def table_names(wh: Warehouse, schema: str) -> list[str]:
+    return [
+        r[0]
+        for r in query(
+            wh,
+            "SELECT table_name FROM information_schema.tables WHERE table_schema = :s",
+            s=schema,
+        )
+    ]

@@ -71,7 +71,7 @@ def test_created_schema_matches_specification(warehouse) -> None:
         }
     assert len(actual) == len(spec) == 432 + 23
     for row in spec:
-        key = (row["cdmTableName"].lower(), row["cdmFieldName"].lower())
+        key = (row["cdmTableName"].lower(), row["cdmFieldName"].strip('"').lower())
         col = actual[key]
         exp_type, exp_len = _expected_type(row["cdmDatatype"], wh.dialect)
         assert col.data_type == exp_type, key

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 import pytest
 import sqlalchemy as sa
 
+from etl.cdm.build.common import KEY_MAP_DDL
 from etl.cdm.build.eras import build_condition_era, build_dose_era, build_drug_era, build_eras
 from etl.cdm.schema import create_cdm
 from etl.pipeline.schemas import Schemas
@@ -65,6 +66,8 @@ def eras_env(warehouse) -> Iterator[tuple[Schemas, sa.Engine]]:
     load_vocabulary(wh, DEMO_VOCAB, schema)
     try:
         with wh.begin() as conn:
+            wh.create_schema(conn, s.etl)
+            s.run(conn, KEY_MAP_DDL)
             s.run(
                 conn,
                 "INSERT INTO {S}.condition_occurrence (condition_occurrence_id, person_id,"
@@ -89,6 +92,16 @@ def eras_env(warehouse) -> Iterator[tuple[Schemas, sa.Engine]]:
     finally:
         with wh.begin() as conn:
             wh.drop_schema(conn, s.stage)
+            wh.drop_schema(conn, s.etl)
+
+
+def _without_ids(rows: list[tuple]) -> list[tuple]:
+    return [r[1:] for r in rows]
+
+
+def _assert_ids_fresh(rows: list[tuple]) -> None:
+    """On an empty key map, ids are 1..n (their order follows the natural key)."""
+    assert sorted(r[0] for r in rows) == list(range(1, len(rows) + 1))
 
 
 def _rows(s: Schemas, conn: sa.Connection, sql: str, **extra: str) -> list[tuple]:
@@ -104,16 +117,19 @@ def test_condition_era(eras_env) -> None:
             conn,
             "SELECT condition_era_id, person_id, condition_concept_id, condition_era_start_date,"
             " condition_era_end_date, condition_occurrence_count"
-            " FROM {S}.condition_era ORDER BY condition_era_id",
+            " FROM {S}.condition_era ORDER BY person_id, condition_concept_id, 4",
         )
-    assert rows == [
-        (1, 1, 1001, D("2020-06-01"), D("2020-07-01"), 2),
-        (2, 1, 1001, D("2020-08-01"), D("2020-08-01"), 1),
-        (3, 1, 1002, D("2020-01-01"), D("2020-01-25"), 2),
-        (4, 1, 1002, D("2020-03-05"), D("2020-03-05"), 1),
-        (5, 1, 1003, D("2020-01-10"), D("2020-01-10"), 1),
-        (6, 2, 1001, D("2019-05-01"), D("2019-05-03"), 2),
-    ]
+    _assert_ids_fresh(rows)
+    assert _without_ids(rows) == _without_ids(
+        [
+            (1, 1, 1001, D("2020-06-01"), D("2020-07-01"), 2),
+            (2, 1, 1001, D("2020-08-01"), D("2020-08-01"), 1),
+            (3, 1, 1002, D("2020-01-01"), D("2020-01-25"), 2),
+            (4, 1, 1002, D("2020-03-05"), D("2020-03-05"), 1),
+            (5, 1, 1003, D("2020-01-10"), D("2020-01-10"), 1),
+            (6, 2, 1001, D("2019-05-01"), D("2019-05-03"), 2),
+        ]
+    )
 
 
 def test_drug_era_rolls_up_to_ingredients(eras_env) -> None:
@@ -125,17 +141,20 @@ def test_drug_era_rolls_up_to_ingredients(eras_env) -> None:
             conn,
             "SELECT drug_era_id, person_id, drug_concept_id, drug_era_start_date,"
             " drug_era_end_date, drug_exposure_count, gap_days"
-            " FROM {S}.drug_era ORDER BY drug_era_id",
+            " FROM {S}.drug_era ORDER BY person_id, drug_concept_id, 4",
         )
-    assert rows == [
-        (1, 1, SERTRALINE, D("2020-01-01"), D("2020-01-30"), 1, 0),
-        # 101, 102, 103, 110: Jan 1 - Feb 10 is 41 days, 24 of them covered
-        # (Jan 1-14 and Feb 1-10; 110 and the 101/102 overlap are not counted twice)
-        (2, 1, ACETAMINOPHEN, D("2020-01-01"), D("2020-02-10"), 4, 17),
-        # 104 and 105 are back to back: no drug-free day
-        (3, 1, ACETAMINOPHEN, D("2020-03-20"), D("2020-03-25"), 2, 0),
-        (4, 2, ACETAMINOPHEN, D("2021-01-01"), D("2021-01-31"), 1, 0),
-    ]
+    _assert_ids_fresh(rows)
+    assert _without_ids(rows) == _without_ids(
+        [
+            (1, 1, SERTRALINE, D("2020-01-01"), D("2020-01-30"), 1, 0),
+            # 101, 102, 103, 110: Jan 1 - Feb 10 is 41 days, 24 of them covered
+            # (Jan 1-14 and Feb 1-10; 110 and the 101/102 overlap are not counted twice)
+            (2, 1, ACETAMINOPHEN, D("2020-01-01"), D("2020-02-10"), 4, 17),
+            # 104 and 105 are back to back: no drug-free day
+            (3, 1, ACETAMINOPHEN, D("2020-03-20"), D("2020-03-25"), 2, 0),
+            (4, 2, ACETAMINOPHEN, D("2021-01-01"), D("2021-01-31"), 1, 0),
+        ]
+    )
 
 
 def test_dose_era_is_empty_without_drug_strength(eras_env) -> None:
@@ -164,15 +183,19 @@ def test_dose_era_from_drug_strength(eras_env) -> None:
             s,
             conn,
             "SELECT dose_era_id, person_id, drug_concept_id, unit_concept_id, dose_value,"
-            " dose_era_start_date, dose_era_end_date FROM {S}.dose_era ORDER BY dose_era_id",
+            " dose_era_start_date, dose_era_end_date FROM {S}.dose_era"
+            " ORDER BY person_id, drug_concept_id, dose_era_start_date",
         )
-    assert rows == [
-        # 160 mg: 101 and 110 (26 days apart) merge; 104 starts 40 days later
-        (1, 1, ACETAMINOPHEN, MILLIGRAM, 160.0, D("2020-01-01"), D("2020-02-09")),
-        (2, 1, ACETAMINOPHEN, MILLIGRAM, 325.0, D("2020-01-05"), D("2020-01-14")),
-        (3, 1, ACETAMINOPHEN, MILLIGRAM, 160.0, D("2020-03-20"), D("2020-03-20")),
-        (4, 2, ACETAMINOPHEN, MILLIGRAM, 325.0, D("2021-01-01"), D("2021-01-31")),
-    ]
+    _assert_ids_fresh(rows)
+    assert _without_ids(rows) == _without_ids(
+        [
+            # 160 mg: 101 and 110 (26 days apart) merge; 104 starts 40 days later
+            (1, 1, ACETAMINOPHEN, MILLIGRAM, 160.0, D("2020-01-01"), D("2020-02-09")),
+            (2, 1, ACETAMINOPHEN, MILLIGRAM, 325.0, D("2020-01-05"), D("2020-01-14")),
+            (3, 1, ACETAMINOPHEN, MILLIGRAM, 160.0, D("2020-03-20"), D("2020-03-20")),
+            (4, 2, ACETAMINOPHEN, MILLIGRAM, 325.0, D("2021-01-01"), D("2021-01-31")),
+        ]
+    )
 
 
 def test_build_eras_fills_all_three_and_is_repeatable(eras_env) -> None:

@@ -93,7 +93,7 @@ def _field_from_row(row: dict[str, str]) -> FieldSpec:
     fk_field = _na(row["fkFieldName"]) if row["isForeignKey"] == "Yes" else None
     return FieldSpec(
         table=row["cdmTableName"].lower(),
-        name=row["cdmFieldName"].lower(),
+        name=row["cdmFieldName"].strip().strip('"').lower(),  # the spec quotes "offset"
         required=row["isRequired"] == "Yes",
         datatype=_normalise_type(row["cdmDatatype"]),
         is_primary_key=row["isPrimaryKey"] == "Yes",

@@ -260,6 +260,13 @@ def _event(spec: EventSpec) -> Callable[[_Query], str]:
             value_string = f"CASE WHEN ({value_number}) IS NULL THEN {raw_value} END"
             if v.coded is not None:
                 value_code, value_vocab = q.coded(v.coded)
+        if spec.identifying_value_codes:
+            listed = ", ".join(_lit(c) for c in spec.identifying_value_codes)
+            hide = f"{q.col(spec.code.column)} IN ({listed})"
+            value_number, value_string, value_code = (
+                f"CASE WHEN {hide} THEN NULL ELSE {v} END"
+                for v in (value_number, value_string, value_code)
+            )
         q.select["value_as_number"] = value_number
         q.select["value_as_string"] = value_string
         q.select["value_code"], q.select["value_vocabulary"] = value_code, value_vocab

@@ -104,6 +104,9 @@ class EventSpec(_Strict):
     quantity: str | None = None
     device_identifier: str | None = None
     provider: str | None = None
+    # Codes whose answers identify the patient (e.g. LOINC 56799-0 "What address do you
+    # live at?"): the record is kept, its value is never read into the pipeline.
+    identifying_value_codes: list[str] = Field(default_factory=list)
 
 
 class CareSitesSpec(_Strict):

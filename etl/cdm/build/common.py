@@ -39,6 +39,7 @@ def assign_ids(s: Schemas, conn: sa.Connection, cdm_table: str, natural_keys_sql
     new keys join the key map only when the run publishes.
     """
     target = f"ids_{cdm_table}"
+    s.run(conn, "DROP TABLE IF EXISTS {S}.{target}", target=target)
     s.run(
         conn,
         """

@@ -33,8 +33,8 @@ drug_strength row with amount_value and amount_unit_concept_id (dose_value and
 unit_concept_id); records merge per (person, ingredient, unit, dose). With an empty
 drug_strength, dose_era stays empty.
 
-Era ids are row_number() over (person_id, concept, start date[, unit, dose]): the same
-input gives the same ids on both engines.
+Era ids come from the persistent key map, keyed by (person, concept, start date[, unit,
+dose]): stable from night to night, and the same on both engines for the same input.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ import logging
 
 import sqlalchemy as sa
 
-from etl.cdm.build.common import insert_rows
+from etl.cdm.build.common import assign_ids, insert_rows
 from etl.pipeline.schemas import Schemas
 
 log = logging.getLogger(__name__)
@@ -170,37 +170,61 @@ FROM (
 """
 
 
-def _era_id(*order: str) -> str:
-    return f"CAST(row_number() OVER (ORDER BY {', '.join(order)}) AS INTEGER)"
+def _build(
+    s: Schemas,
+    conn: sa.Connection,
+    table: str,
+    eras_sql: str,
+    key_parts: list[str],
+    columns: dict[str, str],
+) -> int:
+    """Materialise the eras, give each a stable id from the key map, insert them.
+
+    An era's natural key is (person, concept, start date[, unit, dose]): an era keeps its
+    id from one night to the next unless that person's records move it, so a change to
+    one patient never renumbers another patient's eras.
+    """
+    s.run(conn, "DROP TABLE IF EXISTS {S}.{t}_rows", t=table)
+    s.run(conn, "CREATE TABLE {S}.{t}_rows AS SELECT e.* " + eras_sql, t=table)
+    key = " || '|' || ".join(f"CAST(e.{p} AS VARCHAR)" for p in key_parts)
+    assign_ids(s, conn, table, f"SELECT {key} AS natural_key FROM {{S}}.{table}_rows e")
+    return insert_rows(
+        s,
+        conn,
+        table,
+        {f"{table}_id": "i.id", **columns},
+        f"FROM {{S}}.{table}_rows e JOIN {{S}}.ids_{table} i ON i.natural_key = {key}",
+    )
 
 
 def build_condition_era(s: Schemas, conn: sa.Connection) -> None:
     """Fill stage condition_era from stage condition_occurrence (30-day persistence)."""
-    n = insert_rows(
+    n = _build(
         s,
         conn,
         "condition_era",
+        _CONDITION_ERAS,
+        ["person_id", "concept_id", "era_start"],
         {
-            "condition_era_id": _era_id("e.person_id", "e.concept_id", "e.era_start"),
             "person_id": "e.person_id",
             "condition_concept_id": "e.concept_id",
             "condition_era_start_date": "e.era_start",
             "condition_era_end_date": "e.era_end",
             "condition_occurrence_count": "CAST(e.n AS INTEGER)",
         },
-        _CONDITION_ERAS,
     )
     log.info("condition_era: %s rows", n)
 
 
 def build_drug_era(s: Schemas, conn: sa.Connection) -> None:
     """Fill stage drug_era: drug exposures rolled up to ingredients, 30-day persistence."""
-    n = insert_rows(
+    n = _build(
         s,
         conn,
         "drug_era",
+        _DRUG_ERAS,
+        ["person_id", "concept_id", "era_start"],
         {
-            "drug_era_id": _era_id("e.person_id", "e.concept_id", "e.era_start"),
             "person_id": "e.person_id",
             "drug_concept_id": "e.concept_id",
             "drug_era_start_date": "e.era_start",
@@ -208,21 +232,19 @@ def build_drug_era(s: Schemas, conn: sa.Connection) -> None:
             "drug_exposure_count": "CAST(e.n AS INTEGER)",
             "gap_days": "CAST(greatest(e.gap_days, 0) AS INTEGER)",
         },
-        _DRUG_ERAS,
     )
     log.info("drug_era: %s rows", n)
 
 
 def build_dose_era(s: Schemas, conn: sa.Connection) -> None:
     """Fill stage dose_era: ingredient eras at a constant drug_strength amount and unit."""
-    n = insert_rows(
+    n = _build(
         s,
         conn,
         "dose_era",
+        _DOSE_ERAS,
+        ["person_id", "concept_id", "era_start", "unit_concept_id", "dose_value"],
         {
-            "dose_era_id": _era_id(
-                "e.person_id", "e.concept_id", "e.era_start", "e.unit_concept_id", "e.dose_value"
-            ),
             "person_id": "e.person_id",
             "drug_concept_id": "e.concept_id",
             "unit_concept_id": "e.unit_concept_id",
@@ -230,7 +252,6 @@ def build_dose_era(s: Schemas, conn: sa.Connection) -> None:
             "dose_era_start_date": "e.era_start",
             "dose_era_end_date": "e.era_end",
         },
-        _DOSE_ERAS,
     )
     log.info("dose_era: %s rows", n)
 
