@@ -97,6 +97,46 @@ PROVIDER = pa.schema(
     ]
 )
 
+PAYER = pa.schema(
+    [
+        pa.field("payer_key", pa.string(), nullable=False),
+        pa.field("name", pa.string()),
+        *PROVENANCE,
+    ]
+)
+
+PAYER_PLAN = pa.schema(
+    [
+        pa.field("plan_key", pa.string(), nullable=False),
+        pa.field("person_key", pa.string(), nullable=False),
+        pa.field("payer_key", pa.string()),
+        pa.field("start_datetime", pa.timestamp("us"), nullable=False),
+        pa.field("end_datetime", pa.timestamp("us")),
+        *PROVENANCE,
+    ]
+)
+
+CLAIM = pa.schema(
+    [
+        pa.field("claim_key", pa.string(), nullable=False),
+        pa.field("person_key", pa.string(), nullable=False),
+        pa.field("visit_key", pa.string()),
+        pa.field("start_datetime", pa.timestamp("us")),
+        *PROVENANCE,
+    ]
+)
+
+COST_LINE = pa.schema(
+    [
+        pa.field("line_key", pa.string(), nullable=False),
+        pa.field("claim_key", pa.string(), nullable=False),
+        pa.field("kind", pa.string()),  # charge | payment | other
+        pa.field("amount", pa.float64()),
+        pa.field("currency_concept_id", pa.int32()),
+        *PROVENANCE,
+    ]
+)
+
 QUARANTINE = pa.schema(
     [
         pa.field("record_set", pa.string(), nullable=False),
@@ -111,5 +151,9 @@ SHAPES: dict[str, pa.Schema] = {
     "event": EVENT,
     "care_site": CARE_SITE,
     "provider": PROVIDER,
+    "payer": PAYER,
+    "payer_plan": PAYER_PLAN,
+    "claim": CLAIM,
+    "cost_line": COST_LINE,
     "quarantine": QUARANTINE,
 }

@@ -12,6 +12,7 @@ import pytest
 from tests.conftest import DEMO_SYNTHEA
 from tests.pipeline_helpers import query, rows, run, scalar, write_config
 
+ALL_FILES = sorted(p.name for p in DEMO_SYNTHEA.glob("*.csv"))
 CLINICAL_FILES = [
     "conditions.csv",
     "medications.csv",
@@ -62,13 +63,28 @@ def test_demo_publishes_faithful_counts(demo_run) -> None:
     source = query(wh, f"SELECT cdm_version, vocabulary_version FROM {_t(schema, 'cdm_source')}")
     assert source == [("v5.4", "v5.0 30-AUG-24")]
     assert result.report["tables"]["person"] == len(patients)
+    # coverage and claims, where the profile names payer and claims files
+    transitions = rows(DEMO_SYNTHEA / "payer_transitions.csv")
+    assert scalar(wh, f"SELECT count(*) FROM {_t(schema, 'payer_plan_period')}") == len(transitions)
+    claims = rows(DEMO_SYNTHEA / "claims.csv")
+    encounter_ids = {e["Id"] for e in encounters}
+    with_visit = [c for c in claims if c["APPOINTMENTID"] in encounter_ids]
+    assert scalar(wh, f"SELECT count(*) FROM {_t(schema, 'cost')}") == len(with_visit)
+    charges = sum(
+        float(t["AMOUNT"])
+        for t in rows(DEMO_SYNTHEA / "claims_transactions.csv")
+        if t["TYPE"] == "CHARGE"
+    )
+    total = scalar(wh, f"SELECT sum(total_charge) FROM {_t(schema, 'cost')}")
+    assert abs(float(total) - charges) < 0.01
 
 
 def test_every_input_record_is_accounted_for(demo_run) -> None:
     _, _, result = demo_run
     report = json.loads((result.run_dir / "report.json").read_text())
     files = report["feeds"]["ehr"]["files"]
-    for name in ["patients.csv", "encounters.csv", *CLINICAL_FILES]:
+    assert sorted(files) == ALL_FILES  # all 18 Synthea files are read
+    for name in ALL_FILES:
         f = files[name]
         assert f["records_in"] == len(rows(DEMO_SYNTHEA / name)), name
         assert f["records_in"] == f["loaded"] + f["quarantined"] + f["filtered"], name

@@ -8,7 +8,15 @@ from collections.abc import Callable
 
 import sqlalchemy as sa
 
-from etl.cdm.build import events, health_system, observation_period, person, rules, visit
+from etl.cdm.build import (
+    events,
+    health_system,
+    observation_period,
+    payer_cost,
+    person,
+    rules,
+    visit,
+)
 from etl.cdm.build.cdm_source import build_cdm_source
 from etl.cdm.build.eras import build_eras
 from etl.mapping.mapper import build_code_map
@@ -46,6 +54,9 @@ def build_steps(site_name: str, run_date: dt.date) -> list[tuple[str, Callable]]
         ("death", person.build_death),
         ("visit_occurrence", visit.build_visit),
         ("events", events.build_events),
+        ("financial_rules", rules.apply_financial_rules),
+        ("payer_plan_period", payer_cost.build_payer_plan_period),
+        ("cost", payer_cost.build_cost),
         ("observation_period", observation_period.build_observation_period),
         ("source_to_concept_map", _source_to_concept_map),
     ]

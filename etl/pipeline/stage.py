@@ -18,6 +18,7 @@ _ARROW_SQL = {
     pa.int32(): sa.Integer(),
     pa.float64(): sa.Double(),
     pa.timestamp("us"): sa.DateTime(),
+    pa.int32(): sa.Integer(),
 }
 SOURCE_TABLES = {
     "src_person": "person",
@@ -25,6 +26,10 @@ SOURCE_TABLES = {
     "src_event": "event",
     "src_care_site": "care_site",
     "src_provider": "provider",
+    "src_payer": "payer",
+    "src_payer_plan": "payer_plan",
+    "src_claim": "claim",
+    "src_cost_line": "cost_line",
 }
 
 

@@ -234,6 +234,62 @@ def _providers(q: _Query) -> str:
     return "provider"
 
 
+def _payers(q: _Query) -> str:
+    p = q.profile.payers
+    assert p is not None
+    q.select["payer_key"] = q.pseudonym(q.required(p.key))
+    q.select["name"] = q.col(p.name) if p.name else "NULL"
+    return "payer"
+
+
+def _record_key(q: _Query, name: str, columns: list[str]) -> str:
+    parts = ", ".join(f"coalesce({q.col(c)}, '')" for c in columns)
+    return q.pseudonym(f"{_lit(name)} || '|' || concat_ws({_lit(KEY_SEPARATOR)}, {parts})")
+
+
+def _payer_plans(q: _Query) -> str:
+    p = q.profile.payer_plans
+    assert p is not None
+    q.select["plan_key"] = _record_key(q, "payer_plans", p.key)
+    q.select["person_key"] = q.pseudonym(q.required(p.person))
+    q.select["payer_key"] = q.pseudonym(q.col(p.payer))
+    q.select["start_datetime"] = q.timestamp(p.start, required=True)
+    q.select["end_datetime"] = q.timestamp(p.end, required=False) if p.end else "NULL"
+    return "payer_plan"
+
+
+def _claims(q: _Query) -> str:
+    c = q.profile.claims
+    assert c is not None
+    q.select["claim_key"] = q.pseudonym(q.required(c.key))
+    q.select["person_key"] = q.pseudonym(q.required(c.person))
+    q.select["visit_key"] = q.pseudonym(q.col(c.visit))
+    q.select["start_datetime"] = q.timestamp(c.start, required=False) if c.start else "NULL"
+    return "claim"
+
+
+def _cost_lines(q: _Query) -> str:
+    c = q.profile.cost_lines
+    assert c is not None
+    kind = q.col(c.kind)
+    charges = ", ".join(_lit(k) for k in c.charge_kinds)
+    payments = ", ".join(_lit(k) for k in c.payment_kinds)
+    q.select["line_key"] = q.pseudonym(q.required(c.key))
+    q.select["claim_key"] = q.pseudonym(q.required(c.claim))
+    q.select["kind"] = (
+        f"CASE WHEN {kind} IN ({charges}) THEN 'charge'"
+        f" WHEN {kind} IN ({payments}) THEN 'payment' ELSE 'other' END"
+    )
+    amount, payment = q.number(c.amount), q.number(c.payment)
+    q.select["amount"] = (
+        f"CASE WHEN {kind} IN ({charges}) THEN {amount}"
+        f" WHEN {kind} IN ({payments}) THEN {payment} END"
+    )
+    currency = q.profile.currency_concept_id
+    q.select["currency_concept_id"] = f"CAST({currency} AS INTEGER)" if currency else "NULL"
+    return "cost_line"
+
+
 def _event(spec: EventSpec) -> Callable[[_Query], str]:
     def build(q: _Query) -> str:
         person = q.required(spec.person)
@@ -282,12 +338,8 @@ def _event(spec: EventSpec) -> Callable[[_Query], str]:
             else "NULL"
         )
         q.select["provider_key"] = q.pseudonym(q.col(spec.provider)) if spec.provider else "NULL"
-        key_cols = spec.key or list(q.columns)
-        for c in key_cols:
-            q.col(c)
-        parts = ", ".join(f"coalesce({_q(c)}, '')" for c in key_cols)
-        key_text = f"{_lit(spec.name)} || '|' || concat_ws({_lit(KEY_SEPARATOR)}, {parts})"
-        q.select = {"event_key": q.pseudonym(key_text), **q.select}
+        key = _record_key(q, spec.name, spec.key or list(q.columns))
+        q.select = {"event_key": key, **q.select}
         return "event"
 
     return build
@@ -304,6 +356,15 @@ def _record_sets(profile: Profile) -> list[tuple[str, str, Callable[[_Query], st
     if profile.providers:
         sets.append(("providers", profile.providers.file, _providers))
     sets.extend((e.name, e.file, _event(e)) for e in profile.events)
+    for name, builder in (
+        ("payers", _payers),
+        ("payer_plans", _payer_plans),
+        ("claims", _claims),
+        ("cost_lines", _cost_lines),
+    ):
+        spec = getattr(profile, name)
+        if spec is not None:
+            sets.append((name, spec.file, builder))
     return sets
 
 

@@ -126,6 +126,49 @@ class ProvidersSpec(_Strict):
     identifiers: list[str] = Field(default_factory=list)
 
 
+class PayersSpec(_Strict):
+    """A look-up of payers (insurers): their names become payer_source_value."""
+
+    file: str
+    key: str
+    name: str | None = None
+
+
+class PayerPlansSpec(_Strict):
+    """Coverage periods of a person with a payer -> payer_plan_period."""
+
+    file: str
+    key: list[str]
+    person: str
+    payer: str
+    start: str
+    end: str | None = None
+    identifiers: list[str] = Field(default_factory=list)
+
+
+class ClaimsSpec(_Strict):
+    """Claim headers: one cost row per claim, attached to its visit."""
+
+    file: str
+    key: str
+    person: str
+    visit: str
+    start: str | None = None
+
+
+class CostLinesSpec(_Strict):
+    """Claim lines: amounts summed into their claim's cost row."""
+
+    file: str
+    key: str
+    claim: str
+    kind: str  # column telling a charge from a payment
+    amount: str  # amount column of charges
+    payment: str  # amount column of payments
+    charge_kinds: list[str] = Field(default_factory=lambda: ["CHARGE"])
+    payment_kinds: list[str] = Field(default_factory=lambda: ["PAYMENT"])
+
+
 class Profile(_Strict):
     """How to read one kind of EHR extract."""
 
@@ -150,6 +193,11 @@ class Profile(_Strict):
     events: list[EventSpec] = Field(default_factory=list)
     care_sites: CareSitesSpec | None = None
     providers: ProvidersSpec | None = None
+    payers: PayersSpec | None = None
+    payer_plans: PayerPlansSpec | None = None
+    claims: ClaimsSpec | None = None
+    cost_lines: CostLinesSpec | None = None
+    currency_concept_id: int | None = None  # of the amounts in cost_lines
 
     @model_validator(mode="after")
     def _unique_event_names(self) -> Profile:
@@ -158,7 +206,16 @@ class Profile(_Strict):
         if dupes:
             raise ValueError(f"event names must be unique: {', '.join(dupes)}")
         files = [self.persons.file, *(e.file for e in self.events)]
-        files += [x.file for x in (self.visits, self.care_sites, self.providers) if x]
+        others = (
+            self.visits,
+            self.care_sites,
+            self.providers,
+            self.payers,
+            self.payer_plans,
+            self.claims,
+            self.cost_lines,
+        )
+        files += [x.file for x in others if x]
         shared = sorted({f for f in files if files.count(f) > 1})
         if shared:
             # accounting is per input file: each file feeds exactly one record set

@@ -14,6 +14,7 @@ from etl.pipeline.schemas import Schemas
 
 # Named filter rules (status 'filtered'); the README lists them for sites and auditors.
 FILTER_RULES = {
+    "reference_not_used": "a look-up record (a payer) that no loaded record refers to",
     "event_before_birth": "starts before the person's date of birth",
     "event_after_death": "starts more than 60 days after the person's death "
     "(the allowance of DQD's plausibleBeforeDeath check)",
@@ -21,6 +22,8 @@ FILTER_RULES = {
 # Reasons a record is quarantined after extraction (status 'quarantined').
 QUARANTINE_RULES = {
     "unknown_person": "its patient key matches no person of the feed",
+    "unknown_visit": "a claim whose visit is not among the feed's visits",
+    "unknown_claim": "a claim line whose claim is not in the feed (or was set aside)",
     "duplicate_key": "another record of the same file has the same key (the first is kept)",
 }
 DEATH_ALLOWANCE_DAYS = 60
@@ -127,4 +130,78 @@ def apply_rules(s: Schemas, conn: sa.Connection) -> None:
                AS record_key
         FROM {S}.event_checked e WHERE e.rule IS NULL
         """,
+    )
+
+
+def apply_financial_rules(s: Schemas, conn: sa.Connection) -> None:
+    """payer_plan_ok, claim_ok, cost_line_ok: coverage and claims of known people and visits."""
+    _first_per_key(s, conn, "src_payer_plan", "plan_key", "payer_plan_unique", "'payer_plans'")
+    _first_per_key(s, conn, "src_claim", "claim_key", "claim_unique", "'claims'")
+    _first_per_key(s, conn, "src_cost_line", "line_key", "cost_line_unique", "'cost_lines'")
+    _first_per_key(s, conn, "src_payer", "payer_key", "payer_unique", "'payers'")
+    _set_aside(
+        s,
+        conn,
+        "payer_plan_unique",
+        "payer_plan_ok",
+        "payer_plans",
+        "CASE WHEN NOT EXISTS (SELECT 1 FROM {S}.person_ok p WHERE p.person_key = t.person_key)"
+        " THEN 'unknown_person' END",
+    )
+    _set_aside(
+        s,
+        conn,
+        "claim_unique",
+        "claim_ok",
+        "claims",
+        "CASE WHEN NOT EXISTS (SELECT 1 FROM {S}.person_ok p WHERE p.person_key = t.person_key)"
+        " THEN 'unknown_person'"
+        " WHEN NOT EXISTS (SELECT 1 FROM {S}.visit_ok v WHERE v.visit_key = t.visit_key)"
+        " THEN 'unknown_visit' END",
+    )
+    _set_aside(
+        s,
+        conn,
+        "cost_line_unique",
+        "cost_line_ok",
+        "cost_lines",
+        "CASE WHEN NOT EXISTS (SELECT 1 FROM {S}.claim_ok c WHERE c.claim_key = t.claim_key)"
+        " THEN 'unknown_claim' END",
+    )
+    _set_aside(
+        s,
+        conn,
+        "payer_unique",
+        "payer_ok",
+        "payers",
+        "CASE WHEN NOT EXISTS (SELECT 1 FROM {S}.payer_plan_ok p WHERE p.payer_key = t.payer_key)"
+        " THEN 'reference_not_used' END",
+    )
+
+
+def _set_aside(
+    s: Schemas, conn: sa.Connection, src: str, ok: str, record_set: str, rule_sql: str
+) -> None:
+    """Split `src` into `ok` (rule is NULL) and disposition rows (quarantined or filtered)."""
+    s.run(
+        conn,
+        "CREATE TABLE {S}.{src}_checked AS SELECT t.*, {rule} AS rule FROM {S}.{src} t",
+        src=src,
+        rule=s.sql(rule_sql),
+    )
+    s.run(
+        conn,
+        "CREATE TABLE {S}.{ok} AS SELECT * FROM {S}.{src}_checked WHERE rule IS NULL",
+        ok=ok,
+        src=src,
+    )
+    statuses = " ".join(f"WHEN '{r}' THEN 'filtered'" for r in FILTER_RULES)
+    s.run(
+        conn,
+        "INSERT INTO {S}.disposition SELECT feed, source_file, source_line, :rs,"
+        " CASE rule {statuses} ELSE 'quarantined' END, rule"
+        " FROM {S}.{src}_checked WHERE rule IS NOT NULL",
+        {"rs": record_set},
+        src=src,
+        statuses=statuses,
     )
