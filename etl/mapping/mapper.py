@@ -15,9 +15,13 @@ target_domain_id, mapping_rule)` with one row per target, and `value_map`.
 
 from __future__ import annotations
 
+import logging
+
 import sqlalchemy as sa
 
 from etl.pipeline.schemas import Schemas
+
+log = logging.getLogger(__name__)
 
 # (vocabulary column, code column) pairs of each staged source table that need mapping.
 CODED_COLUMNS = {
@@ -60,6 +64,7 @@ WITH local_targets AS (
            m.target_concept_id
     FROM {S}.local_map m
     JOIN {S}.source_codes c ON c.vocabulary_id = m.source_vocabulary_id AND c.code = m.source_code
+    JOIN {C}.concept k ON k.concept_id = m.target_concept_id  -- a target must exist
     WHERE m.mapping_type = 'MAPS_TO'
 ),
 vocab_targets AS (
@@ -122,7 +127,22 @@ FROM {S}.code_map GROUP BY vocabulary_id, code
 
 
 def build_code_map(s: Schemas, conn: sa.Connection) -> None:
-    """Create source_codes, source_concept, code_target, code_map, value_map in stage."""
+    """Create source_codes, source_concept, code_target, code_map, value_map in stage.
+
+    A local map whose target concept is not in the vocabulary is not used (the code is
+    then mapped by the vocabulary, or counted as unmapped) and is logged with its file
+    and line.
+    """
+    dangling = s.run(
+        conn,
+        "SELECT m.map_file, m.map_line, m.target_concept_id FROM {S}.local_map m"
+        " WHERE NOT EXISTS (SELECT 1 FROM {C}.concept k WHERE k.concept_id = m.target_concept_id)"
+        " ORDER BY m.map_file, m.map_line LIMIT 20",
+    ).all()
+    for file, line, target in dangling:
+        log.warning(
+            "local map %s:%s: target concept %s is not in the vocabulary", file, line, target
+        )
     parts = [
         f"SELECT {vocab} AS vocabulary_id, {code} AS code FROM {{S}}.{table}"
         f" WHERE {code} IS NOT NULL AND {vocab} IS NOT NULL"

@@ -8,11 +8,13 @@ line number, never silently dropped.
 
 from __future__ import annotations
 
+import bisect
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
@@ -30,6 +32,7 @@ class RawFile:
     header: list[str]
     malformed: list[tuple[int | None, str]] = field(default_factory=list)
     unreadable: str | None = None
+    blank_lines: int = 0
 
 
 def line_numbers(first: int, n: int, skipped: list[int]) -> pa.Array:
@@ -77,13 +80,59 @@ def _parquet_batches(pf: pq.ParquetFile) -> Iterator[pa.RecordBatch]:
         yield pa.RecordBatch.from_arrays([*cols, lines], names=[*batch.schema.names, LINE])
 
 
+class _PhysicalLines:
+    """Turns Arrow's row ordinals into physical line numbers.
+
+    Arrow numbers rows (header = 1, blank lines included when not ignored), but a quoted
+    value may span lines. Rows holding line breaks are rare, so they are kept sparsely as
+    (ordinal, extra line breaks) and every line number is the ordinal plus the extra
+    breaks of the rows before it.
+    """
+
+    def __init__(self) -> None:
+        self.ordinals: list[int] = []  # sorted
+        self.extras: list[int] = []
+
+    def add(self, ordinal: int, extra: int) -> None:
+        if extra:
+            i = bisect.bisect_left(self.ordinals, ordinal)
+            self.ordinals.insert(i, ordinal)
+            self.extras.insert(i, extra)
+
+    def add_batch(self, ordinals: pa.Array, columns: list[pa.Array]) -> None:
+        extra = None
+        for col in columns:
+            n = pc.fill_null(pc.count_substring(col, "\n"), 0)
+            extra = n if extra is None else pc.add(extra, n)
+        if extra is None or not pc.any(pc.greater(extra, 0)).as_py():
+            return
+        idx = pc.indices_nonzero(extra)
+        for o, e in zip(
+            pc.take(ordinals, idx).to_pylist(), pc.take(extra, idx).to_pylist(), strict=True
+        ):
+            self.add(o, e)
+
+    def lines(self, ordinals: pa.Array) -> pa.Array:
+        if not self.ordinals:
+            return ordinals
+        prefix = np.concatenate([[0], np.cumsum(self.extras)])
+        before = np.searchsorted(np.array(self.ordinals), ordinals.to_numpy(), side="left")
+        return pa.array(ordinals.to_numpy() + prefix[before], pa.int64())
+
+    def line(self, ordinal: int) -> int:
+        return self.lines(pa.array([ordinal], pa.int64()))[0].as_py()
+
+
 def _csv_batches(raw: RawFile, delimiter: str, encoding: str) -> Iterator[pa.RecordBatch]:
     skipped: list[int] = []
+    physical = _PhysicalLines()
+    bad: list[tuple[int | None, str]] = []
 
     def on_invalid(row: pacsv.InvalidRow) -> str:
         if row.number is not None:
             skipped.append(row.number)
-        raw.malformed.append(
+            physical.add(row.number, row.text.count("\n"))
+        bad.append(
             (row.number, f"expected {row.expected_columns} fields, found {row.actual_columns}")
         )
         return "skip"
@@ -97,24 +146,47 @@ def _csv_batches(raw: RawFile, delimiter: str, encoding: str) -> Iterator[pa.Rec
             use_threads=False,
             encoding=encoding,
         ),
-        parse_options=pacsv.ParseOptions(delimiter=delimiter, invalid_row_handler=on_invalid),
+        parse_options=pacsv.ParseOptions(
+            delimiter=delimiter,
+            invalid_row_handler=on_invalid,
+            newlines_in_values=True,
+            ignore_empty_lines=False,  # keep blank lines in the numbering; dropped below
+        ),
         convert_options=pacsv.ConvertOptions(
             column_types={c: pa.binary() for c in raw.header}, strings_can_be_null=False
         ),
     )
     first = 2
-    while True:
-        try:
-            batch = reader.read_next_batch()
-        except StopIteration:
-            return
-        except pa.ArrowInvalid as exc:
-            raw.unreadable = "{1} (near line {0})".format(*unreadable_reason(exc))
-            return
-        lines = line_numbers(first, batch.num_rows, skipped)
-        if batch.num_rows:
-            first = lines[-1].as_py() + 1
-        yield pa.RecordBatch.from_arrays([*batch.columns, lines], names=[*batch.schema.names, LINE])
+    try:
+        while True:
+            try:
+                batch = reader.read_next_batch()
+            except StopIteration:
+                return
+            except pa.ArrowInvalid as exc:
+                raw.unreadable = "{1} (near line {0})".format(*unreadable_reason(exc))
+                return
+            ordinals = line_numbers(first, batch.num_rows, skipped)
+            if batch.num_rows:
+                first = ordinals[-1].as_py() + 1
+            physical.add_batch(ordinals, batch.columns)
+            lines = physical.lines(ordinals)
+            # a blank line arrives as a row of empty values: it is not a record
+            blank = None
+            for col in batch.columns:
+                empty = pc.equal(pc.binary_length(col), 0)
+                blank = empty if blank is None else pc.and_(blank, empty)
+            if blank is not None and pc.any(blank).as_py():
+                raw.blank_lines += pc.sum(blank).as_py()
+                keep = pc.invert(blank)
+                batch, lines = batch.filter(keep), lines.filter(keep)
+            yield pa.RecordBatch.from_arrays(
+                [*batch.columns, lines], names=[*batch.schema.names, LINE]
+            )
+    finally:
+        raw.malformed.extend(
+            (physical.line(o) if o is not None else None, reason) for o, reason in bad
+        )
 
 
 def count_data_lines(path: Path) -> int:

@@ -142,11 +142,19 @@ class _Query:
         return code, f"CASE {system} {cases} ELSE {system} END" if cases else system
 
     def sql(self, source: str) -> str:
+        # Text is valid when it decodes and holds no NUL (PostgreSQL cannot store U+0000).
+        def text(c: str) -> str:
+            return f"try(decode({_q(c)}))"
+
+        def invalid(c: str) -> str:
+            return f"({text(c)} IS NULL OR strpos({text(c)}, chr(0)) > 0)"
+
         decoded = ", ".join(
-            f"nullif(trim(try(decode({_q(c)}))), '') AS {_q(c)}" for c in self.columns
+            f"CASE WHEN {invalid(c)} THEN NULL ELSE nullif(trim({text(c)}), '') END AS {_q(c)}"
+            for c in self.columns
         )
         enc = ", ".join(
-            f"CASE WHEN {_q(c)} IS NOT NULL AND try(decode({_q(c)})) IS NULL "
+            f"CASE WHEN {_q(c)} IS NOT NULL AND {invalid(c)} "
             f"THEN {_lit(c + ' is not valid text in the declared encoding')} END"
             for c in self.columns
         )

@@ -20,11 +20,11 @@ LINEAGE_DDL = """
 CREATE TABLE {S}.lineage (
     cdm_table VARCHAR(64) NOT NULL,
     cdm_id INTEGER NOT NULL,
-    feed VARCHAR(64) NOT NULL,
-    source_file VARCHAR(255) NOT NULL,
+    feed TEXT NOT NULL,
+    source_file TEXT NOT NULL,
     source_line BIGINT NOT NULL,
-    source_vocabulary VARCHAR(64),
-    source_code VARCHAR(255),
+    source_vocabulary TEXT,
+    source_code TEXT,
     mapping_rule VARCHAR(32)
 )
 """

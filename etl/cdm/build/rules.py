@@ -30,10 +30,10 @@ DEATH_ALLOWANCE_DAYS = 60
 
 DISPOSITION_DDL = """
 CREATE TABLE {S}.disposition (
-    feed VARCHAR(64) NOT NULL,
-    source_file VARCHAR(255) NOT NULL,
+    feed TEXT NOT NULL,
+    source_file TEXT NOT NULL,
     source_line BIGINT NOT NULL,
-    record_set VARCHAR(64) NOT NULL,
+    record_set TEXT NOT NULL,
     status VARCHAR(16) NOT NULL,
     rule VARCHAR(64) NOT NULL
 )
