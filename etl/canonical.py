@@ -57,6 +57,7 @@ EVENT = pa.schema(
         pa.field("code", pa.string()),
         pa.field("vocabulary_id", pa.string()),
         pa.field("default_domain", pa.string(), nullable=False),
+        pa.field("keep_domain", pa.bool_(), nullable=False),  # never re-routed by concept
         pa.field("type_concept_id", pa.int32(), nullable=False),
         pa.field("start_datetime", pa.timestamp("us"), nullable=False),
         pa.field("end_datetime", pa.timestamp("us")),

@@ -95,6 +95,31 @@ def unmapped_codes(s: Schemas, conn: sa.Connection) -> list[dict[str, Any]]:
     ]
 
 
+def concept_gaps(s: Schemas, conn: sa.Connection, tables: list[str]) -> list[dict[str, Any]]:
+    """Concept ids the built rows reference that the loaded vocabulary lacks.
+
+    A vocabulary subset (like the demo's) lacks concepts a full Athena release has, type
+    concepts among them; they are reported here, never invented. Concept 0 is not a gap.
+    """
+    from etl.cdm.spec import cdm_tables
+
+    specs = cdm_tables()
+    parts = [
+        f"SELECT '{t}' AS cdm_table, '{f.name}' AS field, t.{f.name} AS concept_id,"
+        f" count(*) AS n FROM {{S}}.{t} t"
+        f" WHERE t.{f.name} <> 0 AND NOT EXISTS"
+        f" (SELECT 1 FROM {{C}}.concept c WHERE c.concept_id = t.{f.name})"
+        f" GROUP BY t.{f.name}"
+        for t in tables
+        for f in specs[t].fields
+        if f.fk_table == "concept" and f.datatype == "integer"
+    ]
+    if not parts:
+        return []
+    result = s.run(conn, " UNION ALL ".join(parts) + " ORDER BY n DESC, cdm_table, field").all()
+    return [{"table": t, "field": f, "concept_id": c, "rows": n} for t, f, c, n in result]
+
+
 def write_reports(report: dict[str, Any], run_dir: Path) -> tuple[Path, Path]:
     run_dir.mkdir(parents=True, exist_ok=True)
     json_path = run_dir / "report.json"
@@ -180,6 +205,10 @@ def render_html(report: dict[str, Any]) -> str:
             ],
         )
     )
+    parts.append("<h2>Concepts referenced but absent from the vocabulary</h2>")
+    parts.append(_table(["table", "field", "concept id", "rows"],
+                        [[g["table"], g["field"], g["concept_id"], g["rows"]]
+                         for g in report.get("concept_gaps", [])]))  # fmt: skip
     parts.append("<h2>Quality checks</h2>")
     parts.append(
         _table(

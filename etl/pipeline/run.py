@@ -29,7 +29,7 @@ from etl.paths import MAPPINGS_DIR
 from etl.pipeline import report as reporting
 from etl.pipeline.build import build_steps
 from etl.pipeline.land import land, read_landed
-from etl.pipeline.publish import publish
+from etl.pipeline.publish import publish, published_tables
 from etl.pipeline.schemas import Schemas
 from etl.pipeline.stage import prepare
 from etl.pseudonym import load_key
@@ -206,6 +206,7 @@ def _run(
             )
             report.update(feeds=feeds, quarantine=quarantine, filtered=filtered)
             report["unmapped"] = reporting.unmapped_codes(s, conn)
+            report["concept_gaps"] = reporting.concept_gaps(s, conn, published_tables())
             _write_quarantine(s, conn, run_dir, shapes["quarantine"])
         if errors:
             report["errors"].extend(errors)

@@ -19,6 +19,7 @@ _ARROW_SQL = {
     pa.float64(): sa.Double(),
     pa.timestamp("us"): sa.DateTime(),
     pa.int32(): sa.Integer(),
+    pa.bool_(): sa.Boolean(),
 }
 SOURCE_TABLES = {
     "src_person": "person",

@@ -308,6 +308,7 @@ def _event(spec: EventSpec) -> Callable[[_Query], str]:
         q.required(spec.code.column)
         q.select["code"], q.select["vocabulary_id"] = code, vocab
         q.select["default_domain"] = _lit(spec.domain)
+        q.select["keep_domain"] = "TRUE" if spec.keep_domain else "FALSE"
         q.select["type_concept_id"] = f"CAST({spec.type_concept_id} AS INTEGER)"
         q.select["start_datetime"] = q.timestamp(spec.start, required=True)
         q.select["end_datetime"] = q.timestamp(spec.end, required=False) if spec.end else "NULL"

@@ -95,6 +95,9 @@ class EventSpec(_Strict):
     end: str | None = None
     code: Coded
     domain: Domain  # where the row goes when its code maps to nothing
+    # Keep every row in `domain`'s table whatever its concept's domain: an allergy coded
+    # with a drug's RxNorm concept is an observation, not a drug exposure.
+    keep_domain: bool = False
     type_concept_id: int
     value: ValueSpec | None = None
     unit: str | None = None

@@ -4,7 +4,8 @@ condition_occurrence, drug_exposure, procedure_occurrence, measurement, observat
 device_exposure and specimen are all built from `event_mapped`: one row per source record
 and target concept (a code that maps to two standard concepts gives two rows). The target
 concept's domain picks the table; an unmapped code (concept 0) goes where its record set's
-declared domain says, with its source value kept.
+declared domain says, with its source value kept, and so does every row of a record set
+the profile marks `keep_domain` (allergies: an allergy to a drug is no drug exposure).
 """
 
 from __future__ import annotations
@@ -148,9 +149,11 @@ TABLE_COLUMNS: dict[str, dict[str, str]] = {
 
 def _routing_case() -> str:
     whens = " ".join(f"WHEN '{d}' THEN '{t}'" for d, t in DOMAIN_TABLES.items())
-    return (
-        f"CASE coalesce(m.target_domain_id, e.default_domain) {whens} ELSE '{FALLBACK_TABLE}' END"
+    domain = (
+        "CASE WHEN e.keep_domain THEN e.default_domain"
+        " ELSE coalesce(m.target_domain_id, e.default_domain) END"
     )
+    return f"CASE {domain} {whens} ELSE '{FALLBACK_TABLE}' END"
 
 
 EVENT_MAPPED = f"""
