@@ -100,3 +100,39 @@ def test_config_errors_name_the_bad_key(tmp_path: Path, text: str, named: str) -
         load_config(_write(tmp_path, text))
     assert named in str(err.value)
     assert "site.yaml" in str(err.value)
+
+
+def test_run_command_exit_codes(tmp_path: Path) -> None:
+    from tests.conftest import DEMO_SYNTHEA
+
+    config = tmp_path / "site.yaml"
+    config.write_text(
+        f"warehouse: duckdb:///{tmp_path / 'w.duckdb'}\nvocabulary: {DEMO_VOCAB}\n"
+        f"feeds:\n  - {{name: ehr, kind: ehr_csv, profile: synthea, path: {DEMO_SYNTHEA}}}\n",
+        encoding="utf-8",
+    )
+    ok = CliRunner().invoke(app, ["run", "--config", str(config), "--workdir", str(tmp_path)])
+    assert ok.exit_code == 0, ok.output
+    assert "published" in ok.output
+    runs = sorted((tmp_path / "runs").iterdir())
+    assert len(runs) == 1 and (runs[0] / "report.json").is_file()
+    # replay of that run, without touching the feed
+    again = CliRunner().invoke(
+        app,
+        ["run", "--config", str(config), "--workdir", str(tmp_path), "--replay", runs[0].name],
+    )
+    assert again.exit_code == 0, again.output
+    # a feed kind this version cannot read: failed (2), warehouse unchanged, report written
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        config.read_text() + f"  - {{name: lab, kind: hl7v2, path: {tmp_path}}}\n",
+        encoding="utf-8",
+    )
+    failed = CliRunner().invoke(app, ["run", "--config", str(bad), "--workdir", str(tmp_path)])
+    assert failed.exit_code == 2
+    assert "not supported" in failed.output
+    # a config error names the key and exits 2 before any run
+    typo = tmp_path / "typo.yaml"
+    typo.write_text(config.read_text().replace("feeds:", "fedes:"), encoding="utf-8")
+    result = CliRunner().invoke(app, ["run", "--config", str(typo)])
+    assert result.exit_code == 2 and "fedes" in result.output
