@@ -28,12 +28,12 @@ from etl.mapping.local_maps import read_local_maps
 from etl.paths import MAPPINGS_DIR
 from etl.pipeline import report as reporting
 from etl.pipeline.build import build_steps
-from etl.pipeline.land import land, read_landed
+from etl.pipeline.land import Landing, replay_into
 from etl.pipeline.publish import publish, published_tables
 from etl.pipeline.schemas import Schemas
 from etl.pipeline.stage import prepare
 from etl.pseudonym import load_key
-from etl.sources.ehr import Extract, FileStats, extract_ehr
+from etl.sources.ehr import FileStats, extract_ehr
 from etl.sources.profile import load_profile
 from etl.vocab import load_vocabulary
 from etl.warehouse import open_warehouse
@@ -73,7 +73,9 @@ class _Timer:
             self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - started
 
 
-def _extract_feed(feed: FeedConfig, cfg: SiteConfig, key: bytes | None) -> Extract:
+def _extract_feed(
+    feed: FeedConfig, cfg: SiteConfig, key: bytes | None, landing: Landing
+) -> list[FileStats]:
     if feed.kind != "ehr_csv":
         raise RunFailed(f"feed {feed.name}: kind {feed.kind!r} is not supported yet")
     if not feed.path.is_dir():
@@ -84,15 +86,7 @@ def _extract_feed(feed: FeedConfig, cfg: SiteConfig, key: bytes | None) -> Extra
     mappings = cfg.mappings or MAPPINGS_DIR
     candidate = mappings / "profiles" / f"{profile_ref}.yaml"
     profile = load_profile(candidate if candidate.is_file() else profile_ref)
-    return extract_ehr(feed.name, feed.path, profile, key)
-
-
-def _merge(extracts: dict[str, Extract]) -> dict[str, pa.Table]:
-    merged = {}
-    for shape, schema in canonical.SHAPES.items():
-        parts = [x.table(shape) for x in extracts.values()]
-        merged[shape] = pa.concat_tables(parts) if parts else schema.empty_table()
-    return merged
+    return extract_ehr(feed.name, feed.path, profile, key, landing)
 
 
 @contextmanager
@@ -174,20 +168,26 @@ def _run(
             on_step(name)
         return timer.step(name)
 
-    extracts: dict[str, Extract] = {}
+    files: dict[str, list[FileStats]] = {}
+    landing_dirs = [run_dir / "landing" / feed.name for feed in cfg.feeds]
     with step("extract"):
         key = None if replay else load_key(cfg.pseudonym_key_env)
-        for feed in cfg.feeds:
+        for feed, feed_dir in zip(cfg.feeds, landing_dirs, strict=True):
             if replay:
-                extracts[feed.name] = read_landed(workdir / "runs" / replay / "landing" / feed.name)
-            else:
-                extracts[feed.name] = _extract_feed(feed, cfg, key)
-    with step("land"):
-        for name, extract in extracts.items():
-            land(extract, run_dir / "landing" / name)
-    files: dict[str, list[FileStats]] = {n: x.files for n, x in extracts.items()}
-    shapes = _merge(extracts)
-    extraction_quarantine = _quarantine_summary(shapes["quarantine"])
+                source = workdir / "runs" / replay / "landing" / feed.name
+                files[feed.name] = replay_into(source, feed_dir)
+                continue
+            landing = Landing(feed_dir)
+            try:
+                files[feed.name] = _extract_feed(feed, cfg, key, landing)
+            finally:
+                landing.close(files.get(feed.name, []))
+    rejected = (
+        pa.concat_tables([pq.read_table(d / "quarantine.parquet") for d in landing_dirs])
+        if landing_dirs
+        else canonical.QUARANTINE.empty_table()
+    )
+    extraction_quarantine = _quarantine_summary(rejected)
 
     with open_warehouse(cfg.warehouse) as wh:
         s = Schemas(wh, cfg.schema_name)
@@ -195,7 +195,7 @@ def _run(
             create_cdm(wh, s.cdm)
             _ensure_vocabulary(s, cfg)
         with step("stage"):
-            prepare(s, shapes, read_local_maps(cfg.mappings or MAPPINGS_DIR))
+            prepare(s, landing_dirs, read_local_maps(cfg.mappings or MAPPINGS_DIR))
         with wh.begin() as conn:
             for name, fn in build_steps(cfg.site_name, run_date or dt.date.today()):
                 with step(f"build.{name}"):
@@ -207,7 +207,7 @@ def _run(
             report.update(feeds=feeds, quarantine=quarantine, filtered=filtered)
             report["unmapped"] = reporting.unmapped_codes(s, conn)
             report["concept_gaps"] = reporting.concept_gaps(s, conn, published_tables())
-            _write_quarantine(s, conn, run_dir, shapes["quarantine"])
+            _write_quarantine(s, conn, run_dir, rejected)
         if errors:
             report["errors"].extend(errors)
             raise RunFailed("row accounting does not add up; nothing published")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pyarrow as pa
 import sqlalchemy as sa
 
@@ -38,8 +40,8 @@ def _table_for(md: sa.MetaData, name: str, schema: pa.Schema) -> sa.Table:
     return sa.Table(name, md, *(sa.Column(f.name, _ARROW_SQL[f.type]) for f in schema))
 
 
-def prepare(s: Schemas, shapes: dict[str, pa.Table], local_map: pa.Table) -> None:
-    """Drop and recreate the stage schema, create the CDM tables, load the source records."""
+def prepare(s: Schemas, landing_dirs: list[Path], local_map: pa.Table) -> None:
+    """Drop and recreate the stage schema, create the CDM tables, load the landed records."""
     wh = s.wh
     with wh.begin() as conn:
         wh.drop_schema(conn, s.stage)
@@ -56,7 +58,8 @@ def prepare(s: Schemas, shapes: dict[str, pa.Table], local_map: pa.Table) -> Non
         md.create_all(conn)
         s.run(conn, LINEAGE_DDL)
         for name, shape in SOURCE_TABLES.items():
-            wh.bulk_insert(conn, s.stage, name, shapes[shape])
+            paths = [d / f"{shape}.parquet" for d in landing_dirs]
+            wh.load_parquet(conn, s.stage, name, [p for p in paths if p.is_file()])
         wh.bulk_insert(conn, s.stage, "local_map", local_map)
         for name in [*SOURCE_TABLES, "local_map"]:
             wh.analyze(conn, s.stage, name)

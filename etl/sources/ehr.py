@@ -13,6 +13,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import duckdb
 import pyarrow as pa
@@ -59,14 +60,19 @@ class FileStats:
     message: str | None = None
 
 
+class RecordSink(Protocol):
+    """Where extraction writes canonical records, shape by shape (the landing area)."""
+
+    def write(self, shape: str, table: pa.Table) -> None: ...
+
+
 @dataclass
 class Extract:
-    """What extraction produced for one feed: Arrow tables per shape, and per-file stats."""
+    """An in-memory sink: canonical tables per shape (small feeds and tests)."""
 
     tables: dict[str, list[pa.Table]] = field(default_factory=dict)
-    files: list[FileStats] = field(default_factory=list)
 
-    def add(self, shape: str, table: pa.Table) -> None:
+    def write(self, shape: str, table: pa.Table) -> None:
         self.tables.setdefault(shape, []).append(table)
 
     def table(self, shape: str) -> pa.Table:
@@ -385,15 +391,21 @@ def _states_table() -> pa.Table:
     return pacsv.read_csv(MAPPINGS_DIR / "us_states.csv")
 
 
-def extract_ehr(feed: str, folder: Path, profile: Profile, key: bytes) -> Extract:
-    """Read every file the profile names from `folder` into canonical records."""
-    out = Extract()
+def extract_ehr(
+    feed: str, folder: Path, profile: Profile, key: bytes, out: RecordSink
+) -> list[FileStats]:
+    """Read every file the profile names from `folder`, writing canonical records to `out`.
+
+    Files are streamed block by block straight into the sink, so memory stays bounded by a
+    block whatever the extract's size. Returns the accounting of every file.
+    """
+    files: list[FileStats] = []
     con = duckdb.connect()
     con.register("us_states", _states_table())
     for record_set, file_name, build in _record_sets(profile):
         path = folder / file_name
         stats = FileStats(record_set, file_name)
-        out.files.append(stats)
+        files.append(stats)
         if not path.is_file():
             stats.message = f"{file_name} not found in {folder.name}/: no {record_set} records"
             log.warning("%s: %s", feed, stats.message)
@@ -409,7 +421,7 @@ def extract_ehr(feed: str, folder: Path, profile: Profile, key: bytes) -> Extrac
             reason = f"column(s) missing from the file: {', '.join(missing)}"
             stats.records_in = stats.quarantined = n
             stats.message = reason
-            out.add("quarantine", _whole_file_quarantine(record_set, reason, feed, file_name, n))
+            out.write("quarantine", _whole_file_quarantine(record_set, reason, feed, file_name, n))
             log.error("%s/%s: %s; %d record(s) quarantined", feed, file_name, reason, n)
             continue
         sql = q.sql("batch")
@@ -422,9 +434,9 @@ def extract_ehr(feed: str, folder: Path, profile: Profile, key: bytes) -> Extrac
             good = result.filter(result["_reason"].is_null()).drop_columns(["_reason"])
             stats.quarantined += bad.num_rows
             stats.extracted += good.num_rows
-            out.add(shape, good.select(canonical.SHAPES[shape].names))
+            out.write(shape, good.select(canonical.SHAPES[shape].names))
             if bad.num_rows:
-                out.add(
+                out.write(
                     "quarantine",
                     pa.table(
                         {
@@ -445,10 +457,10 @@ def extract_ehr(feed: str, folder: Path, profile: Profile, key: bytes) -> Extrac
             stats.quarantined,
         )
     con.close()
-    return out
+    return files
 
 
-def _account_unparsed_rows(out: Extract, stats: FileStats, raw, record_set, feed, file_name):
+def _account_unparsed_rows(out: RecordSink, stats: FileStats, raw, record_set, feed, file_name):
     lines = [ln for ln, _ in raw.malformed]
     reasons = [r for _, r in raw.malformed]
     if raw.unreadable:
@@ -464,7 +476,7 @@ def _account_unparsed_rows(out: Extract, stats: FileStats, raw, record_set, feed
     n = len(lines)
     stats.records_in += n
     stats.quarantined += n
-    out.add(
+    out.write(
         "quarantine",
         pa.table(
             {

@@ -7,8 +7,10 @@ import os
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import sqlalchemy as sa
 
 log = logging.getLogger(__name__)
@@ -81,6 +83,16 @@ class Warehouse(ABC):
         Columns are matched by name. Returns the number of rows written. Runs inside the
         caller's transaction.
         """
+
+    def load_parquet(
+        self, conn: sa.Connection, schema: str | None, table: str, paths: list[Path]
+    ) -> int:
+        """Append Parquet files to a table, streamed in batches (columns matched by name)."""
+        total = 0
+        for path in paths:
+            batches = pq.ParquetFile(path).iter_batches(batch_size=100_000)
+            total += self.bulk_insert(conn, schema, table, batches)
+        return total
 
     @abstractmethod
     def fetch_arrow(self, conn: sa.Connection, sql: str) -> pa.Table:
