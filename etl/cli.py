@@ -157,6 +157,91 @@ def demo(
     raise typer.Exit(result.exit_code)
 
 
+@app.command()
+def trace(
+    table: str | None = typer.Argument(None, help="CDM table of the row to trace."),
+    row_id: int | None = typer.Argument(None, help="Its id (person_id for death)."),
+    source: tuple[str, str] | None = typer.Option(
+        None, "--source", help="FEED FILE:LINE - trace a source record forward instead."
+    ),
+    config: Path | None = typer.Option(None, "--config", "-c", help="Site config (YAML)."),
+    warehouse: str | None = WAREHOUSE_OPT,
+    schema: str | None = SCHEMA_OPT,
+) -> None:
+    """Where a warehouse row came from, or where a source record went (no SQL needed)."""
+    from etl.lineage import trace_row, trace_source
+    from etl.warehouse import open_warehouse
+
+    if config is not None:
+        from etl.config import ConfigError, load_config
+
+        try:
+            cfg = load_config(config)
+        except ConfigError as exc:
+            _fail(str(exc))
+        warehouse, schema = cfg.warehouse, schema or cfg.schema_name
+    _require(warehouse, "--warehouse (or --config)")
+    schema = _default_schema(warehouse, schema)
+    with open_warehouse(warehouse) as wh:
+        if source:
+            feed, position = source
+            file_name, _, line = position.rpartition(":")
+            if not file_name or not line.isdigit():
+                _fail("--source takes FEED FILE:LINE, e.g. --source ehr conditions.csv:418")
+            _print_source_trace(trace_source(wh, schema, feed, file_name, int(line)))
+            return
+        if table is None or row_id is None:
+            _fail("give TABLE ID, or --source FEED FILE:LINE")
+        try:
+            result = trace_row(wh, schema, table, row_id)
+        except ValueError as exc:
+            _fail(str(exc))
+    _print_row_trace(result)
+
+
+def _print_row_trace(t) -> None:  # type: ignore[no-untyped-def]
+    out = Console(highlight=False)
+    if t.row is None:
+        _fail(f"no {t.table} row with id {t.row_id} in the published warehouse", code=1)
+    out.print(f"[bold]{t.table} {t.row_id}[/]")
+    for k, v in t.row.items():
+        if v is not None:
+            out.print(f"  {k}: {escape(str(v))}")
+    if t.person_key:
+        out.print(f"person key (pseudonym): {t.person_key}")
+    if t.derived_from:
+        out.print(t.derived_from)
+    out.print("[bold]came from[/]")
+    for src in t.sources:
+        code = f"{src['source_vocabulary'] or ''} {src['source_code'] or ''}".strip()
+        out.print(
+            f"  {escape(src['source_file'])}:{src['source_line']} (feed {src['feed']}, run "
+            f"{src['run_id']})"
+            + (f": {escape(code)}" if code else "")
+            + (f" -> {escape(src['mapping_rule'])}" if src["mapping_rule"] else "")
+            + (f" [{src['cdm_table']} {src['cdm_id']}]" if src["cdm_table"] != t.table else "")
+        )
+
+
+def _print_source_trace(t) -> None:  # type: ignore[no-untyped-def]
+    out = Console(highlight=False)
+    where = f"{t.feed} {t.source_file}:{t.source_line}"
+    if not t.rows and not t.set_aside:
+        _fail(f"{where}: not in the published run's lineage (no such record?)", code=1)
+    for r in t.rows:
+        code = f"{r['source_vocabulary'] or ''} {r['source_code'] or ''}".strip()
+        out.print(
+            f"{escape(where)} -> [bold]{r['cdm_table']} {r['cdm_id']}[/] (run {r['run_id']})"
+            + (f": {escape(code)}" if code else "")
+            + (f" -> {escape(r['mapping_rule'])}" if r["mapping_rule"] else "")
+        )
+    for a in t.set_aside:
+        out.print(
+            f"{escape(where)}: {a['status']} by rule [bold]{escape(a['rule'])}[/] in run "
+            f"{a['run_id']} ({a['record_set']})"
+        )
+
+
 def _print_run(result) -> None:  # type: ignore[no-untyped-def]
     report = result.report
     table = Table(title=f"run {result.run_id}: {result.status}")

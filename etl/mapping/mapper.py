@@ -10,7 +10,9 @@ For every distinct (vocabulary_id, code) a run brings:
 4. no target: concept 0, kept and counted, never dropped by a join.
 
 The result is `code_map(vocabulary_id, code, source_concept_id, target_concept_id,
-target_domain_id, mapping_rule)` with one row per target, and `value_map`.
+target_domain_id, mapping_rule)` with one row per target, and `value_map`. mapping_rule
+is `local_map FILE:LINE` (the map row that decided), `maps_to`, `standard` (a valid
+standard concept, itself) or `unmapped`.
 """
 
 from __future__ import annotations
@@ -60,12 +62,14 @@ WHERE rn = 1
 _CODE_TARGET = """
 CREATE TABLE {S}.code_target AS
 WITH local_targets AS (
-    SELECT DISTINCT m.source_vocabulary_id AS vocabulary_id, m.source_code AS code,
-           m.target_concept_id
+    SELECT m.source_vocabulary_id AS vocabulary_id, m.source_code AS code,
+           m.target_concept_id,
+           min(m.map_file || ':' || CAST(m.map_line AS VARCHAR)) AS map_row
     FROM {S}.local_map m
     JOIN {S}.source_codes c ON c.vocabulary_id = m.source_vocabulary_id AND c.code = m.source_code
     JOIN {C}.concept k ON k.concept_id = m.target_concept_id  -- a target must exist
     WHERE m.mapping_type = 'MAPS_TO'
+    GROUP BY m.source_vocabulary_id, m.source_code, m.target_concept_id
 ),
 vocab_targets AS (
     SELECT s.vocabulary_id, s.code, r.concept_id_2 AS target_concept_id
@@ -77,7 +81,8 @@ vocab_targets AS (
     FROM {S}.source_concept s
     WHERE s.standard_concept = 'S' AND s.invalid_reason IS NULL
 )
-SELECT vocabulary_id, code, target_concept_id, 'local_map' AS mapping_rule FROM local_targets
+SELECT vocabulary_id, code, target_concept_id, 'local_map ' || map_row AS mapping_rule
+FROM local_targets
 UNION ALL
 SELECT v.vocabulary_id, v.code, v.target_concept_id,
        CASE WHEN v.target_concept_id = s.source_concept_id THEN 'standard' ELSE 'maps_to' END

@@ -22,7 +22,71 @@ def published_tables() -> list[str]:
     return [t for t in cdm_tables() if t not in ATHENA_TABLES and t not in RESEARCHER_TABLES]
 
 
-def publish(s: Schemas, conn: sa.Connection) -> dict[str, int]:
+LINEAGE_STORE = """
+CREATE TABLE {E}.lineage (
+    cdm_table VARCHAR(64) NOT NULL,
+    cdm_id INTEGER NOT NULL,
+    run_id VARCHAR(64) NOT NULL,
+    feed TEXT NOT NULL,
+    source_file TEXT NOT NULL,
+    source_line BIGINT NOT NULL,
+    source_vocabulary TEXT,
+    source_code TEXT,
+    mapping_rule TEXT
+)
+"""
+SET_ASIDE_STORE = """
+CREATE TABLE {E}.set_aside (
+    run_id VARCHAR(64) NOT NULL,
+    feed TEXT NOT NULL,
+    source_file TEXT NOT NULL,
+    source_line BIGINT NOT NULL,
+    record_set TEXT NOT NULL,
+    status VARCHAR(16) NOT NULL,
+    rule TEXT NOT NULL
+)
+"""
+
+
+def _publish_lineage(s: Schemas, conn: sa.Connection, run_id: str) -> None:
+    """Replace the lineage store: every published row's source, and every record set aside.
+
+    It lives in the ETL schema, outside the CDM that OHDSI tools read, and always
+    describes the published warehouse: a row rebuilt tonight points to tonight's source.
+    """
+    for table in ("lineage", "set_aside"):
+        s.run(conn, "DROP TABLE IF EXISTS {E}.{t}", t=table)
+    s.run(conn, LINEAGE_STORE)
+    s.run(conn, SET_ASIDE_STORE)
+    params = {"run": run_id}
+    s.run(
+        conn,
+        "INSERT INTO {E}.lineage SELECT cdm_table, cdm_id, :run, feed, source_file,"
+        " source_line, source_vocabulary, source_code, mapping_rule FROM {S}.lineage",
+        params,
+    )
+    s.run(
+        conn,
+        "INSERT INTO {E}.set_aside SELECT :run, feed, source_file, source_line, record_set,"
+        " status, rule FROM {S}.disposition",
+        params,
+    )
+    s.run(
+        conn,
+        "INSERT INTO {E}.set_aside SELECT :run, feed, source_file, source_line, record_set,"
+        " 'quarantined', reason FROM {S}.src_quarantine",
+        params,
+    )
+    if s.wh.dialect == "postgresql":
+        for name, cols in (
+            ("lineage_row", "lineage (cdm_table, cdm_id)"),
+            ("lineage_source", "lineage (feed, source_file, source_line)"),
+            ("set_aside_source", "set_aside (feed, source_file, source_line)"),
+        ):
+            s.run(conn, "CREATE INDEX {n} ON {E}.{c}", n=f"{s.etl}_{name}"[:63], c=cols)
+
+
+def publish(s: Schemas, conn: sa.Connection, run_id: str) -> dict[str, int]:
     """Swap every staged table into the CDM schema within `conn`'s transaction."""
     wh = s.wh
     tables = published_tables()
@@ -53,4 +117,5 @@ def publish(s: Schemas, conn: sa.Connection) -> dict[str, int]:
             {"t": ids.removeprefix("ids_")},
             ids=ids,
         )
+    _publish_lineage(s, conn, run_id)
     return counts

@@ -84,7 +84,7 @@ def unmapped_codes(s: Schemas, conn: sa.Connection) -> list[dict[str, Any]]:
     rows = s.run(
         conn,
         "SELECT feed, source_vocabulary, source_code, cdm_table, count(*) AS n"
-        " FROM {S}.lineage WHERE mapping_rule = 'unmapped'"
+        " FROM {S}.lineage WHERE mapping_rule LIKE 'unmapped%'"
         " GROUP BY feed, source_vocabulary, source_code, cdm_table"
         " ORDER BY n DESC, feed, source_vocabulary, source_code LIMIT :limit",
         {"limit": UNMAPPED_LIMIT},
@@ -118,6 +118,21 @@ def concept_gaps(s: Schemas, conn: sa.Connection, tables: list[str]) -> list[dic
         return []
     result = s.run(conn, " UNION ALL ".join(parts) + " ORDER BY n DESC, cdm_table, field").all()
     return [{"table": t, "field": f, "concept_id": c, "rows": n} for t, f, c, n in result]
+
+
+def trace_samples(s: Schemas, conn: sa.Connection, per_table: int = 3) -> dict[str, list[int]]:
+    """A few row ids per table, for the auditor to trace (`omop-etl trace TABLE ID`)."""
+    rows = s.run(
+        conn,
+        "SELECT cdm_table, cdm_id FROM (SELECT cdm_table, cdm_id, row_number() OVER"
+        " (PARTITION BY cdm_table ORDER BY cdm_id) AS n FROM (SELECT DISTINCT cdm_table,"
+        " cdm_id FROM {S}.lineage) d) x WHERE n <= :k ORDER BY cdm_table, cdm_id",
+        {"k": per_table},
+    ).all()
+    out: dict[str, list[int]] = {}
+    for table, row_id in rows:
+        out.setdefault(table, []).append(row_id)
+    return out
 
 
 def write_reports(report: dict[str, Any], run_dir: Path) -> tuple[Path, Path]:
@@ -209,6 +224,15 @@ def render_html(report: dict[str, Any]) -> str:
     parts.append(_table(["table", "field", "concept id", "rows"],
                         [[g["table"], g["field"], g["concept_id"], g["rows"]]
                          for g in report.get("concept_gaps", [])]))  # fmt: skip
+    parts.append(
+        "<h2>Trace a row</h2><p>Each command prints the row, the run, feed, file"
+        " and line it came from and the mapping rule (run it where the warehouse"
+        " is reachable).</p>"
+    )
+    parts.append(_table(["table", "command"], [
+        [t, f"omop-etl trace {t} {i} --config SITE.yaml"]
+        for t, ids in report.get("trace_samples", {}).items() for i in ids
+    ]))  # fmt: skip
     parts.append("<h2>Quality checks</h2>")
     parts.append(
         _table(

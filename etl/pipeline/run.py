@@ -207,12 +207,13 @@ def _run(
             report.update(feeds=feeds, quarantine=quarantine, filtered=filtered)
             report["unmapped"] = reporting.unmapped_codes(s, conn)
             report["concept_gaps"] = reporting.concept_gaps(s, conn, published_tables())
+            report["trace_samples"] = reporting.trace_samples(s, conn)
             _write_quarantine(s, conn, run_dir, rejected)
         if errors:
             report["errors"].extend(errors)
             raise RunFailed("row accounting does not add up; nothing published")
         with step("publish"), wh.begin() as conn:
-            report["tables"] = publish(s, conn)
+            report["tables"] = publish(s, conn, run_dir.name)
         with wh.begin() as conn:
             wh.drop_schema(conn, s.stage)
     return "published", EXIT_PUBLISHED

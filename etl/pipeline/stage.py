@@ -33,6 +33,7 @@ SOURCE_TABLES = {
     "src_payer_plan": "payer_plan",
     "src_claim": "claim",
     "src_cost_line": "cost_line",
+    "src_quarantine": "quarantine",  # what extraction rejected: kept for tracing
 }
 
 

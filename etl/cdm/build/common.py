@@ -25,7 +25,7 @@ CREATE TABLE {S}.lineage (
     source_line BIGINT NOT NULL,
     source_vocabulary TEXT,
     source_code TEXT,
-    mapping_rule VARCHAR(32)
+    mapping_rule TEXT
 )
 """
 

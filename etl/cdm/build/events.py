@@ -164,7 +164,12 @@ SELECT e.record_key, e.record_set, e.code, e.vocabulary_id, e.type_concept_id,
        e.feed, e.source_file, e.source_line,
        coalesce(m.source_concept_id, 0) AS source_concept_id,
        coalesce(m.target_concept_id, 0) AS concept_id,
-       coalesce(m.mapping_rule, 'unmapped') AS mapping_rule,
+       coalesce(m.mapping_rule, 'unmapped')
+         || CASE WHEN NOT e.keep_domain AND m.target_domain_id <> e.default_domain
+                 THEN '; domain ' || m.target_domain_id || ' (declared ' || e.default_domain || ')'
+                 ELSE '' END
+         || CASE WHEN e.value_code IS NULL AND vm.value_concept_id IS NOT NULL
+                 THEN '; value by Maps to value' ELSE '' END AS mapping_rule,
        {_routing_case()} AS cdm_table,
        CASE WHEN e.value_code IS NOT NULL THEN coalesce(vc.target_concept_id, 0)
             ELSE vm.value_concept_id END AS value_as_concept_id,

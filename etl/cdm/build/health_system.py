@@ -45,6 +45,15 @@ def build_location(s: Schemas, conn: sa.Connection) -> None:
         "FROM {S}.location_src l"
         f" JOIN {{S}}.ids_location i ON i.natural_key = {location_key('l')}",
     )
+    for source in ("person_ok", "care_site_ok"):
+        add_lineage(
+            s,
+            conn,
+            "location",
+            f"SELECT i.id, x.feed, x.source_file, x.source_line, NULL, NULL,"
+            f" 'state and 3-digit ZIP of the record' FROM {{S}}.{source} x"
+            f" JOIN {{S}}.ids_location i ON i.natural_key = {location_key('x')}",
+        )
 
 
 def build_care_site(s: Schemas, conn: sa.Connection) -> None:

@@ -79,3 +79,11 @@ def build_death(s: Schemas, conn: sa.Connection) -> None:
         "FROM {S}.person_ok p JOIN {S}.ids_person i ON i.natural_key = p.person_key"
         " WHERE p.death_datetime IS NOT NULL",
     )
+    add_lineage(
+        s,
+        conn,
+        "death",
+        "SELECT i.id, p.feed, p.source_file, p.source_line, NULL, NULL, 'death date of the person'"
+        " FROM {S}.person_ok p JOIN {S}.ids_person i ON i.natural_key = p.person_key"
+        " WHERE p.death_datetime IS NOT NULL",
+    )
