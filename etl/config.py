@@ -38,6 +38,8 @@ class SiteConfig(BaseModel):
     mappings: Path | None = None
     # cdm_source.cdm_source_name and cdm_holder.
     site_name: str = "omop-etl warehouse"
+    # Folder of quality-gate overrides (*.yaml); default: the project's quality/.
+    quality: Path | None = None
 
     @field_validator("warehouse")
     @classmethod
@@ -85,6 +87,8 @@ def load_config(path: Path) -> SiteConfig:
         cfg.vocabulary = base / cfg.vocabulary
     if cfg.mappings is not None and not cfg.mappings.is_absolute():
         cfg.mappings = base / cfg.mappings
+    if cfg.quality is not None and not cfg.quality.is_absolute():
+        cfg.quality = base / cfg.quality
     for feed in cfg.feeds:
         if not feed.path.is_absolute():
             feed.path = base / feed.path

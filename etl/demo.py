@@ -10,7 +10,7 @@ from pathlib import Path
 import yaml
 
 from etl.config import load_config
-from etl.paths import DEMO_VOCABULARY, PROJECT_ROOT
+from etl.paths import DEMO_VOCABULARY, PROJECT_ROOT, QUALITY_DIR
 from etl.pipeline.run import RunResult, run_pipeline
 
 log = logging.getLogger(__name__)
@@ -28,6 +28,8 @@ def write_demo_config(workdir: Path) -> Path:
         "vocabulary": str(DEMO_VOCABULARY),
         "pseudonym_key_env": KEY_ENV,
         "site_name": "omop-etl demo (Synthea 27)",
+        # the demo vocabulary is a subset: see the file for what it relaxes
+        "quality": str(QUALITY_DIR / "demo"),
         "feeds": [
             {
                 "name": "ehr",

@@ -12,7 +12,7 @@ import yaml
 from etl.config import load_config
 from etl.pipeline.run import RunResult, run_pipeline
 from etl.warehouse import Warehouse
-from tests.conftest import DEMO_VOCAB
+from tests.conftest import DEMO_VOCAB, REPO
 
 
 def write_config(
@@ -30,6 +30,8 @@ def write_config(
         "cdm_schema": schema,
         "vocabulary": str(vocabulary),
         "feeds": [{"name": "ehr", "kind": "ehr_csv", "profile": profile, "path": str(feed_dir)}],
+        # the bundled vocabulary is a subset: its gate settings (quality/demo/)
+        "quality": str(REPO / "quality" / "demo"),
     }
     if mappings is not None:
         cfg["mappings"] = str(mappings)

@@ -108,6 +108,7 @@ def test_run_command_exit_codes(tmp_path: Path) -> None:
     config = tmp_path / "site.yaml"
     config.write_text(
         f"warehouse: duckdb:///{tmp_path / 'w.duckdb'}\nvocabulary: {DEMO_VOCAB}\n"
+        f"quality: {REPO / 'quality' / 'demo'}\n"
         f"feeds:\n  - {{name: ehr, kind: ehr_csv, profile: synthea, path: {DEMO_SYNTHEA}}}\n",
         encoding="utf-8",
     )

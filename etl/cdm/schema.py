@@ -54,6 +54,7 @@ def build_metadata(
     tables: Iterable[str] | None = None,
     foreign_keys: bool = False,
     indexes: bool = False,
+    constraints: bool = True,
 ) -> sa.MetaData:
     """SQLAlchemy metadata for the CDM (all 41 tables unless `tables` names some).
 
@@ -77,13 +78,13 @@ def build_metadata(
                     f.name,
                     sqlalchemy_type(f),
                     *args,
-                    nullable=not f.required,
-                    primary_key=f.is_primary_key,
+                    nullable=not (constraints and f.required),
+                    primary_key=constraints and f.is_primary_key,
                     autoincrement=False,
                 )
             )
         table = sa.Table(name, md, *cols)
-        if spec.primary_key:
+        if spec.primary_key and constraints:
             table.primary_key.name = f"xpk_{name}"
         if indexes:
             for col in _indexed_columns(spec):
@@ -126,6 +127,7 @@ def create_cdm(
     foreign_keys: bool = False,
     indexes: bool | None = None,
     tables: Iterable[str] | None = None,
+    constraints: bool = True,
 ) -> list[str]:
     """Create the CDM tables missing from `schema` (all 41 by default), in one transaction.
 
@@ -139,7 +141,9 @@ def create_cdm(
         raise ValueError("foreign keys can only be applied on PostgreSQL (see --help)")
     if indexes is None:
         indexes = wh.dialect == "postgresql"
-    md = build_metadata(schema, tables=tables, foreign_keys=foreign_keys, indexes=indexes)
+    md = build_metadata(
+        schema, tables=tables, foreign_keys=foreign_keys, indexes=indexes, constraints=constraints
+    )
     with wh.begin() as conn:
         wh.create_schema(conn, schema)
         existing = set(sa.inspect(conn).get_table_names(schema=schema))

@@ -152,6 +152,48 @@ def _table(headers: list[str], rows: list[list[Any]]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
+def _checks_html(checks: list[dict[str, Any]]) -> str:
+    """Checks grouped by DQD category: a summary, the failures, then every check."""
+    if not checks:
+        return "<h2>Quality checks</h2><p>No checks ran (the run stopped before the gate).</p>"
+    summary = []
+    for category in sorted({c["category"] for c in checks}):
+        group = [c for c in checks if c["category"] == category]
+        failed = [c for c in group if not c["passed"]]
+        summary.append([category, len(group), len(group) - len(failed),
+                        sum(c["severity"] == "warning" for c in failed),
+                        sum(c["severity"] == "fatal" for c in failed)])  # fmt: skip
+
+    def rows(items: list[dict[str, Any]]) -> list[list[Any]]:
+        return [
+            [c["category"], c["name"], c["table"], c.get("field") or "",
+             c.get("concept_id") or "", c["severity"], "pass" if c["passed"] else "FAIL",
+             c["violating_rows"], c["total_rows"], f"{c.get('violating_pct', 0):.2f}",
+             f"{c['threshold_pct']:g}", c.get("description", ""),
+             ", ".join(map(str, c.get("examples", [])))]
+            for c in items
+        ]  # fmt: skip
+
+    headers = [
+        "category", "check", "table", "field", "concept", "severity", "result",
+        "violating", "rows", "violating %", "threshold %", "what", "example ids",
+    ]  # fmt: skip
+    failed = sorted(
+        (c for c in checks if not c["passed"]),
+        key=lambda c: (c["severity"] != "fatal", c["category"], c["name"]),
+    )
+    everything = sorted(checks, key=lambda c: (c["category"], c["name"], c["table"]))
+    return (
+        "<h2>Quality checks</h2>"
+        + _table(["category", "checks", "passed", "failed (warning)", "failed (fatal)"], summary)
+        + "<h3>Failed checks</h3>"
+        + _table(headers, rows(failed))
+        + f"<details><summary>All {len(checks)} checks</summary>"
+        + _table(headers, rows(everything))
+        + "</details>"
+    )
+
+
 def render_html(report: dict[str, Any]) -> str:
     """A self-contained page for auditors: the same facts as report.json."""
     parts = [
@@ -233,24 +275,7 @@ def render_html(report: dict[str, Any]) -> str:
         [t, f"omop-etl trace {t} {i} --config SITE.yaml"]
         for t, ids in report.get("trace_samples", {}).items() for i in ids
     ]))  # fmt: skip
-    parts.append("<h2>Quality checks</h2>")
-    parts.append(
-        _table(
-            ["check", "table", "field", "passed", "violating", "total", "threshold %"],
-            [
-                [
-                    c["name"],
-                    c["table"],
-                    c.get("field") or "",
-                    c["passed"],
-                    c["violating_rows"],
-                    c["total_rows"],
-                    c["threshold_pct"],
-                ]
-                for c in report.get("checks", [])
-            ],
-        )
-    )
+    parts.append(_checks_html(report.get("checks", [])))
     parts.append("<h2>Timings (seconds)</h2>")
     timings = [[k, f"{v:.2f}"] for k, v in report.get("timings", {}).items()]
     parts.append(_table(["step", "seconds"], timings))

@@ -25,7 +25,7 @@ from etl import canonical
 from etl.cdm.schema import create_cdm
 from etl.config import FeedConfig, SiteConfig
 from etl.mapping.local_maps import read_local_maps
-from etl.paths import MAPPINGS_DIR
+from etl.paths import MAPPINGS_DIR, QUALITY_DIR
 from etl.pipeline import report as reporting
 from etl.pipeline.build import build_steps
 from etl.pipeline.land import Landing, replay_into
@@ -33,6 +33,9 @@ from etl.pipeline.publish import publish, published_tables
 from etl.pipeline.schemas import Schemas
 from etl.pipeline.stage import prepare
 from etl.pseudonym import load_key
+from etl.quality.checks import generate_checks
+from etl.quality.gate import run_checks
+from etl.quality.overrides import apply_overrides, load_overrides
 from etl.sources.ehr import FileStats, extract_ehr
 from etl.sources.profile import load_profile
 from etl.vocab import load_vocabulary
@@ -212,11 +215,33 @@ def _run(
         if errors:
             report["errors"].extend(errors)
             raise RunFailed("row accounting does not add up; nothing published")
+        with step("gate"):
+            gate = run_checks(s, _gate_checks(cfg))
+        report["checks"] = gate.checks
+        if not gate.passed:
+            for c in gate.fatal_failures:
+                report["errors"].append(
+                    f"refused by {c['name']} on {c['table']}.{c['field'] or ''}:"
+                    f" {c['violating_rows']} of {c['total_rows']} rows"
+                    f" ({c['violating_pct']:.2f}% > {c['threshold_pct']:.2f}%)"
+                    + (f", e.g. ids {c['examples']}" if c.get("examples") else "")
+                )
+            log.error("load refused by the quality gate; the warehouse is unchanged")
+            return "refused", EXIT_REFUSED
         with step("publish"), wh.begin() as conn:
             report["tables"] = publish(s, conn, run_dir.name)
         with wh.begin() as conn:
             wh.drop_schema(conn, s.stage)
     return "published", EXIT_PUBLISHED
+
+
+def _gate_checks(cfg: SiteConfig) -> list:
+    """The generated checks with the project's policy (quality/*.yaml) and then the
+    site's overrides (the config's `quality` folder) applied."""
+    files = sorted(QUALITY_DIR.glob("*.yaml"))
+    if cfg.quality is not None and cfg.quality.resolve() != QUALITY_DIR.resolve():
+        files += sorted(cfg.quality.glob("*.yaml"))
+    return apply_overrides(generate_checks(published_tables()), load_overrides(files))
 
 
 def _ensure_vocabulary(s: Schemas, cfg: SiteConfig) -> None:

@@ -50,7 +50,9 @@ def prepare(s: Schemas, landing_dirs: list[Path], local_map: pa.Table) -> None:
         wh.create_schema(conn, s.etl)
         s.run(conn, KEY_MAP_DDL)
     clinical = [t for t in _cdm_table_names() if t not in ATHENA_TABLES]
-    create_cdm(wh, s.stage, indexes=False, tables=clinical)
+    # No NOT NULL or key constraints in the stage: the quality gate checks them and names
+    # what is wrong; the published tables keep the specification's constraints.
+    create_cdm(wh, s.stage, indexes=False, tables=clinical, constraints=False)
     md = sa.MetaData(schema=s.stage)
     for name, shape in SOURCE_TABLES.items():
         _table_for(md, name, canonical.SHAPES[shape])

@@ -1,0 +1,1 @@
+"""The quality gate: checks generated from the CDM spec and the OHDSI DQD catalogue."""

@@ -1,0 +1,154 @@
+"""The quality gate: generated checks pass on the demo, and each fatal failure refuses."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from etl.config import load_config
+from etl.pipeline.publish import published_tables
+from etl.pipeline.run import run_pipeline
+from etl.quality.checks import check_types, generate_checks
+from tests.conftest import DEMO_SYNTHEA
+from tests.pipeline_helpers import run, write_config
+from tests.test_nightly_runs import snapshot
+
+S = "{S}"
+# (kind, SQL run in the stage just before the gate, the check that must refuse it)
+INJECTIONS = [
+    (
+        "null_person_id",
+        [
+            f"UPDATE {S}.condition_occurrence SET person_id = NULL"
+            f" WHERE condition_occurrence_id = (SELECT min(condition_occurrence_id)"
+            f" FROM {S}.condition_occurrence)"
+        ],
+        ("isRequired", "condition_occurrence", "person_id"),
+    ),
+    (
+        "duplicate_primary_key",
+        [
+            f"INSERT INTO {S}.person SELECT * FROM {S}.person"
+            f" WHERE person_id = (SELECT min(person_id) FROM {S}.person)"
+        ],
+        ("isPrimaryKey", "person", "person_id"),
+    ),
+    (
+        "orphan_visit",
+        [
+            f"UPDATE {S}.drug_exposure SET visit_occurrence_id = 999999999"
+            f" WHERE drug_exposure_id = (SELECT min(drug_exposure_id) FROM {S}.drug_exposure)"
+        ],
+        ("isForeignKey", "drug_exposure", "visit_occurrence_id"),
+    ),
+    (
+        "events_before_birth",
+        [
+            f"UPDATE {S}.condition_occurrence SET condition_start_date = DATE '1901-01-01'"
+            f" WHERE condition_occurrence_id % 10 = 0"
+        ],
+        ("plausibleAfterBirth", "condition_occurrence", "condition_start_date"),
+    ),
+    (
+        "implausible_lab_value",
+        [
+            f"UPDATE {S}.observation SET observation_concept_id = 37393449,"
+            f" unit_concept_id = 8840, value_as_number = 5000"
+            f" WHERE observation_id IN (SELECT observation_id FROM {S}.observation"
+            f" ORDER BY observation_id LIMIT 3)"
+        ],
+        ("plausibleValueHigh", "observation", "value_as_number"),
+    ),
+]
+
+
+def test_every_dqd_check_type_is_generated() -> None:
+    names = {c.name for c in generate_checks(published_tables())}
+    assert names == set(check_types()) and len(names) == 27
+
+
+def test_demo_passes_its_gate_with_every_check_type(warehouse, tmp_path: Path) -> None:
+    wh, schema = warehouse
+    result = run(write_config(tmp_path, wh, schema, DEMO_SYNTHEA), tmp_path)
+    assert result.status == "published", result.report["errors"]
+    checks = result.report["checks"]
+    assert {c["name"] for c in checks} == set(check_types())
+    for c in checks:
+        assert set(c) >= {"name", "table", "field", "passed", "violating_rows", "total_rows",
+                          "threshold_pct", "severity", "category"}  # fmt: skip
+        assert "error" not in c, c
+    assert not [c for c in checks if c["severity"] == "fatal" and not c["passed"]]
+    # real findings on the demo are reported as warnings, with their numbers
+    days = next(c for c in checks if c["key"] == "plausibleValueHigh.drug_exposure.days_supply")
+    assert not days["passed"] and days["severity"] == "warning" and days["violating_rows"] > 0
+
+
+@pytest.mark.parametrize(("kind", "sql", "expected"), INJECTIONS, ids=[i[0] for i in INJECTIONS])
+def test_a_fatal_failure_refuses_the_load(warehouse, tmp_path: Path, kind, sql, expected) -> None:
+    wh, schema = warehouse
+    config = write_config(tmp_path, wh, schema, DEMO_SYNTHEA)
+    first = run(config, tmp_path)
+    assert first.status == "published"
+    before = snapshot(wh, schema)
+    with wh.engine.connect() as conn:
+        key_map = conn.execute(sa.text(f'SELECT count(*) FROM "{schema}_etl".key_map')).scalar()
+
+    def inject(step: str) -> None:
+        if step == "gate":
+            with wh.begin() as conn:
+                for statement in sql:
+                    conn.execute(sa.text(statement.replace("{S}", f'"{schema}_stage"')))
+
+    result = run_pipeline(load_config(config), tmp_path, on_step=inject)
+    assert (result.status, result.exit_code) == ("refused", 1), kind
+    name, table, field = expected
+    failed = [c for c in result.report["checks"] if not c["passed"] and c["severity"] == "fatal"]
+    assert (name, table, field) in {(c["name"], c["table"], c["field"]) for c in failed}
+    assert any(f"refused by {name} on {table}.{field}" in e for e in result.report["errors"])
+    report = json.loads((result.run_dir / "report.json").read_text())
+    assert report["status"] == "refused"
+    # the published warehouse and the key map are exactly as they were
+    assert snapshot(wh, schema) == before
+    with wh.engine.connect() as conn:
+        assert conn.execute(sa.text(f'SELECT count(*) FROM "{schema}_etl".key_map')).scalar() == (
+            key_map
+        )
+
+
+def test_site_overrides_change_severity_disable_and_add_checks(duckdb_wh, tmp_path) -> None:
+    wh, schema = duckdb_wh
+    site = tmp_path / "site_quality"
+    site.mkdir()
+    (site / "site.yaml").write_text(
+        "checks:\n"
+        "  - match: {name: isForeignKey, fk_table: concept}\n"
+        "    severity: warning\n"
+        "  - match: {name: plausibleGender}\n"
+        "    enabled: false\n"
+        "custom:\n"
+        "  - name: no_visits_in_1900\n"
+        "    table: visit_occurrence\n"
+        "    severity: fatal\n"
+        "    sql: SELECT count(*) FILTER (WHERE visit_start_date < DATE '1901-01-01'),"
+        " count(*) FROM {S}.visit_occurrence\n",
+        encoding="utf-8",
+    )
+    config = write_config(tmp_path, wh, schema, DEMO_SYNTHEA)
+    cfg = load_config(config)
+    cfg.quality = site
+    result = run_pipeline(cfg, tmp_path)
+    assert result.status == "published", result.report["errors"]
+    names = {c["name"] for c in result.report["checks"]}
+    assert "plausibleGender" not in names and "no_visits_in_1900" in names
+
+
+def test_a_bad_override_file_names_the_key(tmp_path: Path) -> None:
+    from etl.quality.overrides import OverrideError, load_overrides
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("checks:\n  - match: {name: x}\n    severity: deadly\n", encoding="utf-8")
+    with pytest.raises(OverrideError, match=r"bad.yaml: checks.0.severity"):
+        load_overrides([bad])
