@@ -48,7 +48,7 @@ CREATE TABLE {E}.set_aside (
 """
 
 
-def _publish_lineage(s: Schemas, conn: sa.Connection, run_id: str) -> None:
+def publish_lineage(s: Schemas, conn: sa.Connection, run_id: str) -> None:
     """Replace the lineage store: every published row's source, and every record set aside.
 
     It lives in the ETL schema, outside the CDM that OHDSI tools read, and always
@@ -86,8 +86,12 @@ def _publish_lineage(s: Schemas, conn: sa.Connection, run_id: str) -> None:
             s.run(conn, "CREATE INDEX {n} ON {E}.{c}", n=f"{s.etl}_{name}"[:63], c=cols)
 
 
-def publish(s: Schemas, conn: sa.Connection, run_id: str) -> dict[str, int]:
-    """Swap every staged table into the CDM schema within `conn`'s transaction."""
+def publish(s: Schemas, conn: sa.Connection) -> dict[str, int]:
+    """Swap every staged table into the CDM schema within `conn`'s transaction.
+
+    Call `publish_lineage` in the same transaction, so the lineage store always describes
+    the published tables.
+    """
     wh = s.wh
     tables = published_tables()
     md = build_metadata(s.cdm, tables=tables, indexes=wh.dialect == "postgresql")
@@ -117,5 +121,4 @@ def publish(s: Schemas, conn: sa.Connection, run_id: str) -> dict[str, int]:
             {"t": ids.removeprefix("ids_")},
             ids=ids,
         )
-    _publish_lineage(s, conn, run_id)
     return counts

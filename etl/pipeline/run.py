@@ -29,7 +29,7 @@ from etl.paths import MAPPINGS_DIR, QUALITY_DIR
 from etl.pipeline import report as reporting
 from etl.pipeline.build import build_steps
 from etl.pipeline.land import Landing, replay_into
-from etl.pipeline.publish import publish, published_tables
+from etl.pipeline.publish import publish, publish_lineage, published_tables
 from etl.pipeline.schemas import Schemas
 from etl.pipeline.stage import prepare
 from etl.pseudonym import load_key
@@ -228,8 +228,11 @@ def _run(
                 )
             log.error("load refused by the quality gate; the warehouse is unchanged")
             return "refused", EXIT_REFUSED
-        with step("publish"), wh.begin() as conn:
-            report["tables"] = publish(s, conn, run_dir.name)
+        with wh.begin() as conn:  # one transaction: CDM tables, key map, lineage
+            with step("publish"):
+                report["tables"] = publish(s, conn)
+            with step("publish.lineage"):
+                publish_lineage(s, conn, run_dir.name)
         with wh.begin() as conn:
             wh.drop_schema(conn, s.stage)
     return "published", EXIT_PUBLISHED
