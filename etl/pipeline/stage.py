@@ -8,7 +8,7 @@ import pyarrow as pa
 import sqlalchemy as sa
 
 from etl import canonical
-from etl.cdm.build.common import KEY_MAP_DDL, LINEAGE_DDL
+from etl.cdm.build.common import KEY_MAP_DDL, KEY_MAP_INDEX, LINEAGE_DDL
 from etl.cdm.schema import create_cdm
 from etl.cdm.spec import ATHENA_TABLES
 from etl.mapping.local_maps import LOCAL_MAP
@@ -49,6 +49,8 @@ def prepare(s: Schemas, landing_dirs: list[Path], local_map: pa.Table) -> None:
         wh.create_schema(conn, s.stage)
         wh.create_schema(conn, s.etl)
         s.run(conn, KEY_MAP_DDL)
+        if wh.dialect == "postgresql":
+            s.run(conn, KEY_MAP_INDEX, n=f"{s.etl}_key_map_key"[:63])
     clinical = [t for t in _cdm_table_names() if t not in ATHENA_TABLES]
     # No NOT NULL or key constraints in the stage: the quality gate checks them and names
     # what is wrong; the published tables keep the specification's constraints.

@@ -63,6 +63,13 @@ class Check:
         return ".".join(p for p in parts if p)
 
 
+def _anti_join(table: str, bad: str, denominator: str = "count(*)") -> str:
+    """(violating, denominator) with the violation in a plain WHERE: PostgreSQL plans
+    [NOT] EXISTS there as a (anti-)join, where inside count(*) FILTER it would run the
+    subquery once per row."""
+    return f"SELECT (SELECT count(*) FROM {table} WHERE {bad}), (SELECT {denominator} FROM {table})"
+
+
 def _read(name: str) -> list[dict[str, str]]:
     path = resources.files("etl.quality").joinpath("dqd", name)
     with path.open(encoding="utf-8", newline="") as fh:
@@ -162,7 +169,7 @@ def _field_checks(tables: set[str]) -> list[Check]:
             missing = f"{f} IS NOT NULL AND NOT EXISTS (SELECT 1 FROM {ref} x WHERE x.{ref_field} = {t}.{f})"  # noqa: E501
             out.append(_new(
                 "isForeignKey", table, fld,
-                f"SELECT count(*) FILTER (WHERE {missing}), count(*) FROM {t}",
+                _anti_join(t, missing),
                 r["isForeignKeyThreshold"], f"{table}.{fld} is in {fk_table}.{ref_field}",
                 examples_sql=f"WHERE {missing}",
             ))  # fmt: skip
@@ -181,7 +188,7 @@ def _field_checks(tables: set[str]) -> list[Check]:
             )
             out.append(_new(
                 "isStandardValidConcept", table, fld,
-                f"SELECT count(*) FILTER (WHERE {bad}), count(*) FROM {t}",
+                _anti_join(t, bad),
                 r["isStandardValidConceptThreshold"],
                 f"{table}.{fld} is a standard, valid concept", examples_sql=f"WHERE {bad}",
             ))  # fmt: skip
@@ -232,7 +239,7 @@ def _concept_attr(name: str, table: str, fld: str, attr: str, allowed: str, thr:
     )
     return _new(
         name, table, fld,
-        f"SELECT count(*) FILTER (WHERE {bad}), count(*) FROM {{S}}.{table}", thr,
+        _anti_join(f"{{S}}.{table}", bad), thr,
         f"{table}.{fld} concepts have {attr} in ({allowed})", examples_sql=f"WHERE {bad}",
     )  # fmt: skip
 
@@ -329,27 +336,30 @@ def _table_checks(tables: set[str]) -> list[Check]:
         if r["measurePersonCompleteness"] == "Yes":
             out.append(_new(
                 "measurePersonCompleteness", table, None,
-                f"SELECT count(*) FILTER (WHERE NOT EXISTS (SELECT 1 FROM {{S}}.{table} x"
-                f" WHERE x.person_id = p.person_id)), count(*) FROM {{S}}.person p",
+                f"SELECT (SELECT count(*) FROM {{S}}.person p WHERE NOT EXISTS (SELECT 1 FROM"
+                f" {{S}}.{table} x WHERE x.person_id = p.person_id)),"
+                " (SELECT count(*) FROM {S}.person)",
                 r["measurePersonCompletenessThreshold"], f"persons with a {table} record",
             ))  # fmt: skip
         if r["measureConditionEraCompleteness"] == "Yes":
             out.append(_new(
                 "measureConditionEraCompleteness", table, None,
-                "SELECT count(DISTINCT c.person_id) FILTER (WHERE NOT EXISTS (SELECT 1 FROM"
-                " {S}.condition_era e WHERE e.person_id = c.person_id)),"
-                " count(DISTINCT c.person_id) FROM {S}.condition_occurrence c",
+                "SELECT (SELECT count(DISTINCT c.person_id) FROM {S}.condition_occurrence c"
+                " WHERE NOT EXISTS (SELECT 1 FROM {S}.condition_era e"
+                " WHERE e.person_id = c.person_id)),"
+                " (SELECT count(DISTINCT person_id) FROM {S}.condition_occurrence)",
                 r["measureConditionEraCompletenessThreshold"],
                 "persons with conditions have condition eras",
             ))  # fmt: skip
         if r["measureObservationPeriodOverlap"] == "Yes":
             out.append(_new(
                 "measureObservationPeriodOverlap", table, None,
-                "SELECT count(*) FILTER (WHERE EXISTS (SELECT 1 FROM {S}.observation_period b"
-                " WHERE b.person_id = a.person_id AND b.observation_period_id <>"
-                " a.observation_period_id AND b.observation_period_start_date <="
-                " a.observation_period_end_date AND b.observation_period_end_date >="
-                " a.observation_period_start_date)), count(*) FROM {S}.observation_period a",
+                "SELECT (SELECT count(*) FROM {S}.observation_period a WHERE EXISTS (SELECT 1"
+                " FROM {S}.observation_period b WHERE b.person_id = a.person_id"
+                " AND b.observation_period_id <> a.observation_period_id"
+                " AND b.observation_period_start_date <= a.observation_period_end_date"
+                " AND b.observation_period_end_date >= a.observation_period_start_date)),"
+                " (SELECT count(*) FROM {S}.observation_period)",
                 r["measureObservationPeriodOverlapThreshold"],
                 "a person's observation periods do not overlap",
             ))  # fmt: skip

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import os
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -11,6 +12,8 @@ import pyarrow.parquet as pq
 import sqlalchemy as sa
 
 from etl.warehouse.base import Warehouse, _as_batches
+
+MEMORY_LIMIT_ENV = "OMOP_ETL_DUCKDB_MEMORY_LIMIT"
 
 
 class DuckDBWarehouse(Warehouse):
@@ -23,7 +26,12 @@ class DuckDBWarehouse(Warehouse):
         if database and database != ":memory:":
             Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
         # One pooled connection: DuckDB is in-process, and one connection sees its own writes.
-        engine = sa.create_engine(url, poolclass=sa.pool.SingletonThreadPool)
+        config = {}
+        if limit := os.environ.get(MEMORY_LIMIT_ENV):
+            config["memory_limit"] = limit  # e.g. 4GB; DuckDB spills to disk beyond it
+        engine = sa.create_engine(
+            url, poolclass=sa.pool.SingletonThreadPool, connect_args={"config": config}
+        )
         return cls(url, engine)
 
     def bulk_insert(
