@@ -105,6 +105,30 @@ def _count_vocabulary(url: str, schema: str) -> int:
         return sum(wh.count_rows(conn, schema, t) for t in ATHENA_TABLES)
 
 
+def _lineage_size(url: str, schema: str) -> dict[str, int]:
+    """Rows and bytes of the lineage store (<schema>_etl.lineage) after a run."""
+    import sqlalchemy as sa
+
+    engine = sa.create_engine(url)
+    table = f'"{schema}_etl".lineage'
+    try:
+        with engine.connect() as conn:
+            rows = conn.execute(sa.text(f"SELECT count(*) FROM {table}")).scalar_one()
+            if url.startswith("duckdb"):
+                blocks = conn.execute(
+                    sa.text("SELECT count(DISTINCT block_id) FROM pragma_storage_info(:t)"),
+                    {"t": f"{schema}_etl.lineage"},
+                ).scalar_one()
+                size = blocks * 262_144  # DuckDB's block size
+            else:
+                size = conn.execute(
+                    sa.text(f"SELECT pg_total_relation_size('{table}')")
+                ).scalar_one()
+    finally:
+        engine.dispose()
+    return {"rows": int(rows), "bytes": int(size)}
+
+
 def _untimed(
     starts: list[tuple[str, float]], timings: dict[str, float], wall: float
 ) -> dict[str, float]:
@@ -219,6 +243,7 @@ def _worker(engine: str, n: int, data: Path, workdir: Path, runs: int) -> None:
                     },
                     "tables": report.get("tables", {}),
                     "vocabulary_rows": vocab_rows,
+                    "lineage": _lineage_size(url, schema) if result.status == "published" else {},
                     "run_dir": str(result.run_dir),
                 }
             )
@@ -360,6 +385,13 @@ def _print_run(fig: dict[str, Any]) -> None:
         f" {records:,} input records, {cdm_rows:,} CDM rows,"
         f" peak RSS {fig['peak_mb']:,.0f} MiB, {fig['status']}"
     )
+    lineage = fig.get("lineage") or {}
+    if lineage:
+        write = fig["timings"].get("publish.lineage", 0.0)
+        print(
+            f"lineage store: {lineage['rows']:,} rows, {lineage['bytes'] / 2**20:,.0f} MiB;"
+            f" written in {write:.1f}s ({100 * write / wall:.1f}% of the run)"
+        )
     if fig.get("errors"):
         print("errors: " + "; ".join(fig["errors"]))
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from tests.conftest import DEMO_SYNTHEA
+from tests.conftest import DEMO_SYNTHEA, REPO
 from tests.pipeline_helpers import query, rows, run, scalar, write_config
 
 ALL_FILES = sorted(p.name for p in DEMO_SYNTHEA.glob("*.csv"))
@@ -209,3 +209,35 @@ def test_postgres_and_duckdb_give_identical_results(duckdb_wh, pg_wh, tmp_path: 
         results[name] = (result.report["tables"], concepts)
     assert results["duckdb"][0] == results["postgresql"][0]
     assert results["duckdb"][1] == results["postgresql"][1]
+
+
+def test_parquet_extracts_read_like_csv(duckdb_wh, tmp_path: Path) -> None:
+    """The same extract as Parquet files, through a profile that says format: parquet."""
+    import shutil
+
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+
+    wh, schema = duckdb_wh
+    feed = tmp_path / "parquet_feed"
+    feed.mkdir()
+    for path in DEMO_SYNTHEA.glob("*.csv"):
+        header = path.read_text(encoding="utf-8").splitlines()[0].split(",")
+        table = pacsv.read_csv(
+            path,
+            convert_options=pacsv.ConvertOptions(column_types=dict.fromkeys(header, pa.string())),
+        )
+        pq.write_table(table, feed / path.name)  # same names, Parquet content
+    mappings = tmp_path / "mappings"
+    shutil.copytree(REPO / "mappings", mappings)
+    profile = (mappings / "profiles" / "synthea.yaml").read_text(encoding="utf-8")
+    (mappings / "profiles" / "synthea_parquet.yaml").write_text(
+        profile.replace("format: csv", "format: parquet"), encoding="utf-8"
+    )
+    config = write_config(tmp_path, wh, schema, feed, mappings=mappings, profile="synthea_parquet")
+    result = run(config, tmp_path)
+    assert result.status == "published", result.report["errors"]
+    files = result.report["feeds"]["ehr"]["files"]
+    for name in ALL_FILES:
+        assert files[name]["records_in"] == len(rows(DEMO_SYNTHEA / name)), name
+    assert result.report["tables"]["person"] == len(rows(DEMO_SYNTHEA / "patients.csv"))
