@@ -5,8 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from etl.yaml_models import load_yaml_model
 
 
 class ConfigError(ValueError):
@@ -67,21 +68,7 @@ class SiteConfig(BaseModel):
 def load_config(path: Path) -> SiteConfig:
     """Read and validate a site config; relative paths are relative to the config file."""
     path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from exc
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping of settings at the top level")
-    try:
-        cfg = SiteConfig.model_validate(raw)
-    except ValidationError as exc:
-        lines = [
-            f"{path}: {'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
-        ]
-        raise ConfigError("\n".join(lines)) from None
+    cfg = load_yaml_model(path, SiteConfig, ConfigError)
     base = path.parent.resolve()
     if cfg.vocabulary is not None and not cfg.vocabulary.is_absolute():
         cfg.vocabulary = base / cfg.vocabulary

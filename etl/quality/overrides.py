@@ -28,10 +28,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from etl.quality.checks import Check
+from etl.yaml_models import load_yaml_model
 
 
 class OverrideError(ValueError):
@@ -75,16 +75,7 @@ class Overrides(BaseModel):
 def load_overrides(paths: list[Path]) -> Overrides:
     merged = Overrides()
     for path in paths:
-        try:
-            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-            one = Overrides.model_validate(raw)
-        except OSError as exc:
-            raise OverrideError(f"{path}: cannot read: {exc.strerror}") from exc
-        except yaml.YAMLError as exc:
-            raise OverrideError(f"{path}: not valid YAML: {exc}") from exc
-        except ValidationError as exc:
-            lines = [f"{path}: {'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()]
-            raise OverrideError("\n".join(lines)) from None
+        one = load_yaml_model(path, Overrides, OverrideError)
         merged.checks += one.checks
         merged.custom += one.custom
     return merged

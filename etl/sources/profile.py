@@ -10,10 +10,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from etl.paths import MAPPINGS_DIR
+from etl.yaml_models import load_yaml_model
 
 
 class ProfileError(ValueError):
@@ -231,17 +231,4 @@ def load_profile(name_or_path: str | Path) -> Profile:
     path = Path(name_or_path)
     if not path.suffix:
         path = MAPPINGS_DIR / "profiles" / f"{name_or_path}.yaml"
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ProfileError(f"profile {path}: cannot read: {exc.strerror}") from exc
-    except yaml.YAMLError as exc:
-        raise ProfileError(f"profile {path}: not valid YAML: {exc}") from exc
-    try:
-        return Profile.model_validate(raw)
-    except ValidationError as exc:
-        lines = [
-            f"profile {path}: {'.'.join(str(p) for p in e['loc'])}: {e['msg']}"
-            for e in exc.errors()
-        ]
-        raise ProfileError("\n".join(lines)) from None
+    return load_yaml_model(path, Profile, ProfileError, "profile")

@@ -9,7 +9,6 @@ every check is vectorised over a block (Arrow compute), never a Python loop over
 from __future__ import annotations
 
 import io
-import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +18,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
 from etl.cdm.spec import FieldSpec, TableSpec
+from etl.sources.delimited import line_numbers, unreadable_reason
 
 LINE_COLUMN = "_line"  # 1-based line number in the source file, kept through staging
 _BLOCK_SIZE = 8 << 20
@@ -253,7 +253,7 @@ def read_table(
                 problems.append(_unreadable(fname, exc))
                 return
             n = batch.num_rows
-            lines = _line_numbers(first_line, n, skipped_lines)
+            lines = line_numbers(first_line, n, skipped_lines)
             if n:
                 first_line = lines[-1].as_py() + 1
             columns = [
@@ -270,21 +270,10 @@ def read_table(
 
 def _unreadable(fname: str, exc: Exception) -> Problem:
     """A problem for a block Arrow could not decode, naming the line where it knows it."""
-    text = str(exc)
-    m = re.search(r"Row #(\d+)", text)
-    line = int(m.group(1)) if m else None
+    line, text = unreadable_reason(exc)
     if "invalid UTF8" in text:
         return Problem(fname, line, "unreadable: not valid UTF-8 (Athena files are UTF-8)")
     return Problem(fname, line, f"unreadable: {text}")
-
-
-def _line_numbers(first: int, n: int, skipped: list[int]) -> pa.Array:
-    """Line numbers of the next `n` parsed rows, stepping over lines skipped as malformed."""
-    candidates = pa.array(range(first, first + n + len(skipped)), pa.int64())
-    if skipped:
-        keep = pc.invert(pc.is_in(candidates, value_set=pa.array(skipped, pa.int64())))
-        candidates = pc.filter(candidates, keep)
-    return candidates.slice(0, n)
 
 
 def _nullable(schema: pa.Schema) -> pa.Schema:
