@@ -24,6 +24,8 @@ cdm_app = typer.Typer(help="The CDM v5.4 (+ imaging extension) schema.", no_args
 vocab_app = typer.Typer(help="Athena vocabulary releases.", no_args_is_help=True)
 app.add_typer(cdm_app, name="cdm")
 app.add_typer(vocab_app, name="vocab")
+quality_app = typer.Typer(help="The quality checks, on any CDM warehouse.", no_args_is_help=True)
+app.add_typer(quality_app, name="quality")
 
 console = Console(stderr=True)
 log = logging.getLogger("etl")
@@ -240,6 +242,69 @@ def _print_source_trace(t) -> None:  # type: ignore[no-untyped-def]
             f"{escape(where)}: {a['status']} by rule [bold]{escape(a['rule'])}[/] in run "
             f"{a['run_id']} ({a['record_set']})"
         )
+
+
+@quality_app.command("run")
+def quality_run(
+    warehouse: str = WAREHOUSE_OPT,
+    schema: str | None = SCHEMA_OPT,
+    quality: Path | None = typer.Option(None, "--quality", help="Folder of override YAMLs."),
+    out: Path = typer.Option(Path("quality-results"), "--out", help="Where to write results."),
+) -> None:
+    """Run the gate's checks on an existing CDM v5.4 warehouse. Exit 1 if a fatal one fails."""
+    import datetime as dt
+    import json
+
+    from etl.quality.dqd_json import dqd_results
+    from etl.quality.standalone import check_warehouse
+    from etl.warehouse import open_warehouse
+
+    _require(warehouse, "--warehouse")
+    schema = _default_schema(warehouse, schema)
+    started = dt.datetime.now(dt.UTC)
+    with open_warehouse(warehouse) as wh:
+        result, missing = check_warehouse(wh, schema, quality)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "checks.json").write_text(json.dumps(result.checks, indent=1, default=str))
+    dqd = dqd_results(result.checks, started, dt.datetime.now(dt.UTC), None)
+    (out / "dqd_results.json").write_text(json.dumps(dqd, indent=1, default=str))
+    failed = [c for c in result.checks if not c["passed"]]
+    table = Table(title=f"{len(result.checks)} checks on {schema}: {len(failed)} failed")
+    for col in ("severity", "check", "table.field", "violating", "rows", "%", "threshold %"):
+        table.add_column(col)
+    for c in sorted(failed, key=lambda c: (c["severity"] != "fatal", c["name"])):
+        table.add_row(c["severity"], c["name"], f"{c['table']}.{c['field'] or ''}",
+                      str(c["violating_rows"]), str(c["total_rows"]),
+                      f"{c['violating_pct']:.2f}", f"{c['threshold_pct']:g}")  # fmt: skip
+    Console(width=160).print(table)
+    if missing:
+        console.print(f"tables absent, not checked: {', '.join(missing)}")
+    console.print(f"results: {out / 'checks.json'}, {out / 'dqd_results.json'}")
+    raise typer.Exit(0 if result.passed else 1)
+
+
+@app.command()
+def report(
+    run_id: str = typer.Argument(..., help="The run to summarise."),
+    workdir: Path = typer.Option(Path("."), "--workdir", help="Where runs/ is."),
+) -> None:
+    """Reprint a run's summary from its report.json."""
+    import json
+    from types import SimpleNamespace
+
+    path = workdir / "runs" / run_id / "report.json"
+    if not path.is_file():
+        _fail(f"no report at {path}")
+    data = json.loads(path.read_text(encoding="utf-8"))
+    exit_code = {"published": 0, "refused": 1}.get(data["status"], 2)
+    _print_run(SimpleNamespace(run_id=run_id, status=data["status"], report=data,
+                               run_dir=path.parent, exit_code=exit_code))  # fmt: skip
+    checks = data.get("checks", [])
+    if checks:
+        failed = [c for c in checks if not c["passed"]]
+        fatal = [c for c in failed if c["severity"] == "fatal"]
+        console.print(f"checks: {len(checks)}, failed {len(failed)} ({len(fatal)} fatal)")
+    console.print(f"auditor's page: {path.parent / 'report.html'}")
 
 
 def _print_run(result) -> None:  # type: ignore[no-untyped-def]

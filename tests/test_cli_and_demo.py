@@ -117,6 +117,9 @@ def test_run_command_exit_codes(tmp_path: Path) -> None:
     assert "published" in ok.output
     runs = sorted((tmp_path / "runs").iterdir())
     assert len(runs) == 1 and (runs[0] / "report.json").is_file()
+    summary = CliRunner().invoke(app, ["report", runs[0].name, "--workdir", str(tmp_path)])
+    assert summary.exit_code == 0 and "published" in summary.output
+    assert "checks:" in summary.output
     # replay of that run, without touching the feed
     again = CliRunner().invoke(
         app,

@@ -81,6 +81,9 @@ def test_demo_passes_its_gate_with_every_check_type(warehouse, tmp_path: Path) -
                           "threshold_pct", "severity", "category"}  # fmt: skip
         assert "error" not in c, c
     assert not [c for c in checks if c["severity"] == "fatal" and not c["passed"]]
+    dqd = json.loads((result.run_dir / "dqd_results.json").read_text())
+    assert dqd["Overview"]["countTotal"] == [len(checks)]
+    assert dqd["Metadata"][0]["cdmVersion"] == "v5.4"
     # real findings on the demo are reported as warnings, with their numbers
     days = next(c for c in checks if c["key"] == "plausibleValueHigh.drug_exposure.days_supply")
     assert not days["passed"] and days["severity"] == "warning" and days["violating_rows"] > 0
@@ -152,3 +155,54 @@ def test_a_bad_override_file_names_the_key(tmp_path: Path) -> None:
     bad.write_text("checks:\n  - match: {name: x}\n    severity: deadly\n", encoding="utf-8")
     with pytest.raises(OverrideError, match=r"bad.yaml: checks.0.severity"):
         load_overrides([bad])
+
+
+def test_quality_run_on_a_warehouse_built_elsewhere(warehouse, tmp_path: Path) -> None:
+    """Plain SQL inserts with known defects into a CDM this project did not build."""
+    from typer.testing import CliRunner
+
+    from etl.cdm.schema import create_cdm
+    from etl.cli import app
+    from etl.vocab import load_vocabulary
+    from tests.conftest import DEMO_VOCAB
+
+    wh, schema = warehouse
+    create_cdm(wh, schema, constraints=False)  # a sloppy warehouse: no keys, no NOT NULL
+    load_vocabulary(wh, DEMO_VOCAB, schema)
+    t = f'"{schema}"'
+    statements = [
+        f"INSERT INTO {t}.person (person_id, gender_concept_id, year_of_birth, birth_datetime,"
+        " race_concept_id, ethnicity_concept_id) VALUES"
+        " (1, 8507, 1980, TIMESTAMP '1980-05-01 00:00:00', 8527, 38003564),"
+        " (2, 8532, 1990, TIMESTAMP '1990-01-01 00:00:00', 8527, 38003564)",
+        f"INSERT INTO {t}.visit_occurrence (visit_occurrence_id, person_id, visit_concept_id,"
+        " visit_start_date, visit_end_date, visit_type_concept_id) VALUES"
+        " (10, 1, 9202, DATE '2020-01-01', DATE '2020-01-01', 32827)",
+        f"INSERT INTO {t}.condition_occurrence (condition_occurrence_id, person_id,"
+        " condition_concept_id, condition_start_date, condition_type_concept_id,"
+        " visit_occurrence_id) VALUES"
+        " (100, 1, 4112343, DATE '2020-01-01', 32817, 10),"
+        " (100, 1, 4112343, DATE '2020-01-02', 32817, 10),"  # duplicate primary key
+        " (101, NULL, 4112343, DATE '2020-01-03', 32817, 10),"  # no person
+        " (102, 2, 4112343, DATE '2020-01-04', 32817, 999),"  # orphan visit
+        " (103, 2, 4112343, DATE '1950-01-01', 32817, NULL)",  # before birth
+    ]
+    with wh.begin() as conn:
+        for sql in statements:
+            conn.execute(sa.text(sql))
+    out = tmp_path / "results"
+    result = CliRunner().invoke(
+        app, ["quality", "run", "--warehouse", wh.url, "--schema", schema, "--out", str(out)]
+    )
+    assert result.exit_code == 1, result.output
+    checks = json.loads((out / "checks.json").read_text())
+    failed = {(c["name"], c["table"], c["field"]) for c in checks if not c["passed"]}
+    assert {
+        ("isPrimaryKey", "condition_occurrence", "condition_occurrence_id"),
+        ("isRequired", "condition_occurrence", "person_id"),
+        ("isForeignKey", "condition_occurrence", "visit_occurrence_id"),
+        ("plausibleAfterBirth", "condition_occurrence", "condition_start_date"),
+    } <= failed
+    dqd = json.loads((out / "dqd_results.json").read_text())
+    assert dqd["Overview"]["countOverallFailed"][0] == len([c for c in checks if not c["passed"]])
+    assert {"CheckResults", "Metadata", "Overview", "startTimestamp"} <= set(dqd)

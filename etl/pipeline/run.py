@@ -7,6 +7,7 @@ unchanged), 2 failed (warehouse unchanged).
 from __future__ import annotations
 
 import datetime as dt
+import json
 import logging
 import secrets
 import time
@@ -34,6 +35,7 @@ from etl.pipeline.schemas import Schemas
 from etl.pipeline.stage import prepare
 from etl.pseudonym import load_key
 from etl.quality.checks import generate_checks
+from etl.quality.dqd_json import dqd_results
 from etl.quality.gate import run_checks
 from etl.quality.overrides import apply_overrides, load_overrides
 from etl.sources.ehr import FileStats, extract_ehr
@@ -216,8 +218,10 @@ def _run(
             report["errors"].extend(errors)
             raise RunFailed("row accounting does not add up; nothing published")
         with step("gate"):
+            gate_started = dt.datetime.now(dt.UTC)
             gate = run_checks(s, _gate_checks(cfg))
         report["checks"] = gate.checks
+        _write_dqd_results(s, run_dir, gate.checks, gate_started)
         if not gate.passed:
             for c in gate.fatal_failures:
                 report["errors"].append(
@@ -245,6 +249,18 @@ def _gate_checks(cfg: SiteConfig) -> list:
     if cfg.quality is not None and cfg.quality.resolve() != QUALITY_DIR.resolve():
         files += sorted(cfg.quality.glob("*.yaml"))
     return apply_overrides(generate_checks(published_tables()), load_overrides(files))
+
+
+def _write_dqd_results(
+    s: Schemas, run_dir: Path, checks: list[dict[str, Any]], started: dt.datetime
+) -> None:
+    """The checks in DQD's results layout, for DQD's viewer and OHDSI Ares."""
+    with s.wh.begin() as conn:
+        source = s.run(conn, "SELECT * FROM {S}.cdm_source").mappings().first()
+    results = dqd_results(checks, started, dt.datetime.now(dt.UTC), dict(source or {}))
+    (run_dir / "dqd_results.json").write_text(
+        json.dumps(results, indent=1, default=str), encoding="utf-8"
+    )
 
 
 def _ensure_vocabulary(s: Schemas, cfg: SiteConfig) -> None:
