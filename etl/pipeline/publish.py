@@ -86,6 +86,12 @@ def publish_lineage(s: Schemas, conn: sa.Connection, run_id: str) -> None:
             s.run(conn, "CREATE INDEX {n} ON {E}.{c}", n=f"{s.etl}_{name}"[:63], c=cols)
 
 
+def published_counts(s: Schemas, conn: sa.Connection) -> dict[str, int]:
+    """Rows per published table as they are now (before tonight's swap)."""
+    present = set(sa.inspect(conn).get_table_names(schema=s.cdm))
+    return {t: s.wh.count_rows(conn, s.cdm, t) for t in published_tables() if t in present}
+
+
 def publish(s: Schemas, conn: sa.Connection) -> dict[str, int]:
     """Swap every staged table into the CDM schema within `conn`'s transaction.
 

@@ -237,7 +237,16 @@ def render_html(report: dict[str, Any]) -> str:
         _table(["feed", "file", "records", "in", "loaded", "quarantined", "filtered", "note"], rows)
     )
     parts.append("<h2>CDM tables</h2>")
-    parts.append(_table(["table", "rows"], [[t, n] for t, n in report.get("tables", {}).items()]))
+    before = report.get("tables_before", {})
+    parts.append(
+        _table(
+            ["table", "rows", "before this run", "change"],
+            [
+                [t, n, before.get(t, ""), f"{n - before[t]:+,}" if t in before else "new"]
+                for t, n in report.get("tables", {}).items()
+            ],
+        )
+    )
     parts.append("<h2>Quarantined, by reason</h2>")
     parts.append(
         _table(

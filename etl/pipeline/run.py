@@ -30,7 +30,12 @@ from etl.paths import MAPPINGS_DIR, QUALITY_DIR
 from etl.pipeline import report as reporting
 from etl.pipeline.build import build_steps
 from etl.pipeline.land import Landing, replay_into
-from etl.pipeline.publish import publish, publish_lineage, published_tables
+from etl.pipeline.publish import (
+    publish,
+    publish_lineage,
+    published_counts,
+    published_tables,
+)
 from etl.pipeline.schemas import Schemas
 from etl.pipeline.stage import prepare
 from etl.pseudonym import load_key
@@ -234,6 +239,7 @@ def _run(
             return "refused", EXIT_REFUSED
         with wh.begin() as conn:  # one transaction: CDM tables, key map, lineage
             with step("publish"):
+                report["tables_before"] = published_counts(s, conn)
                 report["tables"] = publish(s, conn)
             with step("publish.lineage"):
                 publish_lineage(s, conn, run_dir.name)
