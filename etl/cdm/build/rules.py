@@ -134,7 +134,11 @@ def apply_rules(s: Schemas, conn: sa.Connection) -> None:
 
 
 def apply_financial_rules(s: Schemas, conn: sa.Connection) -> None:
-    """payer_plan_ok, claim_ok, cost_line_ok: coverage and claims of known people and visits."""
+    """payer_plan_ok, claim_ok, cost_line_ok: coverage and claims of known people and visits.
+
+    Look-ups are LEFT JOINs on unique keys, never correlated subqueries, so PostgreSQL
+    plans them as hash joins (a correlated NOT EXISTS per row would be quadratic).
+    """
     _first_per_key(s, conn, "src_payer_plan", "plan_key", "payer_plan_unique", "'payer_plans'")
     _first_per_key(s, conn, "src_claim", "claim_key", "claim_unique", "'claims'")
     _first_per_key(s, conn, "src_cost_line", "line_key", "cost_line_unique", "'cost_lines'")
@@ -145,8 +149,8 @@ def apply_financial_rules(s: Schemas, conn: sa.Connection) -> None:
         "payer_plan_unique",
         "payer_plan_ok",
         "payer_plans",
-        "CASE WHEN NOT EXISTS (SELECT 1 FROM {S}.person_ok p WHERE p.person_key = t.person_key)"
-        " THEN 'unknown_person' END",
+        "LEFT JOIN {S}.person_ok p ON p.person_key = t.person_key",
+        "CASE WHEN p.person_key IS NULL THEN 'unknown_person' END",
     )
     _set_aside(
         s,
@@ -154,10 +158,10 @@ def apply_financial_rules(s: Schemas, conn: sa.Connection) -> None:
         "claim_unique",
         "claim_ok",
         "claims",
-        "CASE WHEN NOT EXISTS (SELECT 1 FROM {S}.person_ok p WHERE p.person_key = t.person_key)"
-        " THEN 'unknown_person'"
-        " WHEN NOT EXISTS (SELECT 1 FROM {S}.visit_ok v WHERE v.visit_key = t.visit_key)"
-        " THEN 'unknown_visit' END",
+        "LEFT JOIN {S}.person_ok p ON p.person_key = t.person_key"
+        " LEFT JOIN {S}.visit_ok v ON v.visit_key = t.visit_key",
+        "CASE WHEN p.person_key IS NULL THEN 'unknown_person'"
+        " WHEN v.visit_key IS NULL THEN 'unknown_visit' END",
     )
     _set_aside(
         s,
@@ -165,29 +169,28 @@ def apply_financial_rules(s: Schemas, conn: sa.Connection) -> None:
         "cost_line_unique",
         "cost_line_ok",
         "cost_lines",
-        "CASE WHEN NOT EXISTS (SELECT 1 FROM {S}.claim_ok c WHERE c.claim_key = t.claim_key)"
-        " THEN 'unknown_claim' END",
+        "LEFT JOIN {S}.claim_ok c ON c.claim_key = t.claim_key",
+        "CASE WHEN c.claim_key IS NULL THEN 'unknown_claim' END",
     )
     _set_aside(
-        s,
-        conn,
-        "payer_unique",
-        "payer_ok",
-        "payers",
-        "CASE WHEN NOT EXISTS (SELECT 1 FROM {S}.payer_plan_ok p WHERE p.payer_key = t.payer_key)"
-        " THEN 'reference_not_used' END",
-    )
+        s, conn, "payer_unique", "payer_ok", "payers",
+        "LEFT JOIN (SELECT DISTINCT payer_key FROM {S}.payer_plan_ok) u"
+        " ON u.payer_key = t.payer_key",
+        "CASE WHEN u.payer_key IS NULL THEN 'reference_not_used' END",
+    )  # fmt: skip
 
 
 def _set_aside(
-    s: Schemas, conn: sa.Connection, src: str, ok: str, record_set: str, rule_sql: str
-) -> None:
+    s: Schemas, conn: sa.Connection, src: str, ok: str, record_set: str, joins: str,
+    rule_sql: str,
+) -> None:  # fmt: skip
     """Split `src` into `ok` (rule is NULL) and disposition rows (quarantined or filtered)."""
     s.run(
         conn,
-        "CREATE TABLE {S}.{src}_checked AS SELECT t.*, {rule} AS rule FROM {S}.{src} t",
+        "CREATE TABLE {S}.{src}_checked AS SELECT t.*, {rule} AS rule FROM {S}.{src} t {joins}",
         src=src,
         rule=s.sql(rule_sql),
+        joins=s.sql(joins),
     )
     s.run(
         conn,
