@@ -45,6 +45,17 @@ def _t(schema: str, table: str) -> str:
     return f'"{schema}"."{table}"'
 
 
+def _conditions(wh, schema: str) -> list[tuple]:
+    """(source value, concept, source concept) of every condition row, sorted."""
+    return sorted(
+        query(
+            wh,
+            "SELECT condition_source_value, condition_concept_id, condition_source_concept_id"
+            f" FROM {_t(schema, 'condition_occurrence')}",
+        )
+    )
+
+
 def _header(name: str) -> list[str]:
     """The exact Synthea header of `name`, from the demo export."""
     with (DEMO_SYNTHEA / name).open(encoding="utf-8", newline="") as fh:
@@ -199,13 +210,7 @@ def test_local_map_overrides_the_vocabulary(warehouse, tmp_path: Path) -> None:
         local={"site.csv": [_stcm("275272006", "SNOMED", CONCUSSION, "TBI, site rule"), retired]},
     )
     wh, schema, _ = _publish(warehouse, tmp_path, feed, mappings=mappings)
-    got = sorted(
-        query(
-            wh,
-            "SELECT condition_source_value, condition_concept_id, condition_source_concept_id"
-            f" FROM {_t(schema, 'condition_occurrence')}",
-        )
-    )
+    got = _conditions(wh, schema)
     assert got == [
         ("15777000", IMPAIRED_GLUCOSE, PREDIABETES),
         ("275272006", CONCUSSION, BRAIN_DAMAGE),
@@ -354,13 +359,7 @@ def test_deprecated_code_gets_its_replacement(warehouse, tmp_path: Path) -> None
         ],
     )
     wh, schema, result = _publish(warehouse, tmp_path, feed)
-    got = sorted(
-        query(
-            wh,
-            "SELECT condition_source_value, condition_concept_id, condition_source_concept_id"
-            f" FROM {_t(schema, 'condition_occurrence')}",
-        )
-    )
+    got = _conditions(wh, schema)
     assert got == [
         ("15777000", IMPAIRED_GLUCOSE, PREDIABETES),
         ("275272006", TRAUMATIC_BRAIN_INJURY, BRAIN_DAMAGE),
@@ -396,13 +395,7 @@ def test_unknown_code_is_kept_with_concept_zero_and_reported(warehouse, tmp_path
         ],
     )
     wh, schema, result = _publish(warehouse, tmp_path, feed)
-    got = sorted(
-        query(
-            wh,
-            "SELECT condition_source_value, condition_concept_id, condition_source_concept_id"
-            f" FROM {_t(schema, 'condition_occurrence')}",
-        )
-    )
+    got = _conditions(wh, schema)
     assert got == [
         ("195662009", PHARYNGITIS, PHARYNGITIS),
         ("999999999999", 0, 0),
