@@ -1,0 +1,50 @@
+"""Extraction alone, into the in-memory sink: typing, quarantine lines, pseudonyms."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from etl.pseudonym import pseudonym
+from etl.sources.ehr import Extract, extract_ehr
+from etl.sources.profile import load_profile
+from tests.conftest import DEMO_SYNTHEA
+from tests.pipeline_helpers import rows
+
+KEY = b"unit-test-key-0123456789"
+
+
+def test_extract_types_pseudonymises_and_quarantines(tmp_path: Path) -> None:
+    feed = tmp_path / "feed"
+    shutil.copytree(DEMO_SYNTHEA, feed)
+    patients = rows(feed / "patients.csv")
+    with (feed / "conditions.csv").open("a", encoding="utf-8") as fh:
+        fh.write(f"2020-02-30,,{patients[0]['Id']},,195662009,Impossible date\n")
+    bad_line = len(rows(feed / "conditions.csv")) + 1
+
+    sink = Extract()
+    files = extract_ehr("ehr", feed, load_profile("synthea"), KEY, sink)
+
+    stats = {f.file: f for f in files}
+    assert stats["conditions.csv"].quarantined == 1
+    assert stats["patients.csv"].extracted == len(patients)
+    quarantine = sink.table("quarantine").to_pylist()
+    assert quarantine == [
+        {
+            "record_set": "conditions",
+            "reason": "START is not a recognised date",
+            "feed": "ehr",
+            "source_file": "conditions.csv",
+            "source_line": bad_line,
+        }
+    ]
+    persons = sink.table("person")
+    expected = {pseudonym(KEY, p["Id"])[:32] for p in patients}
+    assert set(persons.column("person_key").to_pylist()) == expected
+    # the clear Id, names and SSNs are nowhere in what was extracted
+    identifiers = {p[c] for p in patients for c in ("Id", "SSN", "FIRST", "LAST") if p[c]}
+    for shape in ("person", "visit", "event", "quarantine"):
+        table = sink.table(shape)
+        for name in table.column_names:
+            values = {str(v) for v in table.column(name).to_pylist() if v is not None}
+            assert not values & identifiers, (shape, name)
