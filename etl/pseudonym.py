@@ -2,9 +2,9 @@
 
 The key comes from the environment variable the site config names; it never sits in a
 file of the repository. The digest is computed inside DuckDB (sha256 over the HMAC
-construction, RFC 2104), so keys of millions of rows are hashed set-based, not in a
-Python loop. The same key and source value always give the same pseudonym, which is
-what keeps person_id stable from one night to the next.
+construction, RFC 2104, in a session macro), so keys of millions of rows are hashed
+set-based, not in a Python loop. The same key and source value always give the same
+pseudonym, which is what keeps person_id stable from one night to the next.
 """
 
 from __future__ import annotations
@@ -60,10 +60,26 @@ def _pads(key: bytes) -> tuple[str, str]:
     return inner, outer
 
 
-def duckdb_hmac_sql(key: bytes, expr: str) -> str:
-    """A DuckDB SQL expression: the pseudonym of the VARCHAR expression `expr` (NULL stays NULL)."""
+MACRO = "omop_etl_pseudonym"
+
+
+def install_duckdb_macro(con, key: bytes) -> None:  # type: ignore[no-untyped-def]
+    """Define `omop_etl_pseudonym(text)` on a DuckDB connection.
+
+    The key-derived pads live only in the macro's definition, so the queries that call it
+    (and any error message quoting them) never contain key material.
+    """
     inner, outer = _pads(key)
-    return (
-        f"CASE WHEN ({expr}) IS NULL THEN NULL ELSE left(sha256(unhex('{outer}') || "
-        f"unhex(sha256(unhex('{inner}') || encode({expr})))), {DIGEST_CHARS}) END"
+    con.execute(
+        f"CREATE OR REPLACE TEMP MACRO {MACRO}(x) AS CASE WHEN x IS NULL THEN NULL ELSE"
+        f" left(sha256(unhex('{outer}') || unhex(sha256(unhex('{inner}') || encode(x)))),"
+        f" {DIGEST_CHARS}) END"
     )
+
+
+def duckdb_pseudonym_sql(expr: str) -> str:
+    """A DuckDB expression: the pseudonym of the VARCHAR expression `expr` (NULL stays NULL).
+
+    Needs `install_duckdb_macro` on the connection first.
+    """
+    return f"{MACRO}({expr})"

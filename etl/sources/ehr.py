@@ -19,7 +19,7 @@ import duckdb
 import pyarrow as pa
 
 from etl import canonical
-from etl.pseudonym import duckdb_hmac_sql
+from etl.pseudonym import duckdb_pseudonym_sql, install_duckdb_macro
 from etl.sources.delimited import LINE, count_data_lines, stream
 from etl.sources.profile import Coded, EventSpec, Profile
 
@@ -94,9 +94,8 @@ def _lit(value: str) -> str:
 class _Query:
     """Builds the typed-and-checked SELECT for one record set over a decoded block."""
 
-    def __init__(self, profile: Profile, key: bytes, feed: str, file: str, record_set: str):
+    def __init__(self, profile: Profile, feed: str, file: str, record_set: str):
         self.profile = profile
-        self.key = key
         self.columns: list[str] = []  # source columns the query reads
         self.select: dict[str, str] = {}
         self.checks: list[tuple[str, str]] = []  # (condition that is bad, reason)
@@ -134,7 +133,7 @@ class _Query:
         return parsed
 
     def pseudonym(self, expr: str) -> str:
-        return duckdb_hmac_sql(self.key, expr)
+        return duckdb_pseudonym_sql(expr)
 
     def coded(self, spec: Coded) -> tuple[str, str]:
         code = self.col(spec.column)
@@ -401,6 +400,7 @@ def extract_ehr(
     """
     files: list[FileStats] = []
     con = duckdb.connect()
+    install_duckdb_macro(con, key)
     con.register("us_states", _states_table())
     for record_set, file_name, build in _record_sets(profile):
         path = folder / file_name
@@ -410,7 +410,7 @@ def extract_ehr(
             stats.message = f"{file_name} not found in {folder.name}/: no {record_set} records"
             log.warning("%s: %s", feed, stats.message)
             continue
-        q = _Query(profile, key, feed, file_name, record_set)
+        q = _Query(profile, feed, file_name, record_set)
         shape = build(q)
         raw, batches = stream(
             path, delimiter=profile.delimiter, encoding=profile.encoding, fmt=profile.format
@@ -440,7 +440,7 @@ def extract_ehr(
                     "quarantine",
                     pa.table(
                         {
-                            "record_set": pa.array([record_set] * bad.num_rows),
+                            "record_set": _repeat(record_set, bad.num_rows),
                             "reason": bad["_reason"],
                             "feed": bad["feed"],
                             "source_file": bad["source_file"],
@@ -480,23 +480,27 @@ def _account_unparsed_rows(out: RecordSink, stats: FileStats, raw, record_set, f
         "quarantine",
         pa.table(
             {
-                "record_set": pa.array([record_set] * n),
+                "record_set": _repeat(record_set, n),
                 "reason": pa.array(reasons),
-                "feed": pa.array([feed] * n),
-                "source_file": pa.array([file_name] * n),
+                "feed": _repeat(feed, n),
+                "source_file": _repeat(file_name, n),
                 "source_line": pa.array([ln if ln is not None else -1 for ln in lines], pa.int64()),
             }
         ),
     )
 
 
+def _repeat(value: str, n: int) -> pa.Array:
+    return pa.repeat(pa.scalar(value, pa.string()), n)
+
+
 def _whole_file_quarantine(record_set: str, reason: str, feed: str, file: str, n: int) -> pa.Table:
     return pa.table(
         {
-            "record_set": pa.array([record_set] * n, pa.string()),
-            "reason": pa.array([reason] * n, pa.string()),
-            "feed": pa.array([feed] * n, pa.string()),
-            "source_file": pa.array([file] * n, pa.string()),
+            "record_set": _repeat(record_set, n),
+            "reason": _repeat(reason, n),
+            "feed": _repeat(feed, n),
+            "source_file": _repeat(file, n),
             "source_line": pa.array(range(2, n + 2), pa.int64()),
         }
     )
