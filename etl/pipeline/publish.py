@@ -8,6 +8,8 @@ commit leaves the published warehouse exactly as it was.
 
 from __future__ import annotations
 
+import re
+
 import sqlalchemy as sa
 
 from etl.cdm.schema import build_metadata
@@ -22,60 +24,33 @@ def published_tables() -> list[str]:
     return [t for t in cdm_tables() if t not in ATHENA_TABLES and t not in RESEARCHER_TABLES]
 
 
-LINEAGE_STORE = """
-CREATE TABLE {E}.lineage (
-    cdm_table VARCHAR(64) NOT NULL,
-    cdm_id INTEGER NOT NULL,
-    run_id VARCHAR(64) NOT NULL,
-    feed TEXT NOT NULL,
-    source_file TEXT NOT NULL,
-    source_line BIGINT NOT NULL,
-    source_vocabulary TEXT,
-    source_code TEXT,
-    mapping_rule TEXT
-)
-"""
-SET_ASIDE_STORE = """
-CREATE TABLE {E}.set_aside (
-    run_id VARCHAR(64) NOT NULL,
-    feed TEXT NOT NULL,
-    source_file TEXT NOT NULL,
-    source_line BIGINT NOT NULL,
-    record_set TEXT NOT NULL,
-    status VARCHAR(16) NOT NULL,
-    rule TEXT NOT NULL
-)
-"""
-
-
 def publish_lineage(s: Schemas, conn: sa.Connection, run_id: str) -> None:
     """Replace the lineage store: every published row's source, and every record set aside.
 
     It lives in the ETL schema, outside the CDM that OHDSI tools read, and always
     describes the published warehouse: a row rebuilt tonight points to tonight's source.
     """
+    if not re.fullmatch(r"[0-9A-Za-z_-]+", run_id):
+        raise ValueError(f"unexpected run id {run_id!r}")
+    run = f"CAST('{run_id}' AS VARCHAR(64))"
     for table in ("lineage", "set_aside"):
         s.run(conn, "DROP TABLE IF EXISTS {E}.{t}", t=table)
-    s.run(conn, LINEAGE_STORE)
-    s.run(conn, SET_ASIDE_STORE)
-    params = {"run": run_id}
+    # Copies of the stage's tables with the run id: the store has no DDL of its own.
     s.run(
         conn,
-        "INSERT INTO {E}.lineage SELECT cdm_table, cdm_id, :run, feed, source_file,"
-        " source_line, source_vocabulary, source_code, mapping_rule FROM {S}.lineage",
-        params,
+        "CREATE TABLE {E}.lineage AS SELECT cdm_table, cdm_id, {run} AS run_id, feed,"
+        " source_file, source_line, source_vocabulary, source_code, mapping_rule"
+        " FROM {S}.lineage",
+        run=run,
     )
     s.run(
         conn,
-        "INSERT INTO {E}.set_aside SELECT :run, feed, source_file, source_line, record_set,"
-        " status, rule FROM {S}.disposition",
-        params,
-    )
-    s.run(
-        conn,
-        "INSERT INTO {E}.set_aside SELECT :run, feed, source_file, source_line, record_set,"
-        " 'quarantined', reason FROM {S}.src_quarantine",
-        params,
+        "CREATE TABLE {E}.set_aside AS"
+        " SELECT {run} AS run_id, feed, source_file, source_line, record_set, status, rule"
+        " FROM {S}.disposition"
+        " UNION ALL SELECT {run}, feed, source_file, source_line, record_set, 'quarantined',"
+        " reason FROM {S}.src_quarantine",
+        run=run,
     )
     if s.wh.dialect == "postgresql":
         for name, cols in (

@@ -26,9 +26,10 @@ class Schemas:
         return f"{self.cdm}_etl"
 
     def sql(self, text: str, **extra: str) -> str:
-        """Fill {C}, {S}, {E} (quoted cdm, stage and etl schema names) into `text`."""
+        """Fill {C}, {S}, {E} (quoted cdm, stage and etl schema names) into `text`, and
+        {SN}, the stage schema's bare name (for information_schema look-ups)."""
         q = self.wh.quote
-        return text.format(C=q(self.cdm), S=q(self.stage), E=q(self.etl), **extra)
+        return text.format(C=q(self.cdm), S=q(self.stage), E=q(self.etl), SN=self.stage, **extra)
 
     def run(self, conn: sa.Connection, text: str, params: dict | None = None, **extra: str):
         return conn.execute(sa.text(self.sql(text, **extra)), params or {})

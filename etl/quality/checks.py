@@ -63,6 +63,15 @@ class Check:
         return ".".join(p for p in parts if p)
 
 
+def _exists(catalog: str, condition: str) -> str:
+    """(0, 1) when information_schema.<catalog> has the object in the checked schema, else
+    (1, 1)."""
+    return (
+        f"SELECT CASE WHEN EXISTS (SELECT 1 FROM information_schema.{catalog}"
+        f" WHERE table_schema = '{{SN}}' AND {condition}) THEN 0 ELSE 1 END, 1"
+    )
+
+
 def _anti_join(table: str, bad: str, denominator: str = "count(*)") -> str:
     """(violating, denominator) with the violation in a plain WHERE: PostgreSQL plans
     [NOT] EXISTS there as a (anti-)join, where inside count(*) FILTER it would run the
@@ -133,9 +142,9 @@ def _field_checks(tables: set[str]) -> list[Check]:
                 "cdmField",
                 table,
                 fld,
-                "SELECT 0, 1",
+                _exists("columns", f"table_name = '{table}' AND column_name = '{fld}'"),
                 "0",
-                f"{table}.{fld} exists (the staged table was built from the spec)",
+                f"{table}.{fld} exists",
             )
         )
         if r["isRequired"] == "Yes":
@@ -331,8 +340,10 @@ def _table_checks(tables: set[str]) -> list[Check]:
         table = r["cdmTableName"].lower()
         if table not in tables:
             continue
-        out.append(_new("cdmTable", table, None, "SELECT 0, 1", "0",
-                        f"{table} exists (built from the spec)"))  # fmt: skip
+        out.append(_new(
+            "cdmTable", table, None, _exists("tables", f"table_name = '{table}'"), "0",
+            f"{table} exists",
+        ))  # fmt: skip
         if r["measurePersonCompleteness"] == "Yes":
             out.append(_new(
                 "measurePersonCompleteness", table, None,
