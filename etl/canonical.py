@@ -69,6 +69,10 @@ EVENT = pa.schema(
         pa.field("unit_vocabulary", pa.string()),
         pa.field("range_low", pa.float64()),
         pa.field("range_high", pa.float64()),
+        # comparator of a numeric result ('<', '<=', '=', '>=', '>'): operator_concept_id
+        pa.field("operator", pa.string()),
+        # abnormal flag or other qualifier as sent (HL7 OBX-8): qualifier_source_value
+        pa.field("qualifier", pa.string()),
         pa.field("quantity", pa.float64()),
         pa.field("device_identifier", pa.string()),
         pa.field("provider_key", pa.string()),

@@ -22,7 +22,15 @@ class FeedConfig(BaseModel):
     name: str = Field(pattern=r"^[a-z][a-z0-9_]*$")
     kind: Literal["ehr_csv", "hl7v2", "dicom"]
     path: Path
-    profile: str | None = None
+    profile: str | None = None  # ehr_csv: the profile in mappings/profiles/
+    # ehr_csv: exclusions the profile defines that this site turns on (e.g. laboratory
+    # results that a lab feed delivers instead); excluded rows count as filtered
+    exclude: list[str] = Field(default_factory=list)
+    # hl7v2: a result whose patient no other feed knows is quarantined ('unknown_person'),
+    # or its person is created from PID (sex, birth date)
+    unknown_patient: Literal["quarantine", "create"] = "quarantine"
+    # dicom: store study/series UIDs as keyed pseudonyms instead of in clear
+    hash_uids: bool = False
 
 
 class SiteConfig(BaseModel):

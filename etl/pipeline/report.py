@@ -58,12 +58,14 @@ def accounting(
         per_file = {}
         for st in stats:
             key = (feed, st.file)
+            for rule, n in sorted(st.filtered.items()):
+                filtered_rows.append({"feed": feed, "file": st.file, "rule": rule, "rows": n})
             row = {
                 "record_set": st.record_set,
                 "records_in": st.records_in,
                 "loaded": loaded.get(key, 0),
                 "quarantined": st.quarantined + quarantined_build.get(key, 0),
-                "filtered": filtered.get(key, 0),
+                "filtered": filtered.get(key, 0) + sum(st.filtered.values()),
             }
             if st.message:
                 row["message"] = st.message

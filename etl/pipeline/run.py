@@ -86,17 +86,23 @@ class _Timer:
 def _extract_feed(
     feed: FeedConfig, cfg: SiteConfig, key: bytes | None, landing: Landing
 ) -> list[FileStats]:
-    if feed.kind != "ehr_csv":
-        raise RunFailed(f"feed {feed.name}: kind {feed.kind!r} is not supported yet")
     if not feed.path.is_dir():
         raise RunFailed(f"feed {feed.name}: {feed.path} is not a folder")
     if key is None:
         raise RunFailed("no pseudonymisation key")
+    if feed.kind == "hl7v2":
+        from etl.sources.hl7v2 import extract_hl7
+
+        return extract_hl7(feed, key, landing)
+    if feed.kind == "dicom":
+        from etl.sources.dicom import extract_dicom
+
+        return extract_dicom(feed, key, landing)
     profile_ref = feed.profile or "synthea"
     mappings = cfg.mappings or MAPPINGS_DIR
     candidate = mappings / "profiles" / f"{profile_ref}.yaml"
     profile = load_profile(candidate if candidate.is_file() else profile_ref)
-    return extract_ehr(feed.name, feed.path, profile, key, landing)
+    return extract_ehr(feed.name, feed.path, profile, key, landing, exclude=feed.exclude)
 
 
 @contextmanager

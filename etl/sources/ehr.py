@@ -10,18 +10,19 @@ anything is written: direct identifiers never reach the landing area.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
 import duckdb
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from etl import canonical
 from etl.pseudonym import duckdb_pseudonym_sql, install_duckdb_macro
 from etl.sources.delimited import LINE, count_data_lines, stream
-from etl.sources.profile import Coded, EventSpec, Profile
+from etl.sources.profile import Coded, EventSpec, Profile, ProfileError
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,9 @@ class FileStats:
     quarantined: int = 0
     extracted: int = 0
     message: str | None = None
+    # records set aside at extraction by a named rule (rule -> count), e.g. a lab result
+    # superseded by its correction; they count as filtered in the report
+    filtered: dict[str, int] = field(default_factory=dict)
 
 
 class RecordSink(Protocol):
@@ -99,6 +103,7 @@ class _Query:
         self.columns: list[str] = []  # source columns the query reads
         self.select: dict[str, str] = {}
         self.checks: list[tuple[str, str]] = []  # (condition that is bad, reason)
+        self.exclusions: list[tuple[str, str]] = []  # (condition, exclusion rule name)
         self.feed, self.file, self.record_set = feed, file, record_set
 
     def col(self, name: str) -> str:
@@ -165,6 +170,8 @@ class _Query:
         )
         reason_cases = " ".join(f"WHEN {cond} THEN {_lit(r)}" for cond, r in self.checks)
         reason = f"CASE {reason_cases} END" if reason_cases else "NULL"
+        excluded_cases = " ".join(f"WHEN {c} THEN {_lit(r)}" for c, r in self.exclusions)
+        excluded = f"CASE {excluded_cases} END" if excluded_cases else "NULL"
         body = ", ".join(f"{expr} AS {_q(name)}" for name, expr in self.select.items())
         return f"""
             WITH d AS (
@@ -175,7 +182,8 @@ class _Query:
             SELECT {body},
                    {_lit(self.feed)} AS feed, {_lit(self.file)} AS source_file,
                    {LINE} AS source_line,
-                   coalesce(_enc, {reason}) AS _reason
+                   coalesce(_enc, {reason}) AS _reason,
+                   CAST({excluded} AS VARCHAR) AS _excluded
             FROM d
         """
 
@@ -344,6 +352,7 @@ def _event(spec: EventSpec) -> Callable[[_Query], str]:
         q.select["unit_vocabulary"] = _lit(spec.unit_vocabulary) if spec.unit else "NULL"
         q.select["range_low"] = q.number(spec.range_low) if spec.range_low else "NULL"
         q.select["range_high"] = q.number(spec.range_high) if spec.range_high else "NULL"
+        q.select["operator"] = q.select["qualifier"] = "NULL"
         q.select["quantity"] = q.number(spec.quantity) if spec.quantity else "NULL"
         # A UDI's device identifier, (01)..., names the product; serials identify a patient.
         q.select["device_identifier"] = (
@@ -391,13 +400,26 @@ def _states_table() -> pa.Table:
 
 
 def extract_ehr(
-    feed: str, folder: Path, profile: Profile, key: bytes, out: RecordSink
+    feed: str,
+    folder: Path,
+    profile: Profile,
+    key: bytes,
+    out: RecordSink,
+    *,
+    exclude: Sequence[str] = (),
 ) -> list[FileStats]:
     """Read every file the profile names from `folder`, writing canonical records to `out`.
 
     Files are streamed block by block straight into the sink, so memory stays bounded by a
-    block whatever the extract's size. Returns the accounting of every file.
+    block whatever the extract's size. `exclude` turns on exclusions the profile defines;
+    their rows are counted as filtered. Returns the accounting of every file.
     """
+    unknown = sorted(set(exclude) - set(profile.exclusions))
+    if unknown:
+        raise ProfileError(
+            f"profile {profile.name} defines no exclusion {', '.join(unknown)}"
+            f" (it has: {', '.join(sorted(profile.exclusions)) or 'none'})"
+        )
     files: list[FileStats] = []
     con = duckdb.connect()
     install_duckdb_macro(con, key)
@@ -412,6 +434,11 @@ def extract_ehr(
             continue
         q = _Query(profile, feed, file_name, record_set)
         shape = build(q)
+        for name in exclude:
+            rule = profile.exclusions[name]
+            if rule.record_set == record_set:
+                values = ", ".join(_lit(v) for v in rule.equals)
+                q.exclusions.append((f"{q.col(rule.column)} IN ({values})", name))
         raw, batches = stream(
             path, delimiter=profile.delimiter, encoding=profile.encoding, fmt=profile.format
         )
@@ -430,6 +457,10 @@ def extract_ehr(
             result = con.sql(sql).to_arrow_table()
             con.unregister("batch")
             stats.records_in += result.num_rows
+            if q.exclusions:
+                _count_excluded(stats, result["_excluded"])
+                result = result.filter(result["_excluded"].is_null())
+            result = result.drop_columns(["_excluded"])
             bad = result.filter(result["_reason"].is_valid())
             good = result.filter(result["_reason"].is_null()).drop_columns(["_reason"])
             stats.quarantined += bad.num_rows
@@ -458,6 +489,13 @@ def extract_ehr(
         )
     con.close()
     return files
+
+
+def _count_excluded(stats: FileStats, excluded: pa.ChunkedArray) -> None:
+    counts = pc.value_counts(excluded.drop_null()) if excluded.null_count < len(excluded) else []
+    for item in counts:
+        rule, n = item["values"].as_py(), item["counts"].as_py()
+        stats.filtered[rule] = stats.filtered.get(rule, 0) + n
 
 
 def _account_unparsed_rows(out: RecordSink, stats: FileStats, raw, record_set, feed, file_name):

@@ -172,6 +172,19 @@ class CostLinesSpec(_Strict):
     payment_kinds: list[str] = Field(default_factory=lambda: ["PAYMENT"])
 
 
+class Exclusion(_Strict):
+    """Rows of one record set a site may turn off in its feed config (`exclude: [NAME]`).
+
+    Excluded rows are counted as filtered under the exclusion's name, never silently
+    dropped: e.g. laboratory results that the site's lab feed delivers instead.
+    """
+
+    record_set: str
+    column: str
+    equals: list[str]
+    description: str = ""
+
+
 class Profile(_Strict):
     """How to read one kind of EHR extract."""
 
@@ -201,6 +214,7 @@ class Profile(_Strict):
     claims: ClaimsSpec | None = None
     cost_lines: CostLinesSpec | None = None
     currency_concept_id: int | None = None  # of the amounts in cost_lines
+    exclusions: dict[str, Exclusion] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _unique_event_names(self) -> Profile:
@@ -208,6 +222,11 @@ class Profile(_Strict):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"event names must be unique: {', '.join(dupes)}")
+        unknown = sorted(
+            f"{n} ({x.record_set})" for n, x in self.exclusions.items() if x.record_set not in names
+        )
+        if unknown:
+            raise ValueError(f"exclusions name unknown event record sets: {', '.join(unknown)}")
         files = [self.persons.file, *(e.file for e in self.events)]
         others = (
             self.visits,

@@ -28,6 +28,14 @@ DOMAIN_TABLES = {
 }
 FALLBACK_TABLE = "observation"
 
+# Comparators of numeric results -> standard 'Meas Value Operator' concepts.
+OPERATOR_CONCEPTS = {"<": 4171756, "<=": 4171754, "=": 4172703, ">=": 4171755, ">": 4172704}
+_OPERATOR = (
+    "CASE e.operator "
+    + " ".join(f"WHEN '{op}' THEN {cid}" for op, cid in OPERATOR_CONCEPTS.items())
+    + " END"
+)
+
 _D = "CAST(e.start_datetime AS DATE)"
 _ED = "CAST(e.end_datetime AS DATE)"
 _COMMON = {
@@ -90,6 +98,7 @@ TABLE_COLUMNS: dict[str, dict[str, str]] = {
         "unit_concept_id": "e.unit_concept_id",
         "range_low": "e.range_low",
         "range_high": "e.range_high",
+        "operator_concept_id": _OPERATOR,
         "measurement_source_value": "e.code",
         "measurement_source_concept_id": "e.source_concept_id",
         "unit_source_value": "e.unit_code",
@@ -108,6 +117,7 @@ TABLE_COLUMNS: dict[str, dict[str, str]] = {
         "value_as_string": "e.value_as_string",
         "value_as_concept_id": "e.value_as_concept_id",
         "unit_concept_id": "e.unit_concept_id",
+        "qualifier_source_value": "e.qualifier",
         "observation_source_value": "e.code",
         "observation_source_concept_id": "e.source_concept_id",
         "unit_source_value": "e.unit_code",
@@ -160,7 +170,8 @@ EVENT_MAPPED = f"""
 CREATE TABLE {{S}}.event_mapped AS
 SELECT e.record_key, e.record_set, e.code, e.vocabulary_id, e.type_concept_id,
        e.start_datetime, e.end_datetime, e.value_as_number, e.value_as_string, e.value_code,
-       e.unit_code, e.range_low, e.range_high, e.quantity, e.device_identifier,
+       e.unit_code, e.range_low, e.range_high, e.operator, e.qualifier, e.quantity,
+       e.device_identifier,
        e.feed, e.source_file, e.source_line,
        coalesce(m.source_concept_id, 0) AS source_concept_id,
        coalesce(m.target_concept_id, 0) AS concept_id,
