@@ -152,6 +152,9 @@ QUARANTINE = pa.schema(
 
 SHAPES: dict[str, pa.Schema] = {
     "person": PERSON,
+    # persons a feed can only infer (a lab result's PID when the site's policy creates
+    # unknown patients): used only when no feed delivers the person itself
+    "derived_person": PERSON,
     "visit": VISIT,
     "event": EVENT,
     "care_site": CARE_SITE,

@@ -14,6 +14,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from etl.cdm.build.rules import DERIVED_PERSON_RULE
 from etl.pipeline.schemas import Schemas
 from etl.sources.ehr import FileStats
 
@@ -29,7 +30,9 @@ def accounting(
         for f, sf, n in s.run(
             conn,
             "SELECT feed, source_file, count(*) FROM (SELECT DISTINCT feed, source_file,"
-            " source_line FROM {S}.lineage) x GROUP BY feed, source_file",
+            " source_line FROM {S}.lineage WHERE mapping_rule IS NULL"
+            " OR mapping_rule <> :derived) x GROUP BY feed, source_file",
+            {"derived": DERIVED_PERSON_RULE},
         ).all()
     }
     disp = s.run(

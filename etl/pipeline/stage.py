@@ -25,6 +25,7 @@ _ARROW_SQL = {
 }
 SOURCE_TABLES = {
     "src_person": "person",
+    "src_derived_person": "derived_person",
     "src_visit": "visit",
     "src_event": "event",
     "src_care_site": "care_site",

@@ -437,8 +437,11 @@ def extract_ehr(
         for name in exclude:
             rule = profile.exclusions[name]
             if rule.record_set == record_set:
-                values = ", ".join(_lit(v) for v in rule.equals)
-                q.exclusions.append((f"{q.col(rule.column)} IN ({values})", name))
+                if rule.column is None:
+                    q.exclusions.append(("TRUE", name))
+                else:
+                    values = ", ".join(_lit(v) for v in rule.equals)
+                    q.exclusions.append((f"{q.col(rule.column)} IN ({values})", name))
         raw, batches = stream(
             path, delimiter=profile.delimiter, encoding=profile.encoding, fmt=profile.format
         )

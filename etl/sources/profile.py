@@ -180,9 +180,15 @@ class Exclusion(_Strict):
     """
 
     record_set: str
-    column: str
-    equals: list[str]
+    column: str | None = None  # with `equals`: only matching rows; without: every row
+    equals: list[str] = Field(default_factory=list)
     description: str = ""
+
+    @model_validator(mode="after")
+    def _column_with_values(self) -> Exclusion:
+        if (self.column is None) != (not self.equals):
+            raise ValueError("give column and equals together, or neither (every row)")
+        return self
 
 
 class Profile(_Strict):

@@ -6,6 +6,7 @@ import sqlalchemy as sa
 
 from etl.cdm.build.common import add_lineage, assign_ids, insert_rows
 from etl.cdm.build.health_system import location_key
+from etl.cdm.build.rules import DERIVED_PERSON_RULE
 from etl.pipeline.schemas import Schemas
 
 EHR_TYPE = 32817  # Type Concept "EHR"
@@ -60,7 +61,8 @@ def build_person(s: Schemas, conn: sa.Connection) -> None:
         s,
         conn,
         "person",
-        "SELECT i.id, p.feed, p.source_file, p.source_line, NULL, NULL, NULL"
+        "SELECT i.id, p.feed, p.source_file, p.source_line, NULL, NULL,"
+        f" CASE WHEN p.derived THEN '{DERIVED_PERSON_RULE}' END"
         " FROM {S}.person_ok p JOIN {S}.ids_person i ON i.natural_key = p.person_key",
     )
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 
+from etl import canonical
 from etl.pipeline.schemas import Schemas
 
 # Named filter rules (status 'filtered'); the README lists them for sites and auditors.
@@ -113,6 +114,7 @@ def apply_rules(s: Schemas, conn: sa.Connection) -> None:
     """Create person_ok, visit_ok, event_ok, care_site_ok, provider_ok and disposition."""
     s.run(conn, DISPOSITION_DDL)
     _first_per_key(s, conn, "src_person", "person_key", "person_ok", "'persons'")
+    _add_derived_persons(s, conn)
     _first_per_key(s, conn, "src_care_site", "care_site_key", "care_site_ok", "'care_sites'")
     _first_per_key(s, conn, "src_provider", "provider_key", "provider_ok", "'providers'")
     _first_per_key(s, conn, "src_visit", "visit_key", "visit_unique", "'visits'")
@@ -130,6 +132,35 @@ def apply_rules(s: Schemas, conn: sa.Connection) -> None:
                AS record_key
         FROM {S}.event_checked e WHERE e.rule IS NULL
         """,
+    )
+
+
+DERIVED_PERSON_RULE = "derived person"  # lineage mapping_rule of a person a feed inferred
+
+
+def _add_derived_persons(s: Schemas, conn: sa.Connection) -> None:
+    """Persons a feed inferred (e.g. from a lab result's PID) that no feed delivered.
+
+    They are not input records of their own (the results they come from are), so no
+    disposition is written for the copies that are not needed.
+    """
+    s.run(conn, "ALTER TABLE {S}.person_ok ADD COLUMN derived BOOLEAN DEFAULT FALSE")
+    s.run(conn, "UPDATE {S}.person_ok SET derived = FALSE")
+    columns = ", ".join(f"d.{c}" for c in canonical.PERSON.names)
+    s.run(
+        conn,
+        """
+        INSERT INTO {S}.person_ok
+        SELECT {columns}, 0, TRUE FROM (
+            SELECT t.*, row_number() OVER (
+                       PARTITION BY t.person_key ORDER BY t.feed, t.source_file, t.source_line)
+                   AS pick
+            FROM {S}.src_derived_person t
+            LEFT JOIN {S}.person_ok p ON p.person_key = t.person_key
+            WHERE p.person_key IS NULL
+        ) d WHERE d.pick = 1
+        """,
+        columns=columns,
     )
 
 
