@@ -150,6 +150,45 @@ QUARANTINE = pa.schema(
     ]
 )
 
+# A PACS feed's image series, one row per instance file (DICOM headers only): rows
+# sharing image_key are the instances of one series; the build makes one
+# image_occurrence per image_key from its first instance (instance_number 1) and traces
+# every instance file to it.
+IMAGE = pa.schema(
+    [
+        pa.field("image_key", pa.string(), nullable=False),  # pseudonym of the series UID
+        pa.field("person_key", pa.string(), nullable=False),
+        pa.field("visit_key", pa.string()),  # no DICOM tag carries it: matched in the build
+        pa.field("procedure_event_key", pa.string(), nullable=False),  # the study's event
+        pa.field("study_uid", pa.string(), nullable=False),  # or its pseudonym (hash_uids)
+        pa.field("series_uid", pa.string(), nullable=False),
+        pa.field("modality_code", pa.string()),
+        pa.field("modality_vocabulary", pa.string()),
+        pa.field("anatomic_site_code", pa.string()),
+        pa.field("anatomic_site_vocabulary", pa.string()),
+        pa.field("start_datetime", pa.timestamp("us"), nullable=False),
+        pa.field("local_path", pa.string()),
+        pa.field("wadors_uri", pa.string()),
+        pa.field("instance_number", pa.int64(), nullable=False),  # 1 = the series' first
+        *PROVENANCE,
+    ]
+)
+
+# A coded finding of a structured report or segmentation, linked to its image series;
+# the finding itself is an event (feature_key = its event_key).
+IMAGE_FEATURE = pa.schema(
+    [
+        pa.field("feature_key", pa.string(), nullable=False),
+        pa.field("image_key", pa.string(), nullable=False),
+        pa.field("person_key", pa.string(), nullable=False),
+        pa.field("anatomic_site_code", pa.string()),
+        pa.field("anatomic_site_vocabulary", pa.string()),
+        pa.field("alg_system", pa.string()),
+        pa.field("alg_datetime", pa.timestamp("us")),
+        *PROVENANCE,
+    ]
+)
+
 SHAPES: dict[str, pa.Schema] = {
     "person": PERSON,
     # persons a feed can only infer (a lab result's PID when the site's policy creates
@@ -164,4 +203,6 @@ SHAPES: dict[str, pa.Schema] = {
     "claim": CLAIM,
     "cost_line": COST_LINE,
     "quarantine": QUARANTINE,
+    "image": IMAGE,
+    "image_feature": IMAGE_FEATURE,
 }

@@ -35,6 +35,8 @@ SOURCE_TABLES = {
     "src_claim": "claim",
     "src_cost_line": "cost_line",
     "src_quarantine": "quarantine",  # what extraction rejected: kept for tracing
+    "src_image": "image",
+    "src_image_feature": "image_feature",
 }
 
 
