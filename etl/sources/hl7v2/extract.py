@@ -1,0 +1,287 @@
+"""The lab feed: a folder of HL7 v2 files (ORU^R01 results) -> canonical lab events.
+
+Messages are parsed one by one (hl7apy); everything after parsing is set-based in DuckDB
+over one Arrow table of the feed's results: pseudonyms, result identity, and the status
+rules (a correction replaces, a cancellation removes, a preliminary result counts only
+while no final one exists), so a correction in tomorrow's file still wins over today's.
+
+Accounting per file: records_in = OBX segments + messages whose OBX cannot be counted
+(unparseable without OBX, or without any OBX at all); each ends as an event, a
+quarantine row (reason, file, record number) or a named filter (FileStats.filtered).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pyarrow as pa
+
+from etl import canonical
+from etl.config import FeedConfig
+from etl.pseudonym import duckdb_pseudonym_sql as pseudo
+from etl.pseudonym import install_duckdb_macro
+from etl.sources.ehr import FileStats, RecordSink
+from etl.sources.hl7v2.framing import split_messages
+from etl.sources.hl7v2.message import parse
+
+log = logging.getLogger(__name__)
+
+RECORD_SET = "lab_results"
+LAB_TYPE_CONCEPT = 32856  # Lab
+SUFFIXES = {".hl7", ".txt", ".msg", ".er7", ".oru"}  # files read as HL7
+CANCELLED = ("X", "D", "W")  # cancelled, deleted, posted as wrong: the result goes
+GENDER_VOCABULARY = "HL7_SEX"  # mappings/local/hl7v2.csv
+
+RESULT = pa.schema(
+    [
+        ("file_idx", pa.int32()),
+        ("source_file", pa.string()),
+        ("source_line", pa.int64()),
+        ("message", pa.int32()),  # position of the message in its file
+        ("msg_ts", pa.timestamp("us")),
+        ("status", pa.string()),
+        ("patient_id", pa.string()),  # clear identifier: only in memory, pseudonymised in SQL
+        ("visit_id", pa.string()),
+        ("birth_datetime", pa.timestamp("us")),
+        ("gender_code", pa.string()),
+        ("order_id", pa.string()),
+        ("code", pa.string()),
+        ("vocabulary_id", pa.string()),
+        ("sub_id", pa.string()),
+        ("start_datetime", pa.timestamp("us")),
+        ("value_as_number", pa.float64()),
+        ("value_as_string", pa.string()),
+        ("value_code", pa.string()),
+        ("value_vocabulary", pa.string()),
+        ("unit_code", pa.string()),
+        ("unit_vocabulary", pa.string()),
+        ("range_low", pa.float64()),
+        ("range_high", pa.float64()),
+        ("operator", pa.string()),
+        ("qualifier", pa.string()),
+    ]
+)
+
+
+def input_files(root: Path) -> list[Path]:
+    """The files of a feed folder read as HL7, sorted (hidden and temporary files skipped)."""
+    if root.is_file():
+        return [root]
+    return sorted(
+        p
+        for p in root.rglob("*")
+        if p.is_file()
+        and not any(part.startswith(".") for part in p.relative_to(root).parts)
+        and p.suffix.lower() in SUFFIXES
+    )
+
+
+class _FileReader:
+    """Parses one file: result rows (Arrow), quarantine rows, and its FileStats."""
+
+    def __init__(self, feed: str, idx: int, rel: str):
+        self.feed, self.idx, self.rel = feed, idx, rel
+        self.stats = FileStats(RECORD_SET, rel)
+        self.rows: list[dict[str, Any]] = []
+        self.bad_lines: list[int] = []
+        self.bad_reasons: list[str] = []
+        self.notes: set[str] = set()
+        self.line = 0
+
+    def quarantine(self, n: int, reason: str) -> None:
+        for _ in range(n):
+            self.line += 1
+            self.bad_lines.append(self.line)
+            self.bad_reasons.append(reason)
+        self.stats.records_in += n
+        self.stats.quarantined += n
+
+    def filter(self, n: int, rule: str) -> None:
+        self.line += n
+        self.stats.records_in += n
+        self.stats.filtered[rule] = self.stats.filtered.get(rule, 0) + n
+
+    def read(self, data: bytes) -> None:
+        if not data.strip():
+            self.stats.message = "empty file"
+            return
+        for raw in split_messages(data):
+            parsed = parse(raw)
+            for note in (raw.note, parsed.note):
+                if note:
+                    self.notes.add(note)
+                    log.warning("%s/%s message %d: %s", self.feed, self.rel, raw.number, note)
+            if parsed.error:
+                self.quarantine(max(1, raw.obx_count), f"message {raw.number}: {parsed.error}")
+            elif parsed.filtered:
+                self.filter(max(1, raw.obx_count), parsed.filtered)
+            elif not parsed.rows:
+                self.filter(1, "message_without_results")
+            for row in parsed.rows:
+                reason = row.pop("reason", None)
+                if reason:
+                    self.quarantine(1, reason)
+                    continue
+                self.line += 1
+                self.stats.records_in += 1
+                row.update(
+                    file_idx=self.idx,
+                    source_file=self.rel,
+                    source_line=self.line,
+                    message=raw.number,
+                )
+                self.rows.append(row)
+        if self.notes:
+            self.stats.message = "; ".join(sorted(self.notes))
+
+    def fail(self, reason: str) -> None:
+        """An unexpected error: the whole file is quarantined (one record per message)."""
+        self.rows, self.bad_lines, self.bad_reasons, self.line = [], [], [], 0
+        self.stats = FileStats(RECORD_SET, self.rel, message=reason)
+        self.quarantine(1, reason)
+
+    def quarantine_table(self) -> pa.Table:
+        n = len(self.bad_lines)
+        return pa.table(
+            {
+                "record_set": pa.repeat(RECORD_SET, n),
+                "reason": pa.array(self.bad_reasons, pa.string()),
+                "feed": pa.repeat(self.feed, n),
+                "source_file": pa.repeat(self.rel, n),
+                "source_line": pa.array(self.bad_lines, pa.int64()),
+            },
+            schema=canonical.QUARANTINE,
+        )
+
+
+def extract_hl7(feed: FeedConfig, key: bytes, sink: RecordSink) -> list[FileStats]:
+    """Read every HL7 file of the feed folder into `sink`; per-file accounting."""
+    root = Path(feed.path)
+    files: list[FileStats] = []
+    tables: list[pa.Table] = []
+    if not root.exists():
+        log.error("%s: %s does not exist", feed.name, root)
+        return files
+    for idx, path in enumerate(input_files(root)):
+        rel = path.relative_to(root).as_posix() if path != root else path.name
+        reader = _FileReader(feed.name, idx, rel)
+        try:
+            reader.read(path.read_bytes())
+            table = pa.Table.from_pylist(reader.rows, schema=RESULT)
+        except Exception as exc:  # one bad file never stops the run
+            log.exception("%s/%s: cannot be read", feed.name, rel)
+            reader.fail(f"file cannot be read: {type(exc).__name__}: {exc}")
+            table = RESULT.empty_table()
+        tables.append(table)
+        if reader.bad_lines:
+            sink.write("quarantine", reader.quarantine_table())
+        files.append(reader.stats)
+    results = pa.concat_tables(tables) if tables else RESULT.empty_table()
+    _resolve(feed, key, results, files, sink)
+    for st in files:
+        log.info(
+            "%s/%s: %d record(s), %d quarantined, %d filtered%s",
+            feed.name,
+            st.file,
+            st.records_in,
+            st.quarantined,
+            sum(st.filtered.values()),
+            f" ({st.message})" if st.message else "",
+        )
+    return files
+
+
+_KEYED = f"""
+    SELECT r.*,
+           {pseudo("patient_id")} AS person_key,
+           {pseudo("visit_id")} AS visit_key,
+           {pseudo("'lab_results|' || order_id || '|' || code || '|' || coalesce(sub_id, '')")}
+               AS event_key,
+           dense_rank() OVER (ORDER BY msg_ts NULLS FIRST, file_idx, message) AS mpos,
+           coalesce(status IN ('F', 'C', 'U'), TRUE) AS final
+    FROM results r
+"""
+
+# The status rules, set-based over messages (results with the same key in one message
+# are distinct records; a later message about the same key replaces them): a
+# cancellation removes every result of its key up to and including its message; of the
+# rest, the latest message with a final result (F, C corrected, U, or no status) wins,
+# or the latest message at all while no final exists (a preliminary result). Order of
+# messages: MSH-7, then file order.
+_RESOLVED = f"""
+    WITH k AS ({_KEYED}),
+    c AS (
+        SELECT *, CASE WHEN mpos <= max(CASE WHEN status IN {CANCELLED} THEN mpos END)
+                       OVER (PARTITION BY event_key) THEN 'result_cancelled' END AS cancelled
+        FROM k
+    ),
+    w AS (
+        SELECT *,
+               max(CASE WHEN cancelled IS NULL AND final THEN mpos END)
+                   OVER (PARTITION BY event_key) AS last_final,
+               max(CASE WHEN cancelled IS NULL THEN mpos END)
+                   OVER (PARTITION BY event_key) AS last_any
+        FROM c
+    )
+    SELECT *, coalesce(cancelled, CASE
+               WHEN last_final IS NOT NULL AND (NOT final OR mpos <> last_final)
+                   THEN 'result_superseded'
+               WHEN last_final IS NULL AND mpos <> last_any THEN 'result_superseded'
+           END) AS rule
+    FROM w
+"""
+
+_EVENTS = f"""
+    SELECT event_key, '{RECORD_SET}' AS record_set, person_key, visit_key, code,
+           vocabulary_id, 'Measurement' AS default_domain, FALSE AS keep_domain,
+           CAST({LAB_TYPE_CONCEPT} AS INTEGER) AS type_concept_id, start_datetime,
+           CAST(NULL AS TIMESTAMP) AS end_datetime, value_as_number, value_as_string,
+           value_code, value_vocabulary, unit_code, unit_vocabulary, range_low, range_high,
+           operator, qualifier, CAST(NULL AS DOUBLE) AS quantity,
+           CAST(NULL AS VARCHAR) AS device_identifier, CAST(NULL AS VARCHAR) AS provider_key,
+           $feed AS feed, source_file, source_line
+    FROM resolved WHERE rule IS NULL
+    ORDER BY file_idx, source_line
+"""
+
+_DERIVED = f"""
+    SELECT person_key, arg_min(birth_datetime, source_line) AS birth_datetime,
+           CAST(NULL AS TIMESTAMP) AS death_datetime,
+           arg_min(gender_code, source_line) AS gender_code,
+           CASE WHEN arg_min(gender_code, source_line) IS NOT NULL
+                THEN '{GENDER_VOCABULARY}' END AS gender_vocabulary,
+           NULL AS race_code, NULL AS race_vocabulary, NULL AS ethnicity_code,
+           NULL AS ethnicity_vocabulary, NULL AS state, NULL AS zip3, NULL AS care_site_key,
+           NULL AS provider_key, $feed AS feed, source_file, min(source_line) AS source_line
+    FROM resolved
+    GROUP BY file_idx, source_file, person_key
+    ORDER BY file_idx, source_line
+"""
+
+
+def _resolve(
+    feed: FeedConfig, key: bytes, results: pa.Table, files: list[FileStats], sink: RecordSink
+) -> None:
+    """Pseudonymise, apply the status rules, write events (and derived persons)."""
+    con = duckdb.connect()
+    try:
+        install_duckdb_macro(con, key)
+        con.register("results", results)
+        con.execute(f"CREATE TEMP TABLE resolved AS {_RESOLVED}")
+        for file_idx, rule, n in con.execute(
+            "SELECT file_idx, rule, count(*) FROM resolved WHERE rule IS NOT NULL"
+            " GROUP BY ALL ORDER BY ALL"
+        ).fetchall():
+            st = files[file_idx].filtered
+            st[rule] = st.get(rule, 0) + n
+        params = {"feed": feed.name}
+        events = con.execute(_EVENTS, params).to_arrow_table()
+        sink.write("event", events.cast(canonical.EVENT))
+        if feed.unknown_patient == "create":
+            persons = con.execute(_DERIVED, params).to_arrow_table()
+            sink.write("derived_person", persons.cast(canonical.PERSON))
+    finally:
+        con.close()

@@ -1,0 +1,107 @@
+"""Split an HL7 v2 file into messages: line ends, byte-order mark, batch envelopes, charset.
+
+Works on bytes first (CR, LF and CRLF are the same in every charset HL7 allows), so a
+message in another encoding does not spoil its neighbours. FHS/BHS/BTS/FTS batch segments
+are envelope, not content, and are dropped. Lines before the first MSH form a chunk of
+their own, which parsing rejects ("no MSH segment").
+"""
+
+from __future__ import annotations
+
+import codecs
+from dataclasses import dataclass
+
+ENVELOPE = (b"FHS", b"BHS", b"BTS", b"FTS")
+BOM = codecs.BOM_UTF8
+# MSH-18 character set names (HL7 table 0211) and the Python codec that reads them
+CHARSETS = {
+    "ASCII": "ascii",
+    "8859/1": "latin-1",
+    "8859/2": "iso8859-2",
+    "8859/15": "iso8859-15",
+    "UNICODE UTF-8": "utf-8",
+    "UNICODE": "utf-8",
+    "UTF-8": "utf-8",
+    "WINDOWS-1252": "cp1252",
+    "CP1252": "cp1252",
+}
+
+
+@dataclass
+class RawMessage:
+    """One message (or one chunk without MSH) of a file, decoded."""
+
+    number: int  # 1-based position in the file
+    text: str  # segments joined with CR
+    segments: list[str]
+    note: str | None = None  # e.g. decoded as latin-1
+    error: str | None = None  # cannot be read at all (NUL bytes, no MSH)
+
+    @property
+    def obx_count(self) -> int:
+        return sum(1 for s in self.segments if s[:3] == "OBX")
+
+
+def _segments(data: bytes) -> list[bytes]:
+    data = data.replace(b"\r\n", b"\r").replace(b"\n", b"\r")
+    return [s for s in data.split(b"\r") if s.strip()]
+
+
+def _msh_field(msh: bytes, n: int) -> bytes:
+    """MSH-n of a raw MSH segment (MSH-1 is the separator itself)."""
+    if len(msh) < 4:
+        return b""
+    parts = msh.split(msh[3:4])
+    return parts[n - 1] if len(parts) >= n else b""
+
+
+def _decode(segments: list[bytes]) -> tuple[str, str | None]:
+    raw = b"\r".join(segments)
+    try:
+        return raw.decode("utf-8"), None
+    except UnicodeDecodeError:
+        pass
+    msh18 = _msh_field(segments[0], 18) if segments[0][:3] == b"MSH" else b""
+    declared = msh18.split(segments[0][4:5] or b"^")[0].decode("ascii", "replace").strip()
+    codec = CHARSETS.get(declared.upper())
+    if codec and codec != "utf-8":
+        try:
+            return raw.decode(codec), f"decoded as {codec} (MSH-18 {declared})"
+        except UnicodeDecodeError:
+            pass
+    return raw.decode("latin-1"), "not valid UTF-8: decoded as latin-1"
+
+
+def split_messages(data: bytes) -> list[RawMessage]:
+    """The messages of a file's bytes, in file order."""
+    if data.startswith(BOM):
+        data = data[len(BOM) :]
+    chunks: list[list[bytes]] = []
+    current: list[bytes] | None = None
+    for seg in _segments(data):
+        head = seg.lstrip()[:3]
+        if head in ENVELOPE:
+            current = None
+            continue
+        if head == b"MSH":
+            current = [seg.lstrip()]
+            chunks.append(current)
+        elif current is None:  # content before any MSH: a chunk of its own
+            current = [seg]
+            chunks.append(current)
+        else:
+            current.append(seg)
+    messages = []
+    for number, segs in enumerate(chunks, start=1):
+        if any(b"\x00" in s for s in segs):
+            text = b"\r".join(segs).decode("latin-1").replace("\x00", "")
+            messages.append(_message(number, text, error="contains NUL bytes"))
+            continue
+        text, note = _decode(segs)
+        error = None if segs[0][:3] == b"MSH" else "no MSH segment"
+        messages.append(_message(number, text, note=note, error=error))
+    return messages
+
+
+def _message(number: int, text: str, **kw: str | None) -> RawMessage:
+    return RawMessage(number, text, text.split("\r"), **kw)

@@ -1,0 +1,259 @@
+"""One HL7 v2 message -> result rows (one per OBX), read through hl7apy.
+
+hl7apy parses the segments (tolerant validation, no group detection, so Z-segments and
+unexpected structures are kept); this module only picks fields. Segments are read in
+order: an OBX belongs to the last PID, PV1 and OBR before it. A message hl7apy cannot
+parse is rejected as a whole with hl7apy's reason; a bad OBX rejects that OBX only.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from hl7apy import SUPPORTED_LIBRARIES
+from hl7apy.consts import VALIDATION_LEVEL
+from hl7apy.parser import get_message_info, parse_segments
+
+from etl.sources.hl7v2.framing import RawMessage
+from etl.sources.hl7v2.values import (
+    FieldError,
+    number,
+    reference_range,
+    structured_numeric,
+    timestamp,
+    unescape,
+    vocabulary,
+)
+
+FALLBACK_VERSION = "2.5.1"
+RESULT_MESSAGES = {"ORU"}  # message types whose OBX are results (others: filtered)
+NUMERIC_TYPES = {"NM"}
+TEXT_TYPES = {"ST", "TX", "FT", "DT", "TM", "DTM", "TS", "ID", "IS"}
+CODED_TYPES = {"CWE", "CE", "CNE", "CF"}
+# result codes whose value identifies the patient: the result is kept, its value never
+# (PRAPARE "What address do you live at?")
+IDENTIFYING_CODES = {("LOINC", "56799-0")}
+_INDEX = re.compile(r"_(\d+)$")
+
+
+@dataclass
+class Parsed:
+    """What one message gave: result rows, or why it was rejected as a whole."""
+
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    error: str | None = None  # the whole message is rejected
+    filtered: str | None = None  # the whole message is set aside by this rule
+    note: str | None = None
+
+
+def _comps(fld: Any) -> list[str]:
+    """Components of one field repetition, 0-based, raw (still escaped)."""
+    children = list(fld.children)
+    if not children:
+        return [fld.value or ""]
+    out: list[str] = []
+    for c in children:
+        m = _INDEX.search(c.name or "")
+        pos = int(m.group(1)) - 1 if m else len(out)
+        while len(out) <= pos:
+            out.append("")
+        out[pos] = c.value or ""
+    return out
+
+
+class _Segment:
+    """Field access on an hl7apy segment: repetitions and components by number."""
+
+    def __init__(self, seg: Any, enc: dict[str, str]):
+        self.seg, self.enc, self.name = seg, enc, seg.name
+
+    def reps(self, n: int) -> list[list[str]]:
+        found = self.seg.children.get(f"{self.name}_{n}")
+        return [_comps(f) for f in found] if found else []
+
+    def comp(self, n: int, c: int = 1) -> str:
+        """Field n, first repetition, component c, unescaped ('' when absent)."""
+        reps = self.reps(n)
+        if not reps or len(reps[0]) < c:
+            return ""
+        return unescape(reps[0][c - 1], self.enc).strip()
+
+    def text(self, n: int) -> str:
+        return self.comp(n, 1)
+
+
+def _patient_id(pid: _Segment) -> str:
+    reps = [[unescape(c, pid.enc).strip() for c in r] for r in pid.reps(3)]
+    reps = [r for r in reps if r and r[0]]
+    for r in reps:
+        if len(r) >= 5 and r[4].upper() == "MR":
+            return r[0]
+    return reps[0][0] if reps else ""
+
+
+def _version(version: str | None) -> tuple[str, str | None]:
+    if version in SUPPORTED_LIBRARIES:
+        return version, None
+    return FALLBACK_VERSION, f"MSH-12 {version!r} not supported: read as {FALLBACK_VERSION}"
+
+
+def _without_truncation_char(text: str) -> tuple[str, str | None]:
+    """MSH-2 with a fifth encoding character (v2.7's truncation '#') in an older message:
+    hl7apy refuses it, and the character means nothing before 2.7, so it is dropped."""
+    if len(text) < 9 or not text.startswith("MSH"):
+        return text, None
+    sep = text[3]
+    end = text.find(sep, 4)
+    enc = text[4:end] if end > 0 else ""
+    if len(enc) != 5:
+        return text, None
+    fields = text.split("\r", 1)[0].split(sep)
+    version = fields[11].split(enc[0])[0] if len(fields) > 11 else ""
+    if version >= "2.7":
+        return text, None
+    return text[:8] + text[9:], f"MSH-2 {enc!r}: truncation character ignored before v2.7"
+
+
+def parse(raw: RawMessage) -> Parsed:
+    """Read one message; never raises for bad content."""
+    if raw.error:
+        return Parsed(error=raw.error)
+    text, note = _without_truncation_char(raw.text)
+    try:
+        enc, _, version = get_message_info(text)
+        version, version_note = _version(version)
+        note = note or version_note
+        segments = parse_segments(
+            text,
+            version=version,
+            encoding_chars=enc,
+            validation_level=VALIDATION_LEVEL.TOLERANT,
+        )
+    except Exception as exc:  # hl7apy's reason is the message's quarantine reason
+        return Parsed(error=f"{type(exc).__name__}: {exc}".strip())
+    out = Parsed(note=note)
+    try:
+        _read(segments, enc, out)
+    except Exception as exc:  # a structure hl7apy accepted but fields cannot be read
+        return Parsed(error=f"{type(exc).__name__}: {exc}".strip())
+    return out
+
+
+def _read(segments: list[Any], enc: dict[str, str], out: Parsed) -> None:
+    segs = [_Segment(s, enc) for s in segments]
+    msh = segs[0]
+    if msh.name != "MSH":
+        out.error = "no MSH segment"
+        return
+    if msh.comp(9, 1).upper() not in RESULT_MESSAGES:
+        out.filtered = "not_a_result_message"
+        return
+    try:
+        msg_ts = timestamp(msh.text(7), "MSH-7")
+    except FieldError:
+        msg_ts = None
+    control_id = msh.text(10)
+    pid = pv1 = obr = None
+    for s in segs[1:]:
+        if s.name == "PID":
+            pid, pv1, obr = s, None, None
+        elif s.name == "PV1":
+            pv1 = s
+        elif s.name == "OBR":
+            obr = s
+        elif s.name == "OBX":
+            out.rows.append(_result(s, pid, pv1, obr, msg_ts, control_id))
+
+
+def _result(
+    obx: _Segment,
+    pid: _Segment | None,
+    pv1: _Segment | None,
+    obr: _Segment | None,
+    msg_ts: dt.datetime | None,
+    control_id: str,
+) -> dict[str, Any]:
+    row: dict[str, Any] = {"msg_ts": msg_ts, "status": obx.text(11).upper() or None}
+    try:
+        _fill(row, obx, pid, pv1, obr, msg_ts, control_id)
+    except FieldError as exc:
+        row["reason"] = str(exc)
+    return row
+
+
+def _fill(
+    row: dict[str, Any],
+    obx: _Segment,
+    pid: _Segment | None,
+    pv1: _Segment | None,
+    obr: _Segment | None,
+    msg_ts: dt.datetime | None,
+    control_id: str,
+) -> None:
+    patient = _patient_id(pid) if pid else ""
+    if not patient:
+        raise FieldError("no patient identifier (PID-3)")
+    row["patient_id"] = patient
+    row["visit_id"] = (pv1.text(19) if pv1 else "") or None
+    try:
+        row["birth_datetime"] = timestamp(pid.text(7), "PID-7") if pid else None
+    except FieldError:
+        row["birth_datetime"] = None
+    row["gender_code"] = (pid.text(8).upper() if pid else "") or None
+    code, system = obx.comp(3, 1), obx.comp(3, 3)
+    if not code:
+        raise FieldError("OBX-3 observation code is missing")
+    row["code"], row["vocabulary_id"] = code, vocabulary(system)
+    row["sub_id"] = obx.text(4)
+    filler = ""
+    if obr is not None:
+        filler = obr.comp(3, 1) or obr.comp(2, 1)
+    row["order_id"] = filler or control_id
+    start = timestamp(obx.text(14), "OBX-14")
+    if start is None and obr is not None:
+        start = timestamp(obr.text(7), "OBR-7")
+    start = start or msg_ts
+    if start is None:
+        raise FieldError("no observation datetime (OBX-14, OBR-7, MSH-7)")
+    row["start_datetime"] = start
+    _value(row, obx)
+    if (row["vocabulary_id"], code) in IDENTIFYING_CODES:
+        for k in ("value_as_number", "value_as_string", "value_code", "value_vocabulary"):
+            row[k] = None
+    unit = obx.comp(6, 1)
+    row["unit_code"] = unit or None
+    row["unit_vocabulary"] = "UCUM" if unit else None
+    row["range_low"], row["range_high"] = reference_range(obx.text(7))
+    row["qualifier"] = obx.text(8) or None
+
+
+def _value(row: dict[str, Any], obx: _Segment) -> None:
+    vtype = obx.text(2).upper()
+    reps = obx.reps(5)
+    comps = [unescape(c, obx.enc).strip() for c in reps[0]] if reps else []
+    first = comps[0] if comps else ""
+    number_, text, code, vocab, op = None, None, None, None, None
+    if vtype in NUMERIC_TYPES:
+        if first:
+            number_ = number(first, "OBX-5")
+    elif vtype == "SN":
+        number_, op, text = structured_numeric(comps, "OBX-5")
+    elif vtype in CODED_TYPES:
+        code = first or None
+        vocab = vocabulary(comps[2]) if len(comps) > 2 and code else None
+        if not code and len(comps) > 1 and comps[1]:
+            text = comps[1]
+    elif vtype in TEXT_TYPES or not vtype:
+        lines = [unescape(r[0], obx.enc).strip() for r in reps if r and r[0]]
+        text = "\n".join(lines) or None
+    # other types (ED, RP, CP, ...) carry no value the CDM can hold
+    row.update(
+        value_as_number=number_,
+        value_as_string=text,
+        value_code=code,
+        value_vocabulary=vocab,
+        operator=op,
+    )
