@@ -11,6 +11,7 @@ import sqlalchemy as sa
 from etl.cdm.build import (
     events,
     health_system,
+    imaging,
     observation_period,
     payer_cost,
     person,
@@ -53,7 +54,10 @@ def build_steps(site_name: str, run_date: dt.date) -> list[tuple[str, Callable]]
         ("person", person.build_person),
         ("death", person.build_death),
         ("visit_occurrence", visit.build_visit),
+        # a PACS study has no encounter id: its visit is matched before events are built
+        ("imaging_visits", imaging.match_study_visits),
         ("events", events.build_events),
+        ("imaging", imaging.build_imaging),
         ("financial_rules", rules.apply_financial_rules),
         ("payer_plan_period", payer_cost.build_payer_plan_period),
         ("cost", payer_cost.build_cost),

@@ -26,6 +26,9 @@ QUARANTINE_RULES = {
     "unknown_visit": "a claim whose visit is not among the feed's visits",
     "unknown_claim": "a claim line whose claim is not in the feed (or was set aside)",
     "duplicate_key": "another record of the same file has the same key (the first is kept)",
+    "image_without_procedure": "an image series whose study did not become a"
+    " procedure_occurrence (its code names a concept of another domain), which the imaging"
+    " extension requires",
 }
 DEATH_ALLOWANCE_DAYS = 60
 
