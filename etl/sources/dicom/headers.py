@@ -125,10 +125,10 @@ def _read(path: Path) -> pydicom.Dataset:
                 forced = True
         except Exception as exc:  # pydicom raises many types on damaged input
             raise Unusable(f"not DICOM or unreadable ({type(exc).__name__})") from None
-    if any("End of file" in str(w.message) for w in caught) or _truncated(ds, size):
-        raise Unusable("truncated DICOM file")
     if forced and not any(k in ds for k in REQUIRED):
         raise Unusable("not a DICOM file")
+    if any("End of file" in str(w.message) for w in caught) or _truncated(ds, size):
+        raise Unusable("truncated DICOM file")
     return ds
 
 
