@@ -234,28 +234,28 @@ _RESOLVED = f"""
     FROM w
 """
 
-_EVENTS = f"""
-    SELECT event_key, '{RECORD_SET}' AS record_set, person_key, visit_key, code,
+_EVENTS = """
+    SELECT event_key, '{record_set}' AS record_set, person_key, visit_key, code,
            vocabulary_id, 'Measurement' AS default_domain, FALSE AS keep_domain,
-           CAST({LAB_TYPE_CONCEPT} AS INTEGER) AS type_concept_id, start_datetime,
+           CAST({type_concept} AS INTEGER) AS type_concept_id, start_datetime,
            CAST(NULL AS TIMESTAMP) AS end_datetime, value_as_number, value_as_string,
            value_code, value_vocabulary, unit_code, unit_vocabulary, range_low, range_high,
            operator, qualifier, CAST(NULL AS DOUBLE) AS quantity,
            CAST(NULL AS VARCHAR) AS device_identifier, CAST(NULL AS VARCHAR) AS provider_key,
-           $feed AS feed, source_file, source_line
+           '{feed}' AS feed, source_file, source_line
     FROM resolved WHERE rule IS NULL
     ORDER BY file_idx, source_line
 """
 
-_DERIVED = f"""
+_DERIVED = """
     SELECT person_key, arg_min(birth_datetime, source_line) AS birth_datetime,
            CAST(NULL AS TIMESTAMP) AS death_datetime,
            arg_min(gender_code, source_line) AS gender_code,
            CASE WHEN arg_min(gender_code, source_line) IS NOT NULL
-                THEN '{GENDER_VOCABULARY}' END AS gender_vocabulary,
+                THEN '{gender_vocabulary}' END AS gender_vocabulary,
            NULL AS race_code, NULL AS race_vocabulary, NULL AS ethnicity_code,
            NULL AS ethnicity_vocabulary, NULL AS state, NULL AS zip3, NULL AS care_site_key,
-           NULL AS provider_key, $feed AS feed, source_file, min(source_line) AS source_line
+           NULL AS provider_key, '{feed}' AS feed, source_file, min(source_line) AS source_line
     FROM resolved
     GROUP BY file_idx, source_file, person_key
     ORDER BY file_idx, source_line
@@ -277,11 +277,17 @@ def _resolve(
         ).fetchall():
             st = files[file_idx].filtered
             st[rule] = st.get(rule, 0) + n
-        params = {"feed": feed.name}
-        events = con.execute(_EVENTS, params).to_arrow_table()
+        # the feed name is a config identifier ([a-z][a-z0-9_]*): safe as a literal
+        params = {
+            "feed": feed.name,
+            "record_set": RECORD_SET,
+            "type_concept": LAB_TYPE_CONCEPT,
+            "gender_vocabulary": GENDER_VOCABULARY,
+        }
+        events = con.sql(_EVENTS.format(**params)).to_arrow_table()
         sink.write("event", events.cast(canonical.EVENT))
         if feed.unknown_patient == "create":
-            persons = con.execute(_DERIVED, params).to_arrow_table()
+            persons = con.sql(_DERIVED.format(**params)).to_arrow_table()
             sink.write("derived_person", persons.cast(canonical.PERSON))
     finally:
         con.close()
