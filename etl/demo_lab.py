@@ -71,7 +71,7 @@ def oru_message(
     birth = patient.get("BIRTHDATE", "").replace("-", "")
     segs = [
         f"MSH|^~\\&|SYNTHEA_LAB|DEMO_HOSPITAL|OMOP_ETL|DEMO|{ts}||ORU^R01^ORU_R01|{control_id}"
-        "|P|2.5.1|||NE|NE|||UNICODE UTF-8",
+        "|P|2.5.1|||NE|NE||UNICODE UTF-8",
         f"PID|1||{escape(patient['Id'])}^^^SYNTHEA^MR||||{birth}|{patient.get('GENDER', '')}",
         f"PV1|1|O|||||||||||||||||{escape(encounter)}",
         f"OBR|1||{order_id}^SYNTHEA_LAB|11502-2^Laboratory report^LN|||{ts}"

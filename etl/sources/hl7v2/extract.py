@@ -272,11 +272,13 @@ def _resolve(
         con.register("results", results)
         con.execute(f"CREATE TEMP TABLE resolved AS {_RESOLVED}")
         for file_idx, rule, n in con.execute(
-            "SELECT file_idx, rule, count(*) FROM resolved WHERE rule IS NOT NULL"
-            " GROUP BY ALL ORDER BY ALL"
+            "SELECT file_idx, rule, count(*) FROM resolved GROUP BY ALL ORDER BY ALL"
         ).fetchall():
-            st = files[file_idx].filtered
-            st[rule] = st.get(rule, 0) + n
+            if rule is None:
+                files[file_idx].extracted = n
+            else:
+                st = files[file_idx].filtered
+                st[rule] = st.get(rule, 0) + n
         # the feed name is a config identifier ([a-z][a-z0-9_]*): safe as a literal
         params = {
             "feed": feed.name,
