@@ -26,6 +26,8 @@ app.add_typer(cdm_app, name="cdm")
 app.add_typer(vocab_app, name="vocab")
 quality_app = typer.Typer(help="The quality checks, on any CDM warehouse.", no_args_is_help=True)
 app.add_typer(quality_app, name="quality")
+lab_app = typer.Typer(help="The lab feed (HL7 v2): the MLLP listener.", no_args_is_help=True)
+app.add_typer(lab_app, name="lab")
 
 console = Console(stderr=True)
 log = logging.getLogger("etl")
@@ -333,6 +335,23 @@ def _require(value: str | None, flag: str) -> None:
 def _fail(message: str, code: int = 2) -> None:
     console.print(f"[red]error:[/] {escape(message)}", highlight=False)
     raise typer.Exit(code)
+
+
+@lab_app.command("listen")
+def lab_listen(
+    spool: Path = typer.Option(..., "--spool", help="Folder the messages are written to."),
+    port: int = typer.Option(2575, "--port", help="TCP port (0: any free port)."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on."),
+) -> None:
+    """Receive HL7 v2 messages over MLLP into a spool folder (ACK after a durable write).
+
+    The nightly run reads the spool as an hl7v2 feed folder. SIGTERM stops cleanly.
+    """
+    import asyncio
+
+    from etl.sources.mllp import run as run_listener
+
+    asyncio.run(run_listener(spool, host, port))
 
 
 if __name__ == "__main__":  # pragma: no cover
