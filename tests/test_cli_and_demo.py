@@ -126,15 +126,15 @@ def test_run_command_exit_codes(tmp_path: Path) -> None:
         ["run", "--config", str(config), "--workdir", str(tmp_path), "--replay", runs[0].name],
     )
     assert again.exit_code == 0, again.output
-    # a feed kind this version cannot read: failed (2), warehouse unchanged, report written
+    # a feed whose folder is missing: failed (2), warehouse unchanged, report written
     bad = tmp_path / "bad.yaml"
     bad.write_text(
-        config.read_text() + f"  - {{name: lab, kind: hl7v2, path: {tmp_path}}}\n",
+        config.read_text() + f"  - {{name: lab, kind: hl7v2, path: {tmp_path / 'absent'}}}\n",
         encoding="utf-8",
     )
     failed = CliRunner().invoke(app, ["run", "--config", str(bad), "--workdir", str(tmp_path)])
     assert failed.exit_code == 2
-    assert "not supported" in failed.output
+    assert "is not a folder" in failed.output
     # a config error names the key and exits 2 before any run
     typo = tmp_path / "typo.yaml"
     typo.write_text(config.read_text().replace("feeds:", "fedes:"), encoding="utf-8")

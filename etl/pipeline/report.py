@@ -157,10 +157,21 @@ def _table(headers: list[str], rows: list[list[Any]]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def _checks_html(checks: list[dict[str, Any]]) -> str:
+def _checks_html(checks: list[dict[str, Any]], data_docs: str | None = None) -> str:
     """Checks grouped by DQD category: a summary, the failures, then every check."""
     if not checks:
         return "<h2>Quality checks</h2><p>No checks ran (the run stopped before the gate).</p>"
+    engines = (
+        f"<p>{sum(c.get('engine') != 'great_expectations' for c in checks)} DQD checks (SQL in"
+        f" the warehouse) and {sum(c.get('engine') == 'great_expectations' for c in checks)}"
+        " Great Expectations expectations generated from the CDM specification."
+    )
+    if data_docs:
+        engines += (
+            f" The run's <a href='{html.escape(data_docs)}'>Great Expectations Data Docs</a>"
+            " (in this run's folder) show every expectation's result."
+        )
+    engines += "</p>"
     summary = []
     for category in sorted({c["category"] for c in checks}):
         group = [c for c in checks if c["category"] == category]
@@ -190,6 +201,7 @@ def _checks_html(checks: list[dict[str, Any]]) -> str:
     everything = sorted(checks, key=lambda c: (c["category"], c["name"], c["table"]))
     return (
         "<h2>Quality checks</h2>"
+        + engines
         + _table(["category", "checks", "passed", "failed (warning)", "failed (fatal)"], summary)
         + "<h3>Failed checks</h3>"
         + _table(headers, rows(failed))
@@ -289,7 +301,7 @@ def render_html(report: dict[str, Any]) -> str:
         [t, f"omop-etl trace {t} {i} --config SITE.yaml"]
         for t, ids in report.get("trace_samples", {}).items() for i in ids
     ]))  # fmt: skip
-    parts.append(_checks_html(report.get("checks", [])))
+    parts.append(_checks_html(report.get("checks", []), report.get("data_docs")))
     parts.append("<h2>Timings (seconds)</h2>")
     timings = [[k, f"{v:.2f}"] for k, v in report.get("timings", {}).items()]
     parts.append(_table(["step", "seconds"], timings))

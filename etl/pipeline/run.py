@@ -26,7 +26,7 @@ from etl import canonical
 from etl.cdm.schema import create_cdm
 from etl.config import FeedConfig, SiteConfig
 from etl.mapping.local_maps import read_local_maps
-from etl.paths import MAPPINGS_DIR, QUALITY_DIR
+from etl.paths import MAPPINGS_DIR
 from etl.pipeline import report as reporting
 from etl.pipeline.build import build_steps
 from etl.pipeline.land import Landing, replay_into
@@ -39,10 +39,10 @@ from etl.pipeline.publish import (
 from etl.pipeline.schemas import Schemas
 from etl.pipeline.stage import prepare
 from etl.pseudonym import load_key
-from etl.quality.checks import generate_checks
 from etl.quality.dqd_json import dqd_results
+from etl.quality.expectations import run_expectations
 from etl.quality.gate import run_checks
-from etl.quality.overrides import apply_overrides, load_overrides
+from etl.quality.plan import gate_plan
 from etl.sources.ehr import FileStats, extract_ehr
 from etl.sources.profile import load_profile
 from etl.vocab import load_vocabulary
@@ -228,11 +228,19 @@ def _run(
         if errors:
             report["errors"].extend(errors)
             raise RunFailed("row accounting does not add up; nothing published")
+        sql_checks, expectations = gate_plan(published_tables(), cfg.quality)
         with step("gate"):
             gate_started = dt.datetime.now(dt.UTC)
-            gate = run_checks(s, _gate_checks(cfg))
-        report["checks"] = gate.checks
+            gate = run_checks(s, sql_checks)
         _write_dqd_results(s, run_dir, gate.checks, gate_started)
+        with step("gate.great_expectations"):
+            with wh.begin() as conn:
+                counts = {t: wh.count_rows(conn, s.stage, t) for t in published_tables()}
+            suites = run_expectations(s, expectations, counts, run_dir)
+            gate.checks.extend(suites.checks)
+            if suites.docs is not None:
+                report["data_docs"] = str(suites.docs.relative_to(run_dir))
+        report["checks"] = gate.checks
         if not gate.passed:
             for c in gate.fatal_failures:
                 report["errors"].append(
@@ -252,15 +260,6 @@ def _run(
         with wh.begin() as conn:
             wh.drop_schema(conn, s.stage)
     return "published", EXIT_PUBLISHED
-
-
-def _gate_checks(cfg: SiteConfig) -> list:
-    """The generated checks with the project's policy (quality/*.yaml) and then the
-    site's overrides (the config's `quality` folder) applied."""
-    files = sorted(QUALITY_DIR.glob("*.yaml"))
-    if cfg.quality is not None and cfg.quality.resolve() != QUALITY_DIR.resolve():
-        files += sorted(cfg.quality.glob("*.yaml"))
-    return apply_overrides(generate_checks(published_tables()), load_overrides(files))
 
 
 def _write_dqd_results(

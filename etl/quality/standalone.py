@@ -10,11 +10,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from etl.cdm.spec import ATHENA_TABLES, cdm_tables
-from etl.paths import QUALITY_DIR
 from etl.pipeline.schemas import Schemas
-from etl.quality.checks import generate_checks
+from etl.quality.expectations import run_expectations
 from etl.quality.gate import GateResult, run_checks
-from etl.quality.overrides import apply_overrides, load_overrides
+from etl.quality.plan import gate_plan
 from etl.warehouse.base import Warehouse
 
 RESEARCHER_TABLES = {"cohort", "cohort_definition"}
@@ -38,19 +37,26 @@ def existing_tables(wh: Warehouse, schema: str) -> list[str]:
 
 
 def check_warehouse(
-    wh: Warehouse, schema: str, quality_dir: Path | None = None
-) -> tuple[GateResult, list[str]]:
-    """Run every applicable check on the CDM tables present in `schema`.
+    wh: Warehouse, schema: str, quality_dir: Path | None = None, out: Path | None = None
+) -> tuple[GateResult, list[str], Path | None]:
+    """Run every applicable check and expectation on the CDM tables present in `schema`.
 
-    Returns the result and the CDM tables that were missing (reported, not checked).
+    Returns the result, the CDM tables that were missing (reported, not checked) and the
+    Great Expectations Data Docs index (written under `out`, when given).
     """
     tables = existing_tables(wh, schema)
     missing = [
         t for t in cdm_tables()
         if t not in tables and t not in ATHENA_TABLES and t not in RESEARCHER_TABLES
     ]  # fmt: skip
-    files = sorted(QUALITY_DIR.glob("*.yaml"))
-    if quality_dir is not None:
-        files += sorted(quality_dir.glob("*.yaml"))
-    checks = apply_overrides(generate_checks(tables), load_overrides(files))
-    return run_checks(InPlace(wh, schema), checks), missing
+    checks, expectations = gate_plan(tables, quality_dir)
+    where = InPlace(wh, schema)
+    result = run_checks(where, checks)
+    docs = None
+    if out is not None:
+        with wh.begin() as conn:
+            counts = {t: wh.count_rows(conn, schema, t) for t in tables}
+        suites = run_expectations(where, expectations, counts, out)
+        result.checks.extend(suites.checks)
+        docs = suites.docs
+    return result, missing, docs

@@ -1,0 +1,249 @@
+"""Great Expectations suites generated from the CDM specification, run on the stage.
+
+One suite per CDM table (`cdm.<table>`): the table's columns are exactly the spec's,
+required fields are not null, the primary key is unique, text fits its declared length.
+They run in Great Expectations 1.x and gate the load next to the DQD checks (the SQL
+checks in `checks.py`); every run keeps GE's own validation results and Data Docs in
+`RUN_DIR/gx/`.
+
+How they run, per engine:
+- PostgreSQL: GE's SQL datasource over the stage schema, one whole-table batch per
+  table; GE computes every metric in the database (set-based).
+- DuckDB: GE's SQL datasource does not work over duckdb_engine (every metric fails with
+  MetricResolutionError), so each table is read as Arrow in partitions of at most
+  `chunk_rows` rows, split by a hash of the primary key (all copies of a key fall in the
+  same partition, so uniqueness holds per partition exactly when it holds for the
+  table), and each partition is validated as a pandas batch. The counts of the
+  partitions add up to the table's; no table is ever held in memory whole.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import great_expectations as gx
+import great_expectations.expectations as gxe
+from great_expectations.data_context.types.base import ProgressBarsConfig
+
+from etl.cdm.spec import TableSpec, cdm_tables
+from etl.pipeline.schemas import Schemas
+from etl.quality.checks import Check
+
+log = logging.getLogger(__name__)
+logging.getLogger("great_expectations").setLevel(logging.WARNING)
+
+ENGINE = "great_expectations"
+CHUNK_ROWS = 250_000
+DOCS_INDEX = Path("gx") / "uncommitted" / "data_docs" / "local_site" / "index.html"
+
+
+@dataclass
+class Expectation:
+    """One generated expectation and the gate settings it carries (as a Check)."""
+
+    check: Check
+    kind: type[gxe.Expectation]
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def build(self) -> gxe.Expectation:
+        return self.kind(**self.kwargs)
+
+
+@dataclass
+class SuiteResult:
+    checks: list[dict[str, Any]] = field(default_factory=list)
+    docs: Path | None = None
+    seconds: float = 0.0
+
+
+def _check(name: str, table: str, column: str | None, category: str, sub: str, desc: str) -> Check:
+    return Check(
+        name=f"ge.{name}",
+        table=table,
+        field=column,
+        sql="",
+        threshold_pct=0.0,
+        severity="fatal",
+        category=category,
+        subcategory=sub,
+        context="Verification",
+        description=desc,
+    )
+
+
+def table_expectations(spec: TableSpec) -> list[Expectation]:
+    """The expectations the CDM specification implies for one table."""
+    t = spec.name
+    out = [
+        Expectation(
+            _check(
+                "expect_table_columns_to_match_set", t, None, "Conformance", "Relational",
+                f"{t} has exactly the columns of the CDM v5.4 specification",
+            ),
+            gxe.ExpectTableColumnsToMatchSet,
+            {"column_set": list(spec.column_names), "exact_match": True},
+        )
+    ]  # fmt: skip
+    for f in spec.fields:
+        if f.required:
+            out.append(
+                Expectation(
+                    _check(
+                        "expect_column_values_to_not_be_null", t, f.name, "Completeness", "",
+                        f"{t}.{f.name} is required by the specification",
+                    ),
+                    gxe.ExpectColumnValuesToNotBeNull,
+                    {"column": f.name},
+                )
+            )  # fmt: skip
+        length = f.varchar_length
+        if length:
+            e = _check(
+                "expect_column_value_lengths_to_be_between", t, f.name, "Conformance", "Value",
+                f"{t}.{f.name} fits varchar({length})",
+            )  # fmt: skip
+            e.severity = "warning"  # the build truncates; a longer value is reported
+            out.append(
+                Expectation(
+                    e,
+                    gxe.ExpectColumnValueLengthsToBeBetween,
+                    {"column": f.name, "max_value": length},
+                )
+            )
+    if len(spec.primary_key) == 1:
+        pk = spec.primary_key[0]
+        out.append(
+            Expectation(
+                _check(
+                    "expect_column_values_to_be_unique", t, pk, "Conformance", "Relational",
+                    f"{t}.{pk} is the primary key",
+                ),
+                gxe.ExpectColumnValuesToBeUnique,
+                {"column": pk},
+            )
+        )  # fmt: skip
+    return out
+
+
+def generate_expectations(tables: list[str] | set[str]) -> list[Expectation]:
+    """Every spec expectation for `tables` (CDM table names)."""
+    specs = cdm_tables()
+    return [e for t in sorted(tables) if t in specs for e in table_expectations(specs[t])]
+
+
+def _context(run_dir: Path) -> Any:
+    ctx = gx.get_context(mode="file", project_root_dir=str(run_dir))
+    ctx.variables.progress_bars = ProgressBarsConfig(globally=False)
+    return ctx
+
+
+def run_expectations(
+    s: Schemas,
+    expectations: list[Expectation],
+    row_counts: dict[str, int],
+    run_dir: Path,
+    *,
+    chunk_rows: int = CHUNK_ROWS,
+) -> SuiteResult:
+    """Validate the stage tables that have rows; results as gate check entries."""
+    started = time.perf_counter()
+    ctx = _context(run_dir)
+    by_table: dict[str, list[Expectation]] = {}
+    for e in expectations:
+        if e.check.severity != "off" and row_counts.get(e.check.table, 0) > 0:
+            by_table.setdefault(e.check.table, []).append(e)
+    if s.wh.dialect == "postgresql":
+        source = ctx.data_sources.add_or_update_postgres("stage", connection_string=s.wh.url)
+    else:
+        source = ctx.data_sources.add_or_update_pandas("stage")
+    result = SuiteResult()
+    for table, table_exps in by_table.items():
+        suite = ctx.suites.add_or_update(gx.ExpectationSuite(name=f"cdm.{table}"))
+        for e in table_exps:
+            suite.add_expectation(e.build())
+        totals: dict[tuple[str, str | None], list[int]] = {}
+        for index, run in enumerate(
+            _runs(s, ctx, source, suite, table, row_counts[table], chunk_rows)
+        ):
+            for r in run.results:
+                unexpected = int(r.result.get("unexpected_count") or 0)
+                if r.exception_info and r.exception_info.get("raised_exception"):
+                    unexpected = -1
+                elif not r.success and "unexpected_count" not in r.result:
+                    unexpected = max(unexpected, 1)  # a table-level expectation that failed
+                cfg = r.expectation_config
+                acc = totals.setdefault((cfg.type, cfg.kwargs.get("column")), [0, 0])
+                acc[0] = -1 if acc[0] < 0 or unexpected < 0 else acc[0] + unexpected
+                acc[1] += int(r.result.get("element_count") or 0)
+            log.debug("GE %s partition %d: success=%s", table, index, run.success)
+        for e in table_exps:
+            expectation_type = e.check.name.removeprefix("ge.")
+            found = totals.get((expectation_type, e.kwargs.get("column")))
+            if found is None:
+                result.checks.append(_entry(e.check, -1, row_counts[table]))
+                continue
+            violating, total = found
+            result.checks.append(_entry(e.check, violating, total or row_counts[table]))
+    ctx.build_data_docs()
+    result.docs = run_dir / DOCS_INDEX
+    result.seconds = time.perf_counter() - started
+    failed = [c for c in result.checks if not c["passed"]]
+    log.info(
+        "Great Expectations: %d expectations on %d tables, %d failed in %.1fs",
+        len(result.checks), len(by_table), len(failed), result.seconds,
+    )  # fmt: skip
+    for c in failed:
+        (log.error if c["severity"] == "fatal" else log.warning)(
+            "expectation %s failed on %s.%s: %d of %d rows",
+            c["name"], c["table"], c["field"] or "", c["violating_rows"], c["total_rows"],
+        )  # fmt: skip
+    return result
+
+
+def _runs(s: Schemas, ctx, source, suite, table: str, rows: int, chunk_rows: int) -> Iterator:  # type: ignore[no-untyped-def]
+    """The validation results of `table`: one per partition (DuckDB) or one (PostgreSQL)."""
+    if s.wh.dialect == "postgresql":
+        asset = source.add_table_asset(table, table_name=table, schema_name=s.stage)
+        batch = asset.add_batch_definition_whole_table("stage")
+        vd = ctx.validation_definitions.add_or_update(
+            gx.ValidationDefinition(name=f"cdm.{table}", data=batch, suite=suite)
+        )
+        yield vd.run(result_format="BASIC")
+        return
+    asset = source.add_dataframe_asset(table)
+    batch = asset.add_batch_definition_whole_dataframe("partition")
+    vd = ctx.validation_definitions.add_or_update(
+        gx.ValidationDefinition(name=f"cdm.{table}", data=batch, suite=suite)
+    )
+    parts = max(1, math.ceil(rows / chunk_rows))
+    spec = cdm_tables()[table]
+    key = spec.primary_key[0] if len(spec.primary_key) == 1 else "rowid"
+    for part in range(parts):
+        where = "" if parts == 1 else f" WHERE hash({key}) % {parts} = {part}"
+        with s.wh.begin() as conn:
+            frame = s.wh.fetch_arrow(conn, s.sql(f"SELECT * FROM {{S}}.{table}{where}"))
+        yield vd.run(batch_parameters={"dataframe": frame.to_pandas()}, result_format="BASIC")
+
+
+def _entry(check: Check, violating: int, total: int) -> dict[str, Any]:
+    error = violating < 0
+    violating = max(violating, 0)
+    pct = 100.0 * violating / total if total else 0.0
+    entry: dict[str, Any] = {
+        "name": check.name, "key": check.key, "table": check.table, "field": check.field,
+        "concept_id": None, "unit_concept_id": None, "category": check.category,
+        "subcategory": check.subcategory, "context": check.context,
+        "severity": check.severity, "passed": not error and pct <= check.threshold_pct,
+        "violating_rows": violating, "total_rows": total, "violating_pct": round(pct, 4),
+        "threshold_pct": check.threshold_pct, "description": check.description,
+        "engine": ENGINE,
+    }  # fmt: skip
+    if error:
+        entry["error"] = "Great Expectations could not evaluate the expectation"
+    return entry
