@@ -45,9 +45,10 @@ def test_every_public_file_is_read_or_quarantined_with_a_reason(public) -> None:
         assert f.quarantined == sum(q["source_file"] == f.file for q in quarantine)
     assert all(q["reason"] for q in quarantine)
     by_file = {f.file: f for f in files}
-    # the SCT segment of this file is not a segment name: the message is rejected whole
+    # the SCT segment of this file is not a segment name: the message (one OBX, one SPM)
+    # is rejected whole
     eht = by_file["reportstream_cc0/EHT-20210316-0001.hl7"]
-    assert (eht.records_in, eht.quarantined) == (1, 1)
+    assert (eht.records_in, eht.quarantined) == (2, 2)
     assert any("InvalidName" in q["reason"] for q in quarantine)
     # orders and ADT messages are not results
     assert by_file["reportstream_cc0/sample_orm_20230809-001.hl7"].filtered == {
@@ -56,13 +57,13 @@ def test_every_public_file_is_read_or_quarantined_with_a_reason(public) -> None:
     assert by_file["python_hl7_bsd/sample_batch1_ADT_A04_v2.5.hl7"].filtered == {
         "not_a_result_message": 2
     }
-    # a cancelled order: its X results go, the F result stays
+    # a cancelled order: its X results go, the F result and the 3 specimens stay
     canceled = by_file["reportstream_cc0/elims_29_5065302_35227_NoPII_CANCELED-expected.hl7"]
-    assert canceled.filtered == {"result_cancelled": 16} and canceled.extracted == 1
+    assert canceled.filtered == {"result_cancelled": 16} and canceled.extracted == 1 + 3
     # sequences in the keys of primary key columns never hold clear identifiers
     assert not any("Deidentified" in str(v) for e in events for v in e.values())
     assert {e["type_concept_id"] for e in events} == {32856}
-    assert {e["record_set"] for e in events} == {"lab_results"}
+    assert {e["record_set"] for e in events} == {"lab_results", "lab_specimens"}
 
 
 def _event(sink: Extract, file: str, line: int) -> dict:
@@ -114,6 +115,19 @@ def test_coded_and_structured_numeric_results_field_by_field(public) -> None:
     e = _event(sink, f, 1)
     assert (e["code"], e["value_as_number"], e["unit_code"]) == ("21612-7", 50.0, "a")
     assert e["start_datetime"] == dt.datetime(2023, 4, 11)
+
+
+def test_specimen_field_by_field(public) -> None:
+    # SPM|1|^ff98...||697989009^Anterior nares swab^SCT^^^^20200901|||...|20240412230603-0500
+    _, sink = public
+    e = _event(sink, "reportstream_cc0/ORU_deidentified-expected.hl7", 5)
+    assert (e["record_set"], e["code"], e["vocabulary_id"]) == (
+        "lab_specimens",
+        "697989009",
+        "SNOMED",
+    )
+    assert (e["default_domain"], e["keep_domain"]) == ("Specimen", True)
+    assert e["start_datetime"] == dt.datetime(2024, 4, 13, 4, 6, 3)  # -0500 -> UTC
 
 
 def test_values() -> None:

@@ -30,6 +30,7 @@ from etl.sources.hl7v2.message import parse
 log = logging.getLogger(__name__)
 
 RECORD_SET = "lab_results"
+SPECIMEN_SET = "lab_specimens"  # record set of the SPM specimen events
 LAB_TYPE_CONCEPT = 32856  # Lab
 SUFFIXES = {".hl7", ".txt", ".msg", ".er7", ".oru"}  # files read as HL7
 CANCELLED = ("X", "D", "W")  # cancelled, deleted, posted as wrong: the result goes
@@ -41,6 +42,7 @@ RESULT = pa.schema(
         ("source_file", pa.string()),
         ("source_line", pa.int64()),
         ("message", pa.int32()),  # position of the message in its file
+        ("kind", pa.string()),  # result (OBX) | specimen (SPM)
         ("msg_ts", pa.timestamp("us")),
         ("status", pa.string()),
         ("patient_id", pa.string()),  # clear identifier: only in memory, pseudonymised in SQL
@@ -115,9 +117,9 @@ class _FileReader:
                     self.notes.add(note)
                     log.warning("%s/%s message %d: %s", self.feed, self.rel, raw.number, note)
             if parsed.error:
-                self.quarantine(max(1, raw.obx_count), f"message {raw.number}: {parsed.error}")
+                self.quarantine(max(1, raw.record_count), f"message {raw.number}: {parsed.error}")
             elif parsed.filtered:
-                self.filter(max(1, raw.obx_count), parsed.filtered)
+                self.filter(max(1, raw.record_count), parsed.filtered)
             elif not parsed.rows:
                 self.filter(1, "message_without_results")
             for row in parsed.rows:
@@ -194,11 +196,13 @@ def extract_hl7(feed: FeedConfig, key: bytes, sink: RecordSink) -> list[FileStat
     return files
 
 
+_SET = f"CASE kind WHEN 'specimen' THEN '{SPECIMEN_SET}' ELSE '{RECORD_SET}' END"
 _KEYED = f"""
     SELECT r.*,
            {pseudo("patient_id")} AS person_key,
            {pseudo("visit_id")} AS visit_key,
-           {pseudo("'lab_results|' || order_id || '|' || code || '|' || coalesce(sub_id, '')")}
+           {_SET} AS record_set,
+           {pseudo(f"{_SET} || '|' || order_id || '|' || code || '|' || coalesce(sub_id, '')")}
                AS event_key,
            dense_rank() OVER (ORDER BY msg_ts NULLS FIRST, file_idx, message) AS mpos,
            coalesce(status IN ('F', 'C', 'U'), TRUE) AS final
@@ -235,8 +239,10 @@ _RESOLVED = f"""
 """
 
 _EVENTS = """
-    SELECT event_key, '{record_set}' AS record_set, person_key, visit_key, code,
-           vocabulary_id, 'Measurement' AS default_domain, FALSE AS keep_domain,
+    SELECT event_key, record_set, person_key, visit_key, code, vocabulary_id,
+           CASE kind WHEN 'specimen' THEN 'Specimen' ELSE 'Measurement' END
+               AS default_domain,
+           kind = 'specimen' AS keep_domain,
            CAST({type_concept} AS INTEGER) AS type_concept_id, start_datetime,
            CAST(NULL AS TIMESTAMP) AS end_datetime, value_as_number, value_as_string,
            value_code, value_vocabulary, unit_code, unit_vocabulary, range_low, range_high,
@@ -282,7 +288,6 @@ def _resolve(
         # the feed name is a config identifier ([a-z][a-z0-9_]*): safe as a literal
         params = {
             "feed": feed.name,
-            "record_set": RECORD_SET,
             "type_concept": LAB_TYPE_CONCEPT,
             "gender_vocabulary": GENDER_VOCABULARY,
         }

@@ -38,8 +38,9 @@ class RawMessage:
     error: str | None = None  # cannot be read at all (NUL bytes, no MSH)
 
     @property
-    def obx_count(self) -> int:
-        return sum(1 for s in self.segments if s[:3] == "OBX")
+    def record_count(self) -> int:
+        """The records this message holds: its OBX (results) and SPM (specimens)."""
+        return sum(1 for s in self.segments if s[:3] in ("OBX", "SPM"))
 
 
 def _segments(data: bytes) -> list[bytes]:

@@ -37,6 +37,10 @@ CODED_TYPES = {"CWE", "CE", "CNE", "CF"}
 # (PRAPARE "What address do you live at?")
 IDENTIFYING_CODES = {("LOINC", "56799-0")}
 _INDEX = re.compile(r"_(\d+)$")
+# the fields read, per segment: a segment is handed to hl7apy cut after its last field
+# read, and other segments as their name only (hl7apy still checks every segment name
+# and the MSH). Fields never read (names, addresses, ...) are never parsed at all.
+FIELDS_READ = {"MSH": 12, "PID": 8, "PV1": 19, "OBR": 7, "OBX": 14, "SPM": 17}
 
 
 @dataclass
@@ -117,11 +121,30 @@ def _without_truncation_char(text: str) -> tuple[str, str | None]:
     return text[:8] + text[9:], f"MSH-2 {enc!r}: truncation character ignored before v2.7"
 
 
+def _reduced(text: str) -> str:
+    """The message with only the fields read (see FIELDS_READ); PID-4/5/6 emptied."""
+    sep = text[3] if len(text) > 3 and text.startswith("MSH") else "|"
+    out = []
+    for seg in text.split("\r"):
+        keep = FIELDS_READ.get(seg[:3])
+        if keep is None:
+            out.append(seg[:3])
+            continue
+        fields = seg.split(sep, keep + 1)[: keep + 1]
+        if seg[:3] == "MSH":  # MSH-1 is the separator itself: one field less in the split
+            fields = seg.split(sep, keep)[:keep]
+        elif seg[:3] == "PID":
+            fields[4:7] = [""] * len(fields[4:7])
+        out.append(sep.join(fields))
+    return "\r".join(out)
+
+
 def parse(raw: RawMessage) -> Parsed:
     """Read one message; never raises for bad content."""
     if raw.error:
         return Parsed(error=raw.error)
     text, note = _without_truncation_char(raw.text)
+    text = _reduced(text)
     try:
         enc, _, version = get_message_info(text)
         version, version_note = _version(version)
@@ -166,33 +189,18 @@ def _read(segments: list[Any], enc: dict[str, str], out: Parsed) -> None:
             obr = s
         elif s.name == "OBX":
             out.rows.append(_result(s, pid, pv1, obr, msg_ts, control_id))
+        elif s.name == "SPM":
+            out.rows.append(_specimen(s, pid, pv1, obr, msg_ts, control_id))
 
 
-def _result(
-    obx: _Segment,
-    pid: _Segment | None,
-    pv1: _Segment | None,
-    obr: _Segment | None,
-    msg_ts: dt.datetime | None,
-    control_id: str,
-) -> dict[str, Any]:
-    row: dict[str, Any] = {"msg_ts": msg_ts, "status": obx.text(11).upper() or None}
-    try:
-        _fill(row, obx, pid, pv1, obr, msg_ts, control_id)
-    except FieldError as exc:
-        row["reason"] = str(exc)
-    return row
-
-
-def _fill(
+def _context(
     row: dict[str, Any],
-    obx: _Segment,
     pid: _Segment | None,
     pv1: _Segment | None,
     obr: _Segment | None,
-    msg_ts: dt.datetime | None,
     control_id: str,
 ) -> None:
+    """Patient, visit and order of a result or specimen (from the segments before it)."""
     patient = _patient_id(pid) if pid else ""
     if not patient:
         raise FieldError("no patient identifier (PID-3)")
@@ -203,15 +211,68 @@ def _fill(
     except FieldError:
         row["birth_datetime"] = None
     row["gender_code"] = (pid.text(8).upper() if pid else "") or None
+    filler = (obr.comp(3, 1) or obr.comp(2, 1)) if obr is not None else ""
+    row["order_id"] = filler or control_id
+
+
+def _specimen(
+    spm: _Segment,
+    pid: _Segment | None,
+    pv1: _Segment | None,
+    obr: _Segment | None,
+    msg_ts: dt.datetime | None,
+    control_id: str,
+) -> dict[str, Any]:
+    """SPM -> a specimen event: SPM-4 type, SPM-17 collection time (else OBR-7, MSH-7)."""
+    row: dict[str, Any] = {"msg_ts": msg_ts, "status": None, "kind": "specimen"}
+    try:
+        _context(row, pid, pv1, obr, control_id)
+        code, system = spm.comp(4, 1), spm.comp(4, 3)
+        if not code:
+            raise FieldError("SPM-4 specimen type is missing")
+        row["code"], row["vocabulary_id"] = code, vocabulary(system)
+        row["sub_id"] = spm.text(1)
+        start = timestamp(spm.text(17), "SPM-17")
+        if start is None and obr is not None:
+            start = timestamp(obr.text(7), "OBR-7")
+        start = start or msg_ts
+        if start is None:
+            raise FieldError("no collection datetime (SPM-17, OBR-7, MSH-7)")
+        row["start_datetime"] = start
+    except FieldError as exc:
+        row["reason"] = str(exc)
+    return row
+
+
+def _result(
+    obx: _Segment,
+    pid: _Segment | None,
+    pv1: _Segment | None,
+    obr: _Segment | None,
+    msg_ts: dt.datetime | None,
+    control_id: str,
+) -> dict[str, Any]:
+    row: dict[str, Any] = {
+        "msg_ts": msg_ts,
+        "status": obx.text(11).upper() or None,
+        "kind": "result",
+    }
+    try:
+        _context(row, pid, pv1, obr, control_id)
+        _fill(row, obx, obr, msg_ts)
+    except FieldError as exc:
+        row["reason"] = str(exc)
+    return row
+
+
+def _fill(
+    row: dict[str, Any], obx: _Segment, obr: _Segment | None, msg_ts: dt.datetime | None
+) -> None:
     code, system = obx.comp(3, 1), obx.comp(3, 3)
     if not code:
         raise FieldError("OBX-3 observation code is missing")
     row["code"], row["vocabulary_id"] = code, vocabulary(system)
     row["sub_id"] = obx.text(4)
-    filler = ""
-    if obr is not None:
-        filler = obr.comp(3, 1) or obr.comp(2, 1)
-    row["order_id"] = filler or control_id
     start = timestamp(obx.text(14), "OBX-14")
     if start is None and obr is not None:
         start = timestamp(obr.text(7), "OBR-7")
