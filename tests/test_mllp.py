@@ -13,8 +13,11 @@ from pathlib import Path
 
 import pytest
 
+from etl.config import FeedConfig
+from etl.sources.ehr import Extract
+from etl.sources.hl7v2 import extract_hl7
 from etl.sources.mllp import Spool, _frames, ack, spool_name
-from tests.conftest import REPO
+from tests.conftest import REPO, TEST_KEY
 
 CLI = REPO / ".venv" / "bin" / "omop-etl"
 VT, FS, CR = b"\x0b", b"\x1c", b"\r"
@@ -170,5 +173,11 @@ def test_mid_frame_disconnect_non_hl7_and_sigterm(tmp_path: Path) -> None:
         assert idle.recv(10) == b""
     idle.close()
     assert [n.split("-")[0] for n in spooled(spool)] == ["OK1"]
+    # the spool is an hl7v2 feed folder
+    sink = Extract()
+    feed = FeedConfig(name="lab", kind="hl7v2", path=spool)
+    (stats,) = extract_hl7(feed, TEST_KEY.encode(), sink)
+    assert (stats.records_in, stats.extracted) == (1, 1)
+    assert sink.table("event").column("code").to_pylist() == ["2339-0"]
     with pytest.raises(OSError):
         send(listener.port, message("LATE"))
