@@ -30,13 +30,18 @@ def write_demo_config(workdir: Path) -> Path:
         "site_name": "omop-etl demo (Synthea 27)",
         # the demo vocabulary is a subset: see the file for what it relaxes
         "quality": str(QUALITY_DIR / "demo"),
+        # the hospital's three feeds; lab results and imaging studies come from the lab
+        # and PACS feeds, so the EHR extract's copies of them are excluded (and counted)
         "feeds": [
             {
                 "name": "ehr",
                 "kind": "ehr_csv",
                 "profile": "synthea",
                 "path": str(DEMO_FEEDS / "synthea27"),
+                "exclude": ["laboratory_from_lab_feed", "imaging_from_pacs_feed"],
             },
+            {"name": "lab", "kind": "hl7v2", "path": str(DEMO_FEEDS / "lab")},
+            {"name": "pacs", "kind": "dicom", "path": str(DEMO_FEEDS / "pacs")},
         ],
     }
     path = workdir / "site.yaml"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 from pathlib import Path
 
@@ -11,7 +12,8 @@ from typer.testing import CliRunner
 
 from etl.cli import app
 from etl.config import ConfigError, load_config
-from tests.conftest import DEMO_VOCAB, REPO
+from tests.conftest import DEMO_SYNTHEA, DEMO_VOCAB, REPO
+from tests.pipeline_helpers import rows
 
 
 def test_help_lists_the_commands() -> None:
@@ -44,6 +46,22 @@ def test_demo_builds_warehouse_with_41_tables_and_vocabulary(tmp_path: Path) -> 
     assert concepts == expected
     cfg = load_config(tmp_path / "site.yaml")
     assert cfg.vocabulary == DEMO_VOCAB
+    # the hospital's three feeds, each accounted for; labs and imaging come from their
+    # own feeds, and the EHR extract's copies are counted as filtered by the exclusion
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    report = json.loads((run_dir / "report.json").read_text(encoding="utf-8"))
+    assert report["status"] == "published"
+    assert set(report["feeds"]) == {"ehr", "lab", "pacs"}
+    for feed in report["feeds"].values():
+        assert feed["records_in"] == feed["loaded"] + feed["quarantined"] + feed["filtered"]
+    lab_rows = [r for r in rows(DEMO_SYNTHEA / "observations.csv") if r["CATEGORY"] == "laboratory"]
+    assert report["feeds"]["lab"]["loaded"] == len(lab_rows) == 251
+    assert {(f["rule"], f["rows"]) for f in report["filtered"] if f["feed"] == "ehr"} >= {
+        ("laboratory_from_lab_feed", 251),
+        ("imaging_from_pacs_feed", 1),
+    }
+    assert report["feeds"]["pacs"]["loaded"] == report["feeds"]["pacs"]["records_in"] > 0
+    assert report["tables"]["image_occurrence"] == 1
     # running it again is safe: same warehouse, vocabulary replaced, not doubled
     again = CliRunner().invoke(app, ["demo", "--workdir", str(tmp_path)])
     assert again.exit_code == 0, again.output
