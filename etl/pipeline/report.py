@@ -149,11 +149,19 @@ def write_reports(report: dict[str, Any], run_dir: Path) -> tuple[Path, Path]:
     return json_path, html_path
 
 
+def _cell(value: Any) -> str:
+    text = str(value)
+    # long values (DICOM paths, descriptions) may wrap anywhere; numbers never do
+    return (
+        f"<td class='long'>{html.escape(text)}</td>"
+        if len(text) > 40
+        else f"<td>{html.escape(text)}</td>"
+    )
+
+
 def _table(headers: list[str], rows: list[list[Any]]) -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
-    body = "".join(
-        "<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in rows
-    )
+    body = "".join("<tr>" + "".join(_cell(c) for c in r) + "</tr>" for r in rows)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
@@ -213,15 +221,20 @@ def _checks_html(checks: list[dict[str, Any]], data_docs: str | None = None) -> 
 
 def render_html(report: dict[str, Any]) -> str:
     """A self-contained page for auditors: the same facts as report.json."""
-    parts = [
-        f"<h1>Run {html.escape(report['run_id'])}: {html.escape(report['status'])}</h1>",
-    ]
+    status = report["status"]
+    verdict = {
+        "published": "Published: the gate passed and researchers see this load.",
+        "refused": "Refused by the quality gate: the published warehouse is unchanged.",
+        "failed": "Failed: nothing was published; the warehouse is unchanged.",
+    }.get(status, status)
+    banner = (
+        f"<div class='banner {html.escape(status)}'>"
+        f"<h1>Run {html.escape(report['run_id'])}: {html.escape(status)}</h1>"
+        f"<p>{html.escape(verdict)}</p>"
+    )
     if report.get("errors"):
-        parts.append(
-            "<h2>Errors</h2><ul>"
-            + "".join(f"<li>{html.escape(e)}</li>" for e in report["errors"])
-            + "</ul>"
-        )
+        banner += "<ul>" + "".join(f"<li>{html.escape(e)}</li>" for e in report["errors"]) + "</ul>"
+    parts = [banner + "</div>"]
     parts.append("<h2>What came in and where it went</h2>")
     rows = []
     for feed, f in report.get("feeds", {}).items():
@@ -307,7 +320,12 @@ def render_html(report: dict[str, Any]) -> str:
     parts.append(_table(["step", "seconds"], timings))
     style = (
         "body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;margin:1em 0}"
-        "td,th{border:1px solid #ccc;padding:4px 8px;text-align:left}th{background:#eee}"
+        "td,th{border:1px solid #ccc;padding:4px 8px;text-align:left}"
+        "th{background:#eee;white-space:nowrap}td.long{overflow-wrap:anywhere}"
+        ".banner{padding:.5em 1em;border-radius:4px;border:2px solid}"
+        ".published{background:#e8f5e9;border-color:#2e7d32}"
+        ".refused,.failed{background:#ffebee;border-color:#c62828}"
+        "@media print{details{display:block}details>*{display:block}}"
     )
     return (
         f"<!doctype html><html><head><meta charset='utf-8'><title>omop-etl run "
