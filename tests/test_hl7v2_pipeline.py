@@ -141,3 +141,46 @@ def test_lab_feed_replaces_ehr_laboratory_rows(tmp_path: Path, warehouse) -> Non
     # the address answer (LOINC 56799-0) is a result without its value
     address = [r for r in got if r[1] == "56799-0"]
     assert len(address) == 18 and all(r[3] is None and r[10] is None for r in address)
+
+
+def test_public_messages_alone_with_patients_created_from_pid(tmp_path: Path, duckdb_wh) -> None:
+    """Only a lab feed (the public test messages), its patients derived from PID: the run
+    publishes, and every OBX/SPM of every file is accounted for in report.json."""
+    wh, schema = duckdb_wh
+    cfg = {
+        "warehouse": wh.url,
+        "cdm_schema": schema,
+        "vocabulary": str(DEMO_VOCAB),
+        "quality": str(REPO / "quality" / "demo"),
+        "feeds": [
+            {
+                "name": "lab",
+                "kind": "hl7v2",
+                "path": str(REPO / "tests" / "data" / "hl7v2"),
+                "unknown_patient": "create",
+            }
+        ],
+    }
+    path = tmp_path / "site.yaml"
+    path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
+    result = run(path, tmp_path / "work")
+    assert result.status == "published", result.report["errors"]
+    lab = result.report["feeds"]["lab"]
+    assert len(lab["files"]) == 21
+    for name, f in lab["files"].items():
+        assert f["records_in"] == f["loaded"] + f["quarantined"] + f["filtered"], name
+    assert lab["loaded"] > 150 and lab["quarantined"] > 0 and lab["filtered"] > 0
+    # persons from PID-8 through mappings/local/hl7v2.csv (M, F), birth dates from PID-7
+    genders = dict(
+        query(
+            wh,
+            f"SELECT gender_source_value, min(gender_concept_id) FROM {schema}.person GROUP BY 1",
+        )
+    )
+    assert genders.get("F") == 8532 and genders.get("M") == 8507
+    # specimens land in SPECIMEN with the Lab type
+    specimens = query(
+        wh,
+        f"SELECT specimen_source_value, specimen_type_concept_id FROM {schema}.specimen",
+    )
+    assert ("258500001", 32856) in specimens

@@ -37,6 +37,8 @@ CODED_COLUMNS = {
         ("race_vocabulary", "race_code"),
         ("ethnicity_vocabulary", "ethnicity_code"),
     ],
+    # persons a feed inferred (a lab result's PID): their sex codes need the map too
+    "src_derived_person": [("gender_vocabulary", "gender_code")],
     "src_visit": [("class_vocabulary", "class_code")],
     "src_provider": [
         ("specialty_vocabulary", "specialty_code"),

@@ -253,6 +253,8 @@ _EVENTS = """
     ORDER BY file_idx, source_line
 """
 
+# a patient without a valid PID-7 is not created (OMOP requires a year of birth): its
+# results stay unknown_person
 _DERIVED = """
     SELECT person_key, arg_min(birth_datetime, source_line) AS birth_datetime,
            CAST(NULL AS TIMESTAMP) AS death_datetime,
@@ -263,6 +265,7 @@ _DERIVED = """
            NULL AS ethnicity_vocabulary, NULL AS state, NULL AS zip3, NULL AS care_site_key,
            NULL AS provider_key, '{feed}' AS feed, source_file, min(source_line) AS source_line
     FROM resolved
+    WHERE birth_datetime IS NOT NULL
     GROUP BY file_idx, source_file, person_key
     ORDER BY file_idx, source_line
 """
