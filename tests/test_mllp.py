@@ -181,3 +181,25 @@ def test_mid_frame_disconnect_non_hl7_and_sigterm(tmp_path: Path) -> None:
     assert sink.table("event").column("code").to_pylist() == ["2339-0"]
     with pytest.raises(OSError):
         send(listener.port, message("LATE"))
+
+
+def test_write_failure_is_answered_ae(tmp_path: Path) -> None:
+    """In process: the spool folder disappears under the listener -> AE, nothing acked."""
+    import asyncio
+    import shutil
+
+    from etl.sources.mllp import Listener as MllpListener
+
+    async def scenario() -> bytes:
+        listener = MllpListener(Spool(tmp_path / "spool"), port=0)
+        port = await listener.start()
+        shutil.rmtree(tmp_path / "spool")
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(VT + message("E1") + FS + CR)
+        reply = await reader.readuntil(FS + CR)
+        writer.close()
+        await listener.stop()
+        return reply
+
+    reply = asyncio.run(scenario())
+    assert b"\rMSA|AE|E1|write failed" in reply
