@@ -243,3 +243,11 @@ def test_unknown_patients_are_derived_from_pid_when_the_site_says_so(tmp_path: P
     table = sink.table("derived_person")
     assert "Doe" not in str(table.to_pylist()) and "MRN-1" not in str(table.to_pylist())
     assert isinstance(table, pa.Table)
+
+
+def test_parsing_in_worker_processes_gives_the_same_extract(public, monkeypatch) -> None:
+    monkeypatch.setenv("OMOP_ETL_HL7_WORKERS", "2")
+    files, sink = extract(DATA)
+    assert files == public[0]
+    for shape in ("event", "quarantine"):
+        assert sink.table(shape).equals(public[1].table(shape))

@@ -13,6 +13,10 @@ quarantine row (reason, file, record number) or a named filter (FileStats.filter
 from __future__ import annotations
 
 import logging
+import multiprocessing
+import os
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +39,8 @@ LAB_TYPE_CONCEPT = 32856  # Lab
 SUFFIXES = {".hl7", ".txt", ".msg", ".er7", ".oru"}  # files read as HL7
 CANCELLED = ("X", "D", "W")  # cancelled, deleted, posted as wrong: the result goes
 GENDER_VOCABULARY = "HL7_SEX"  # mappings/local/hl7v2.csv
+WORKERS_ENV = "OMOP_ETL_HL7_WORKERS"  # processes parsing files (default: by feed size)
+PARALLEL_BYTES = 8 * 2**20  # a feed this large is parsed in several processes
 
 RESULT = pa.schema(
     [
@@ -115,7 +121,6 @@ class _FileReader:
             for note in (raw.note, parsed.note):
                 if note:
                     self.notes.add(note)
-                    log.warning("%s/%s message %d: %s", self.feed, self.rel, raw.number, note)
             if parsed.error:
                 self.quarantine(max(1, raw.record_count), f"message {raw.number}: {parsed.error}")
             elif parsed.filtered:
@@ -159,6 +164,48 @@ class _FileReader:
         )
 
 
+def read_file(feed: str, idx: int, rel: str, path: Path) -> tuple[FileStats, pa.Table, pa.Table]:
+    """Parse one file: its stats, result rows (RESULT) and quarantine rows. Never raises."""
+    reader = _FileReader(feed, idx, rel)
+    try:
+        reader.read(path.read_bytes())
+        table = pa.Table.from_pylist(reader.rows, schema=RESULT)
+    except Exception as exc:  # one bad file never stops the run
+        reader.fail(f"file cannot be read: {type(exc).__name__}: {exc}")
+        table = RESULT.empty_table()
+    return reader.stats, table, reader.quarantine_table()
+
+
+def _workers(paths: list[Path]) -> int:
+    """Processes to parse with: OMOP_ETL_HL7_WORKERS, else up to 4 for a large feed."""
+    configured = os.environ.get(WORKERS_ENV)
+    if configured:
+        return max(1, int(configured))
+    if len(paths) < 2 or sum(p.stat().st_size for p in paths) < PARALLEL_BYTES:
+        return 1
+    return max(1, min(4, os.cpu_count() or 1, len(paths)))
+
+
+def _read_all(
+    feed: str, root: Path, paths: list[Path]
+) -> Iterator[tuple[FileStats, pa.Table, pa.Table]]:
+    """Every file parsed, in file order; in worker processes when the feed is large
+    (hl7apy's parsing is the cost; the result does not depend on the number of workers)."""
+    jobs = [
+        (feed, idx, p.relative_to(root).as_posix() if p != root else p.name, p)
+        for idx, p in enumerate(paths)
+    ]
+    workers = _workers(paths)
+    if workers > 1:
+        log.info("%s: parsing %d file(s) in %d processes", feed, len(jobs), workers)
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+            yield from pool.map(read_file, *zip(*jobs, strict=True))
+        return
+    for job in jobs:
+        yield read_file(*job)
+
+
 def extract_hl7(feed: FeedConfig, key: bytes, sink: RecordSink) -> list[FileStats]:
     """Read every HL7 file of the feed folder into `sink`; per-file accounting."""
     root = Path(feed.path)
@@ -167,24 +214,16 @@ def extract_hl7(feed: FeedConfig, key: bytes, sink: RecordSink) -> list[FileStat
     if not root.exists():
         log.error("%s: %s does not exist", feed.name, root)
         return files
-    for idx, path in enumerate(input_files(root)):
-        rel = path.relative_to(root).as_posix() if path != root else path.name
-        reader = _FileReader(feed.name, idx, rel)
-        try:
-            reader.read(path.read_bytes())
-            table = pa.Table.from_pylist(reader.rows, schema=RESULT)
-        except Exception as exc:  # one bad file never stops the run
-            log.exception("%s/%s: cannot be read", feed.name, rel)
-            reader.fail(f"file cannot be read: {type(exc).__name__}: {exc}")
-            table = RESULT.empty_table()
+    for stats, table, quarantine in _read_all(feed.name, root, input_files(root)):
         tables.append(table)
-        if reader.bad_lines:
-            sink.write("quarantine", reader.quarantine_table())
-        files.append(reader.stats)
+        if quarantine.num_rows:
+            sink.write("quarantine", quarantine)
+        files.append(stats)
     results = pa.concat_tables(tables) if tables else RESULT.empty_table()
     _resolve(feed, key, results, files, sink)
     for st in files:
-        log.info(
+        log.log(
+            logging.WARNING if st.message else logging.INFO,
             "%s/%s: %d record(s), %d quarantined, %d filtered%s",
             feed.name,
             st.file,
