@@ -2,7 +2,9 @@
 
 The messages are Synthea-shaped and deterministic: the demo's 38 laboratory orders
 (demo/synthea27, 251 results) repeated with fresh patient, encounter and order ids, 1,000
-messages per file, CR line ends. Prints messages/s, results/s and peak RSS.
+messages per file, CR line ends. Prints messages/s, results/s and peak RSS (this process,
+and the largest worker process when the feed is parsed in several; OMOP_ETL_HL7_WORKERS
+sets their number).
 
     .venv/bin/python -m bench.lab_feed [N]        # default 10000
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import resource
 import sys
 import tempfile
 import time
@@ -72,7 +75,17 @@ def main(n: int) -> None:
         size = sum(p.stat().st_size for p in feed_dir.iterdir()) / 2**20
     secs = t2 - t1
     print_table(
-        ["messages", "results", "MiB", "generate s", "extract s", "msg/s", "results/s", "peak MiB"],
+        [
+            "messages",
+            "results",
+            "MiB",
+            "generate s",
+            "extract s",
+            "msg/s",
+            "results/s",
+            "peak MiB",
+            "worker peak MiB",
+        ],
         [
             [
                 n,
@@ -83,6 +96,7 @@ def main(n: int) -> None:
                 f"{n / secs:,.0f}",
                 f"{extracted / secs:,.0f}",
                 f"{peak_rss_mb():.0f}",
+                f"{resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024:.0f}",
             ]
         ],
     )
