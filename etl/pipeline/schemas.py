@@ -12,10 +12,13 @@ from etl.warehouse.base import Warehouse
 @dataclass(frozen=True)
 class Schemas:
     """`cdm`: what researchers see. `stage`: this run's build, dropped and recreated each
-    run. `etl`: the ETL's own persistent state (key map), never seen by OHDSI tools."""
+    run. `etl`: the ETL's own persistent state (key map), never seen by OHDSI tools.
+    `vocab`: where a build reads the vocabulary; the cdm schema unless a staged release
+    is being tried (the vocabulary refresh)."""
 
     wh: Warehouse
     cdm: str
+    vocab: str | None = None
 
     @property
     def stage(self) -> str:
@@ -27,9 +30,12 @@ class Schemas:
 
     def sql(self, text: str, **extra: str) -> str:
         """Fill {C}, {S}, {E} (quoted cdm, stage and etl schema names) into `text`, and
-        {SN}, the stage schema's bare name (for information_schema look-ups)."""
+        {SN}, the stage schema's bare name (for information_schema look-ups). A build reads
+        only vocabulary tables from {C}: it names `vocab` when that is set."""
         q = self.wh.quote
-        return text.format(C=q(self.cdm), S=q(self.stage), E=q(self.etl), SN=self.stage, **extra)
+        return text.format(
+            C=q(self.vocab or self.cdm), S=q(self.stage), E=q(self.etl), SN=self.stage, **extra
+        )
 
     def run(self, conn: sa.Connection, text: str, params: dict | None = None, **extra: str):
         return conn.execute(sa.text(self.sql(text, **extra)), params or {})

@@ -1,0 +1,545 @@
+"""The nightly run as separately callable steps whose state lives in the run folder.
+
+`NightlyRun.start` writes `runs/RUN_ID/run.json`; every later step can run in another
+process (an Airflow task, a retry) from `NightlyRun.resume(cfg, workdir, run_id)`:
+
+    start -> extract(feed) -> land(feed)   (per feed, in any order or in parallel)
+          -> build -> gate -> publish -> finish
+
+State between steps: landed Parquet under `landing/FEED/` (a feed is moved there from
+`landing/.FEED.partial/` only once its extraction completed), the build in the stage
+schema (stamped with the run id, so a step never gates or publishes another run's build),
+and one JSON fragment per step under `steps/` (its part of the report, its timings, its
+error). A retried step overwrites its fragment. `finish` merges the fragments into
+report.json and report.html.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import re
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import sqlalchemy as sa
+
+from etl import canonical
+from etl.cdm.schema import create_cdm
+from etl.config import FeedConfig, SiteConfig
+from etl.mapping.local_maps import read_local_maps
+from etl.paths import MAPPINGS_DIR
+from etl.pipeline import report as reporting
+from etl.pipeline.build import build_steps
+from etl.pipeline.land import Landing, read_file_stats, replay_into
+from etl.pipeline.publish import publish, publish_lineage, published_counts, published_tables
+from etl.pipeline.schemas import Schemas
+from etl.pipeline.stage import prepare
+from etl.pseudonym import load_key
+from etl.quality.dqd_json import dqd_results
+from etl.quality.expectations import run_expectations
+from etl.quality.gate import run_checks
+from etl.quality.plan import gate_plan
+from etl.sources.ehr import FileStats, extract_ehr
+from etl.sources.profile import load_profile
+from etl.vocab import load_vocabulary
+from etl.warehouse import open_warehouse
+
+log = logging.getLogger(__name__)
+
+EXIT_PUBLISHED, EXIT_REFUSED, EXIT_FAILED = 0, 1, 2
+EXIT_CODES = {"published": EXIT_PUBLISHED, "refused": EXIT_REFUSED, "failed": EXIT_FAILED}
+# Errors worth retrying (an orchestrator's retry policy uses these dotted paths): the
+# database is unreachable or restarting, or another process holds the DuckDB file.
+TRANSIENT_ERRORS = [
+    "sqlalchemy.exc.OperationalError",
+    "sqlalchemy.exc.InterfaceError",
+    "psycopg.OperationalError",
+    "duckdb.IOException",
+    "builtins.ConnectionError",
+    "builtins.TimeoutError",
+]
+_RUN_ID = re.compile(r"[0-9A-Za-z_-]+")
+_STAMP = "etl_run"  # the stage's owner: one row, the run id
+
+
+@dataclass
+class RunResult:
+    run_id: str
+    status: str  # published | refused | failed
+    exit_code: int
+    run_dir: Path
+    report: dict[str, Any] = field(default_factory=dict)
+
+
+class RunFailed(RuntimeError):
+    """A run that cannot publish; the message says why."""
+
+
+def new_run_id() -> str:
+    import secrets
+
+    return dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(3)
+
+
+def warehouse_label(url: str) -> str:
+    """The warehouse URL as reports and logs show it: the password hidden."""
+    return sa.engine.make_url(url).render_as_string(hide_password=True)
+
+
+@contextmanager
+def run_log(run_dir: Path) -> Iterator[None]:
+    """Append the `etl` loggers' records to the run's run.log while the block runs."""
+    handler = logging.FileHandler(run_dir / "run.log", encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger("etl")
+    root.addHandler(handler)
+    previous = root.level
+    if root.level == logging.NOTSET or root.level > logging.INFO:
+        root.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(previous)
+        handler.close()
+
+
+class _Fragment:
+    """One step's share of the report: report keys, timings, errors (steps/NAME.json)."""
+
+    def __init__(self, on_step: Callable[[str], None] | None) -> None:
+        self.report: dict[str, Any] = {}
+        self.timings: dict[str, float] = {}
+        self.errors: list[str] = []
+        self.state: dict[str, Any] = {}
+        self._on_step = on_step
+
+    @contextmanager
+    def step(self, name: str) -> Iterator[None]:
+        if self._on_step:
+            self._on_step(name)
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - started
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "report": self.report,
+            "timings": self.timings,
+            "errors": self.errors,
+            "state": self.state,
+        }
+
+
+class NightlyRun:
+    """One run of the pipeline, resumable step by step from its run folder."""
+
+    STEP_ORDER = ("extract", "land", "build", "gate", "publish")
+
+    def __init__(self, cfg: SiteConfig, workdir: Path, run_id: str) -> None:
+        if not _RUN_ID.fullmatch(run_id):
+            raise ValueError(f"unexpected run id {run_id!r}")
+        self.cfg = cfg
+        self.workdir = Path(workdir)
+        self.run_id = run_id
+        self.run_dir = self.workdir / "runs" / run_id
+        self.meta: dict[str, Any] = {}
+
+    # -- lifecycle ---------------------------------------------------------------------
+    @classmethod
+    def start(
+        cls,
+        cfg: SiteConfig,
+        workdir: Path,
+        *,
+        replay: str | None = None,
+        run_date: dt.date | None = None,
+        vocabulary_schema: str | None = None,
+    ) -> NightlyRun:
+        """Create the run folder and its run.json; nothing is read from the feeds yet."""
+        run = cls(cfg, workdir, new_run_id())
+        if replay is not None and not _RUN_ID.fullmatch(replay):
+            raise ValueError(f"unexpected run id {replay!r}")
+        (run.run_dir / "landing").mkdir(parents=True, exist_ok=True)
+        (run.run_dir / "steps").mkdir(exist_ok=True)
+        run.meta = {
+            "run_id": run.run_id,
+            "replay_of": replay,
+            "run_date": (run_date or dt.date.today()).isoformat(),
+            "started_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            "feeds": [f.name for f in cfg.feeds],
+            "vocabulary_schema": vocabulary_schema,
+        }
+        (run.run_dir / "run.json").write_text(json.dumps(run.meta, indent=2), encoding="utf-8")
+        with run_log(run.run_dir):
+            log.info("run %s started%s", run.run_id, f" (replay of {replay})" if replay else "")
+        return run
+
+    @classmethod
+    def resume(cls, cfg: SiteConfig, workdir: Path, run_id: str) -> NightlyRun:
+        """The run `run_id` as its run folder describes it (from another process)."""
+        run = cls(cfg, workdir, run_id)
+        path = run.run_dir / "run.json"
+        if not path.is_file():
+            raise RunFailed(f"no run {run_id} under {run.workdir / 'runs'}")
+        run.meta = json.loads(path.read_text(encoding="utf-8"))
+        return run
+
+    @property
+    def replay_of(self) -> str | None:
+        return self.meta.get("replay_of")
+
+    @property
+    def feeds(self) -> list[str]:
+        return list(self.meta["feeds"])
+
+    def landing_dir(self, feed: str) -> Path:
+        return self.run_dir / "landing" / feed
+
+    def fragment_path(self, name: str) -> Path:
+        return self.run_dir / "steps" / f"{name}.json"
+
+    def fragment(self, name: str) -> dict[str, Any] | None:
+        path = self.fragment_path(name)
+        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+    @contextmanager
+    def _step(self, name: str, on_step: Callable[[str], None] | None) -> Iterator[_Fragment]:
+        """Run a step: log to run.log, record its error, always write its fragment."""
+        frag = _Fragment(on_step)
+        with run_log(self.run_dir):
+            try:
+                yield frag
+            except Exception as exc:
+                log.error("run %s: %s failed: %s", self.run_id, name, exc)
+                frag.errors.append(f"{type(exc).__name__}: {exc}")
+                raise
+            finally:
+                self.fragment_path(name).write_text(
+                    json.dumps(frag.as_json(), indent=1, default=str), encoding="utf-8"
+                )
+
+    @contextmanager
+    def _warehouse(self) -> Iterator[Schemas]:
+        with open_warehouse(self.cfg.warehouse) as wh:
+            yield Schemas(wh, self.cfg.schema_name, self.meta.get("vocabulary_schema"))
+
+    # -- extract and land --------------------------------------------------------------
+    def _feed(self, name: str) -> FeedConfig:
+        for feed in self.cfg.feeds:
+            if feed.name == name:
+                return feed
+        raise RunFailed(f"run {self.run_id}: no feed {name!r} in the site config")
+
+    def _partial_dir(self, feed: str) -> Path:
+        return self.run_dir / "landing" / f".{feed}.partial"
+
+    def extract(self, feed: str, on_step: Callable[[str], None] | None = None) -> int:
+        """Extract one feed (or copy it from the replayed run) into its partial landing."""
+        with self._step(f"extract.{feed}", on_step) as frag:
+            partial = self._partial_dir(feed)
+            if partial.exists():
+                shutil.rmtree(partial)  # a retried extraction starts over
+            with frag.step("extract"):
+                if self.replay_of:
+                    source = self.workdir / "runs" / self.replay_of / "landing" / feed
+                    files = replay_into(source, partial)
+                else:
+                    files = self._extract_feed(self._feed(feed), partial)
+            n = sum(f.records_in for f in files)
+            log.info("run %s: feed %s extracted, %d record(s) in", self.run_id, feed, n)
+            return n
+
+    def _extract_feed(self, feed: FeedConfig, partial: Path) -> list[FileStats]:
+        if not feed.path.is_dir():
+            raise RunFailed(f"feed {feed.name}: {feed.path} is not a folder")
+        key = load_key(self.cfg.pseudonym_key_env)
+        if key is None:
+            raise RunFailed("no pseudonymisation key")
+        landing = Landing(partial)
+        files: list[FileStats] = []
+        try:
+            files = _dispatch(feed, self.cfg, key, landing)
+        finally:
+            landing.close(files)
+        return files
+
+    def land(self, feed: str, on_step: Callable[[str], None] | None = None) -> dict[str, int]:
+        """Check a feed's extraction is complete and move it into the landing area."""
+        with self._step(f"land.{feed}", on_step) as frag, frag.step("land"):
+            partial, final = self._partial_dir(feed), self.landing_dir(feed)
+            if not (partial / "files.json").is_file():
+                if (final / "files.json").is_file():
+                    return _landed_rows(final)  # landed by a previous try
+                raise RunFailed(f"feed {feed}: nothing extracted to land")
+            for shape in canonical.SHAPES:
+                pq.ParquetFile(partial / f"{shape}.parquet")  # complete and readable
+            if final.exists():
+                shutil.rmtree(final)
+            partial.rename(final)
+            rows = _landed_rows(final)
+            frag.state["rows"] = rows
+            log.info("run %s: feed %s landed: %s", self.run_id, feed, rows)
+            return rows
+
+    # -- build, gate, publish ----------------------------------------------------------
+    def build(self, on_step: Callable[[str], None] | None = None) -> None:
+        """Stage the landed records and build the CDM tables in the stage schema."""
+        with self._step("build", on_step) as frag:
+            missing = [f for f in self.feeds if not (self.landing_dir(f) / "files.json").is_file()]
+            if missing:
+                raise RunFailed(f"feed(s) not landed: {', '.join(missing)}")
+            dirs = [self.landing_dir(f) for f in self.feeds]
+            files = {f: read_file_stats(self.landing_dir(f)) for f in self.feeds}
+            rejected = (
+                pa.concat_tables([pq.read_table(d / "quarantine.parquet") for d in dirs])
+                if dirs
+                else canonical.QUARANTINE.empty_table()
+            )
+            run_date = dt.date.fromisoformat(self.meta["run_date"])
+            with self._warehouse() as s:
+                with frag.step("vocabulary"):
+                    create_cdm(s.wh, s.cdm)
+                    if s.vocab is None:
+                        _ensure_vocabulary(s, self.cfg)
+                with frag.step("stage"):
+                    prepare(s, dirs, read_local_maps(self.cfg.mappings or MAPPINGS_DIR))
+                    self._stamp(s)
+                with s.wh.begin() as conn:
+                    for name, fn in build_steps(self.cfg.site_name, run_date):
+                        with frag.step(f"build.{name}"):
+                            fn(s, conn)
+                with frag.step("report"), s.wh.begin() as conn:
+                    feeds, quarantine, filtered, errors = reporting.accounting(
+                        s, conn, files, _quarantine_summary(rejected)
+                    )
+                    frag.report.update(feeds=feeds, quarantine=quarantine, filtered=filtered)
+                    frag.report["unmapped"] = reporting.unmapped_codes(s, conn)
+                    frag.report["concept_gaps"] = reporting.concept_gaps(
+                        s, conn, published_tables()
+                    )
+                    frag.report["trace_samples"] = reporting.trace_samples(s, conn)
+                    _write_quarantine(s, conn, self.run_dir, rejected)
+            if errors:
+                frag.errors.extend(errors)
+                raise RunFailed("row accounting does not add up; nothing published")
+
+    def gate(self, on_step: Callable[[str], None] | None = None) -> bool:
+        """Run the quality gate on the staged build; False when it refuses the load."""
+        with self._step("gate", on_step) as frag, self._warehouse() as s:
+            self._check_stamp(s)
+            sql_checks, expectations = gate_plan(published_tables(), self.cfg.quality)
+            with frag.step("gate"):
+                gate_started = dt.datetime.now(dt.UTC)
+                gate = run_checks(s, sql_checks)
+            _write_dqd_results(s, self.run_dir, gate.checks, gate_started)
+            with frag.step("gate.great_expectations"):
+                with s.wh.begin() as conn:
+                    counts = {t: s.wh.count_rows(conn, s.stage, t) for t in published_tables()}
+                suites = run_expectations(s, expectations, counts, self.run_dir)
+                gate.checks.extend(suites.checks)
+                if suites.docs is not None:
+                    frag.report["data_docs"] = str(suites.docs.relative_to(self.run_dir))
+            frag.report["checks"] = gate.checks
+            frag.state["passed"] = gate.passed
+            if not gate.passed:
+                for c in gate.fatal_failures:
+                    frag.errors.append(
+                        f"refused by {c['name']} on {c['table']}.{c['field'] or ''}:"
+                        f" {c['violating_rows']} of {c['total_rows']} rows"
+                        f" ({c['violating_pct']:.2f}% > {c['threshold_pct']:.2f}%)"
+                        + (f", e.g. ids {c['examples']}" if c.get("examples") else "")
+                    )
+                log.error("load refused by the quality gate; the warehouse is unchanged")
+            return gate.passed
+
+    def publish(
+        self,
+        on_step: Callable[[str], None] | None = None,
+        *,
+        also: Callable[[Schemas, sa.Connection], None] | None = None,
+    ) -> dict[str, int]:
+        """Swap the gated build into the CDM schema in one transaction (with `also`, e.g.
+        the staged vocabulary, inside the same transaction); rows per published table."""
+        with self._step("publish", on_step) as frag, self._warehouse() as s:
+            gate = self.fragment("gate")
+            if not (gate and gate["state"].get("passed")):
+                raise RunFailed("the quality gate has not passed this run; nothing published")
+            with s.wh.begin() as conn:  # one transaction: CDM tables, key map, lineage
+                self._check_stamp(s, conn)
+                with frag.step("publish"):
+                    frag.report["tables_before"] = published_counts(s, conn)
+                    frag.report["tables"] = publish(s, conn)
+                if also is not None:
+                    with frag.step("publish.vocabulary"):
+                        also(s, conn)
+                with frag.step("publish.lineage"):
+                    publish_lineage(s, conn, self.run_id)
+            with s.wh.begin() as conn:
+                s.wh.drop_schema(conn, s.stage)
+            frag.state["published"] = True
+            log.info("run %s published into %s", self.run_id, s.cdm)
+            return frag.report["tables"]
+
+    # -- the report --------------------------------------------------------------------
+    def status(self) -> str:
+        publish_frag = self.fragment("publish")
+        if publish_frag and publish_frag["state"].get("published"):
+            return "published"
+        gate = self.fragment("gate")
+        if gate and gate["state"].get("passed") is False:
+            return "refused"
+        return "failed"
+
+    def finish(self, extra: dict[str, Any] | None = None) -> RunResult:
+        """Merge the steps' fragments into report.json and report.html; the run's result."""
+        status = self.status()
+        report: dict[str, Any] = {
+            "run_id": self.run_id,
+            "status": status,
+            "replay_of": self.replay_of,
+            "started_at": self.meta["started_at"],
+            "warehouse": warehouse_label(self.cfg.warehouse),
+            "cdm_schema": self.cfg.schema_name,
+            "feeds": {},
+            "tables": {},
+            "unmapped": [],
+            "quarantine": [],
+            "filtered": [],
+            "checks": [],
+            "timings": {},
+            "errors": [],
+        }
+        names = [f"extract.{f}" for f in self.feeds] + [f"land.{f}" for f in self.feeds]
+        for name in [*names, "build", "gate", "publish"]:
+            frag = self.fragment(name)
+            if frag is None:
+                continue
+            report.update(frag["report"])
+            for k, v in frag["timings"].items():
+                report["timings"][k] = report["timings"].get(k, 0.0) + v
+            report["errors"].extend(frag["errors"])
+        if extra:
+            report.update(extra)
+        report["finished_at"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+        with run_log(self.run_dir):
+            json_path, _ = reporting.write_reports(report, self.run_dir)
+            log.info("run %s %s; report %s", self.run_id, status, json_path)
+        return RunResult(self.run_id, status, EXIT_CODES[status], self.run_dir, report)
+
+    @property
+    def report_path(self) -> Path:
+        return self.run_dir / "report.json"
+
+    # -- the stage's owner -------------------------------------------------------------
+    def _stamp(self, s: Schemas) -> None:
+        with s.wh.begin() as conn:
+            s.run(conn, "CREATE TABLE {S}.{t} (run_id VARCHAR(64))", t=_STAMP)
+            s.run(conn, "INSERT INTO {S}.{t} VALUES (:r)", {"r": self.run_id}, t=_STAMP)
+
+    def _check_stamp(self, s: Schemas, conn: sa.Connection | None = None) -> None:
+        def read(c: sa.Connection) -> str | None:
+            present = sa.inspect(c).get_table_names(schema=s.stage)
+            if _STAMP not in present:
+                return None
+            return s.run(c, "SELECT max(run_id) FROM {S}.{t}", t=_STAMP).scalar()
+
+        if conn is None:
+            with s.wh.begin() as c:
+                owner = read(c)
+        else:
+            owner = read(conn)
+        if owner != self.run_id:
+            raise RunFailed(
+                f"the stage schema {s.stage} holds "
+                + (f"run {owner}'s build" if owner else "no build")
+                + f", not run {self.run_id}'s: build again"
+            )
+
+
+def _dispatch(feed: FeedConfig, cfg: SiteConfig, key: bytes, landing: Landing) -> list[FileStats]:
+    if feed.kind == "hl7v2":
+        from etl.sources.hl7v2 import extract_hl7
+
+        return extract_hl7(feed, key, landing)
+    if feed.kind == "dicom":
+        from etl.sources.dicom import extract_dicom
+
+        return extract_dicom(feed, key, landing)
+    profile_ref = feed.profile or "synthea"
+    mappings = cfg.mappings or MAPPINGS_DIR
+    candidate = mappings / "profiles" / f"{profile_ref}.yaml"
+    profile = load_profile(candidate if candidate.is_file() else profile_ref)
+    return extract_ehr(feed.name, feed.path, profile, key, landing, exclude=feed.exclude)
+
+
+def _landed_rows(feed_dir: Path) -> dict[str, int]:
+    return {
+        shape: pq.ParquetFile(feed_dir / f"{shape}.parquet").metadata.num_rows
+        for shape in canonical.SHAPES
+    }
+
+
+def _write_dqd_results(
+    s: Schemas, run_dir: Path, checks: list[dict[str, Any]], started: dt.datetime
+) -> None:
+    """The checks in DQD's results layout, for DQD's viewer and OHDSI Ares."""
+    with s.wh.begin() as conn:
+        source = s.run(conn, "SELECT * FROM {S}.cdm_source").mappings().first()
+    results = dqd_results(checks, started, dt.datetime.now(dt.UTC), dict(source or {}))
+    (run_dir / "dqd_results.json").write_text(
+        json.dumps(results, indent=1, default=str), encoding="utf-8"
+    )
+
+
+def _ensure_vocabulary(s: Schemas, cfg: SiteConfig) -> None:
+    with s.wh.begin() as conn:
+        concepts = s.wh.count_rows(conn, s.cdm, "concept")
+    if concepts == 0:
+        if cfg.vocabulary is None:
+            raise RunFailed("the warehouse has no vocabulary and the config names none")
+        log.info("no vocabulary in %s yet: loading %s", s.cdm, cfg.vocabulary)
+        load_vocabulary(s.wh, cfg.vocabulary, s.cdm)
+
+
+def _quarantine_summary(quarantine: pa.Table) -> list[dict[str, Any]]:
+    if quarantine.num_rows == 0:
+        return []
+    grouped = quarantine.group_by(["feed", "source_file", "reason"]).aggregate(
+        [("source_line", "count")]
+    )
+    return [
+        {
+            "feed": r["feed"],
+            "file": r["source_file"],
+            "reason": r["reason"],
+            "rows": r["source_line_count"],
+        }
+        for r in grouped.to_pylist()
+    ]
+
+
+def _write_quarantine(s: Schemas, conn: sa.Connection, run_dir: Path, extraction: pa.Table) -> None:
+    """The run's quarantine files: what extraction rejected, and what the build set aside."""
+    out = run_dir / "quarantine"
+    out.mkdir(exist_ok=True)
+    pq.write_table(extraction, out / "extraction.parquet")
+    table = s.wh.fetch_arrow(
+        conn,
+        s.sql(
+            "SELECT feed, source_file, source_line, record_set, status, rule"
+            " FROM {S}.disposition ORDER BY feed, source_file, source_line"
+        ),
+    )
+    pq.write_table(table, out / "build.parquet")
