@@ -41,6 +41,8 @@ def _pacs_tree(root: Path) -> None:
     ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = uid_from("second-instance")
     ds.InstanceNumber = 2
     ds.save_as(first.parent / "2.dcm", enforce_file_format=True)
+    # a third instance cut short in transfer: quarantined, the rest of its series loads
+    (first.parent / "3.dcm").write_bytes((first.parent / "2.dcm").read_bytes()[:700])
     write_report(
         root / "demo-sr" / "1.dcm",
         patient_id=PATIENT,
@@ -142,14 +144,16 @@ def test_pacs_feed_with_the_demo_ehr(tmp_path: Path, warehouse) -> None:
     assert result.status == "published", result.report["errors"]
     report = result.report
 
-    # accounting: 16 files; the findings (2 of the SR, 1 of the SEG) are records too
+    # accounting: 17 files; the findings (2 of the SR, 1 of the SEG) are records too
     feed = report["feeds"]["pacs"]
-    assert feed["records_in"] == 19
+    assert feed["records_in"] == 20
     assert feed["records_in"] == feed["loaded"] + feed["quarantined"] + feed["filtered"]
-    assert (feed["loaded"], feed["quarantined"], feed["filtered"]) == (6, 13, 0)
+    assert (feed["loaded"], feed["quarantined"], feed["filtered"]) == (6, 14, 0)
     files = feed["files"]
     for name, reason in BAD_FILES.items():
         assert (files[name]["quarantined"], files[name]["message"]) == (1, reason)
+    cut = f"demo/{STUDY_UID}/{DX_SERIES}/3.dcm"
+    assert (files[cut]["quarantined"], files[cut]["message"]) == (1, "truncated DICOM file")
     reasons = {(q["file"], q["reason"]) for q in report["quarantine"] if q["feed"] == "pacs"}
     for name in ("CT_small.dcm", "MR_small.dcm", "liver_1frame.dcm", "examples_ybr_color.dcm"):
         assert (f"pydicom/{name}", "unknown_person") in reasons  # not a patient of the EHR
