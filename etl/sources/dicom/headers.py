@@ -26,7 +26,7 @@ CONTEXT_RELATIONSHIPS = {"HAS OBS CONTEXT", "HAS ACQ CONTEXT", "HAS CONCEPT MOD"
 MAX_SR_DEPTH = 20
 
 
-@dataclass
+@dataclass(slots=True)
 class Instance:
     """The header values of one instance file (clear values: memory only)."""
 
