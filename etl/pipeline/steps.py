@@ -145,7 +145,8 @@ class _Fragment:
 class NightlyRun:
     """One run of the pipeline, resumable step by step from its run folder."""
 
-    STEP_ORDER = ("extract", "land", "build", "gate", "publish")
+    # steps/NAME.json fragments of other steps (the vocabulary refresh), merged by finish
+    EXTRA_FRAGMENTS = ("vocabulary", "vocabulary_diff")
 
     def __init__(self, cfg: SiteConfig, workdir: Path, run_id: str) -> None:
         if not _RUN_ID.fullmatch(run_id):
@@ -166,8 +167,12 @@ class NightlyRun:
         replay: str | None = None,
         run_date: dt.date | None = None,
         vocabulary_schema: str | None = None,
+        meta: dict[str, Any] | None = None,
     ) -> NightlyRun:
-        """Create the run folder and its run.json; nothing is read from the feeds yet."""
+        """Create the run folder and its run.json; nothing is read from the feeds yet.
+
+        `vocabulary_schema`: build against a staged vocabulary instead of the published
+        one (the vocabulary refresh); `meta`: more to keep in run.json."""
         run = cls(cfg, workdir, new_run_id())
         if replay is not None and not _RUN_ID.fullmatch(replay):
             raise ValueError(f"unexpected run id {replay!r}")
@@ -180,6 +185,7 @@ class NightlyRun:
             "started_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             "feeds": [f.name for f in cfg.feeds],
             "vocabulary_schema": vocabulary_schema,
+            **(meta or {}),
         }
         (run.run_dir / "run.json").write_text(json.dumps(run.meta, indent=2), encoding="utf-8")
         with run_log(run.run_dir):
@@ -215,8 +221,8 @@ class NightlyRun:
         return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
     @contextmanager
-    def _step(self, name: str, on_step: Callable[[str], None] | None) -> Iterator[_Fragment]:
-        """Run a step: log to run.log, record its error, always write its fragment."""
+    def recorded(self, name: str, on_step: Callable[[str], None] | None) -> Iterator[_Fragment]:
+        """A step: logs to run.log, records its error, always writes steps/NAME.json."""
         frag = _Fragment(on_step)
         with run_log(self.run_dir):
             try:
@@ -231,7 +237,8 @@ class NightlyRun:
                 )
 
     @contextmanager
-    def _warehouse(self) -> Iterator[Schemas]:
+    def warehouse(self) -> Iterator[Schemas]:
+        """The warehouse and the run's schemas (its vocabulary: staged or published)."""
         with open_warehouse(self.cfg.warehouse) as wh:
             yield Schemas(wh, self.cfg.schema_name, self.meta.get("vocabulary_schema"))
 
@@ -247,7 +254,7 @@ class NightlyRun:
 
     def extract(self, feed: str, on_step: Callable[[str], None] | None = None) -> int:
         """Extract one feed (or copy it from the replayed run) into its partial landing."""
-        with self._step(f"extract.{feed}", on_step) as frag:
+        with self.recorded(f"extract.{feed}", on_step) as frag:
             partial = self._partial_dir(feed)
             if partial.exists():
                 shutil.rmtree(partial)  # a retried extraction starts over
@@ -277,7 +284,7 @@ class NightlyRun:
 
     def land(self, feed: str, on_step: Callable[[str], None] | None = None) -> dict[str, int]:
         """Check a feed's extraction is complete and move it into the landing area."""
-        with self._step(f"land.{feed}", on_step) as frag, frag.step("land"):
+        with self.recorded(f"land.{feed}", on_step) as frag, frag.step("land"):
             partial, final = self._partial_dir(feed), self.landing_dir(feed)
             if not (partial / "files.json").is_file():
                 if (final / "files.json").is_file():
@@ -296,7 +303,7 @@ class NightlyRun:
     # -- build, gate, publish ----------------------------------------------------------
     def build(self, on_step: Callable[[str], None] | None = None) -> None:
         """Stage the landed records and build the CDM tables in the stage schema."""
-        with self._step("build", on_step) as frag:
+        with self.recorded("build", on_step) as frag:
             missing = [f for f in self.feeds if not (self.landing_dir(f) / "files.json").is_file()]
             if missing:
                 raise RunFailed(f"feed(s) not landed: {', '.join(missing)}")
@@ -308,7 +315,7 @@ class NightlyRun:
                 else canonical.QUARANTINE.empty_table()
             )
             run_date = dt.date.fromisoformat(self.meta["run_date"])
-            with self._warehouse() as s:
+            with self.warehouse() as s:
                 with frag.step("vocabulary"):
                     create_cdm(s.wh, s.cdm)
                     if s.vocab is None:
@@ -337,7 +344,7 @@ class NightlyRun:
 
     def gate(self, on_step: Callable[[str], None] | None = None) -> bool:
         """Run the quality gate on the staged build; False when it refuses the load."""
-        with self._step("gate", on_step) as frag, self._warehouse() as s:
+        with self.recorded("gate", on_step) as frag, self.warehouse() as s:
             self._check_stamp(s)
             sql_checks, expectations = gate_plan(published_tables(), self.cfg.quality)
             with frag.step("gate"):
@@ -372,7 +379,7 @@ class NightlyRun:
     ) -> dict[str, int]:
         """Swap the gated build into the CDM schema in one transaction (with `also`, e.g.
         the staged vocabulary, inside the same transaction); rows per published table."""
-        with self._step("publish", on_step) as frag, self._warehouse() as s:
+        with self.recorded("publish", on_step) as frag, self.warehouse() as s:
             gate = self.fragment("gate")
             if not (gate and gate["state"].get("passed")):
                 raise RunFailed("the quality gate has not passed this run; nothing published")
@@ -422,7 +429,7 @@ class NightlyRun:
             "errors": [],
         }
         names = [f"extract.{f}" for f in self.feeds] + [f"land.{f}" for f in self.feeds]
-        for name in [*names, "build", "gate", "publish"]:
+        for name in [*names, *self.EXTRA_FRAGMENTS, "build", "gate", "publish"]:
             frag = self.fragment(name)
             if frag is None:
                 continue

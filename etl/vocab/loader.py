@@ -6,6 +6,10 @@
 3. Only if nothing is wrong, the published vocabulary tables are replaced in a single
    transaction. On any problem the staging schema is dropped and the previous
    vocabulary stays exactly as it was.
+
+A refresh (`stage_vocabulary`) stops after step 2 with the checked release in
+`SCHEMA_vocab_next`; `swap_staged_vocabulary` replaces the published tables from there
+inside the caller's transaction (the one that publishes the CDM rebuilt against it).
 """
 
 from __future__ import annotations
@@ -197,8 +201,44 @@ def load_vocabulary(
     Raises VocabularyError (naming file, line and problem) without touching the published
     vocabulary when the release is malformed.
     """
-    started = time.perf_counter()
+    return _load(wh, release_dir, schema or wh.default_schema, None, show_progress)
+
+
+def staged_vocabulary_schema(schema: str) -> str:
+    """Where `stage_vocabulary` keeps a checked release until it is swapped in."""
+    return f"{schema}_vocab_next"
+
+
+def stage_vocabulary(
+    wh: Warehouse, release_dir: Path, schema: str | None = None
+) -> VocabularyLoadResult:
+    """Load and check a release into `staged_vocabulary_schema(schema)`, leaving `schema`'s
+    vocabulary untouched: a build can be tried against it (`Schemas.vocab`), and
+    `swap_staged_vocabulary` publishes it inside the caller's transaction."""
     schema = schema or wh.default_schema
+    return _load(wh, release_dir, schema, staged_vocabulary_schema(schema), False)
+
+
+def swap_staged_vocabulary(wh: Warehouse, conn: sa.Connection, schema: str) -> None:
+    """Replace `schema`'s vocabulary tables by the staged release within `conn`'s
+    transaction (drop the staged schema after the commit, `drop_staged_vocabulary`)."""
+    _swap(wh, conn, staged_vocabulary_schema(schema), schema)
+
+
+def drop_staged_vocabulary(wh: Warehouse, schema: str) -> None:
+    with wh.begin() as conn:
+        wh.drop_schema(conn, staged_vocabulary_schema(schema))
+    with wh.begin() as conn:
+        for name in vocabulary_tables():
+            wh.analyze(conn, schema, name)
+
+
+def _load(
+    wh: Warehouse, release_dir: Path, schema: str, target: str | None, show_progress: bool
+) -> VocabularyLoadResult:
+    """Stage and check the release; swap it into `target` (default: `schema`)."""
+    started = time.perf_counter()
+    target = target or schema
     release_dir = Path(release_dir)
     if not release_dir.is_dir():
         raise VocabularyError([Problem(str(release_dir), None, "not a directory")])
@@ -211,7 +251,7 @@ def load_vocabulary(
         with wh.begin() as conn:
             wh.drop_schema(conn, stage)
             wh.create_schema(conn, stage)
-            wh.create_schema(conn, schema)
+            wh.create_schema(conn, target)
             _staging_metadata(stage).create_all(conn)
         try:
             rows = _stage_files(wh, release_dir, stage, problems, warnings, progress)
@@ -222,18 +262,18 @@ def load_vocabulary(
             if problems:
                 raise VocabularyError(problems)
             with wh.begin() as conn:
-                _swap(wh, conn, stage, schema)
-                version = _vocabulary_version(wh, conn, schema)
+                _swap(wh, conn, stage, target)
+                version = _vocabulary_version(wh, conn, target)
             with wh.begin() as conn:
                 for name in vocabulary_tables():
-                    wh.analyze(conn, schema, name)
+                    wh.analyze(conn, target, name)
         finally:
             with wh.begin() as conn:
                 wh.drop_schema(conn, stage)
     for w in warnings:
         log.warning("vocabulary: %s", w)
     elapsed = time.perf_counter() - started
-    log.info("vocabulary loaded into %s in %.1fs: %s", schema, elapsed, rows)
+    log.info("vocabulary loaded into %s in %.1fs: %s", target, elapsed, rows)
     return VocabularyLoadResult(rows, warnings, elapsed, version)
 
 
@@ -277,4 +317,12 @@ class _progress:
         self._bar.__exit__(*exc)
 
 
-__all__ = ["VocabularyError", "VocabularyLoadResult", "load_vocabulary"]
+__all__ = [
+    "VocabularyError",
+    "VocabularyLoadResult",
+    "drop_staged_vocabulary",
+    "load_vocabulary",
+    "stage_vocabulary",
+    "staged_vocabulary_schema",
+    "swap_staged_vocabulary",
+]
