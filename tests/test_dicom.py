@@ -6,6 +6,8 @@ import datetime as dt
 from pathlib import Path
 
 import pyarrow as pa
+import pydicom
+from pydicom.dataset import Dataset
 
 from etl.config import FeedConfig
 from etl.pseudonym import pseudonym
@@ -13,7 +15,14 @@ from etl.sources.dicom import extract_dicom
 from etl.sources.dicom.synth import FAKE_ACCESSION, FAKE_NAME, uid_from, write_demo_pacs
 from etl.sources.ehr import Extract
 from tests.conftest import DEMO_SYNTHEA, TEST_KEY
-from tests.dicom_helpers import BAD_FILES, DEMO_PACS, headers, write_report, write_test_tree
+from tests.dicom_helpers import (
+    BAD_FILES,
+    DEMO_PACS,
+    DICOM_DATA,
+    headers,
+    write_report,
+    write_test_tree,
+)
 
 KEY = TEST_KEY.encode()
 
@@ -172,3 +181,20 @@ def test_dicomdir_is_skipped_as_an_index(tmp_path: Path) -> None:
     (tmp_path / "DICOMDIR").write_bytes(b"an index")
     stats, _ = _extract(tmp_path)
     assert "DICOMDIR" not in {s.file for s in stats}
+
+
+def test_a_bare_dataset_without_preamble_loads(tmp_path: Path) -> None:
+    """An ACR-NEMA style file (no preamble, no file meta) is read with force."""
+    source = pydicom.dcmread(DICOM_DATA / "MR_small.dcm", stop_before_pixels=True)
+    bare = Dataset()
+    for element in source:
+        bare.add(element)
+    pydicom.dcmwrite(tmp_path / "bare", bare, implicit_vr=True, little_endian=True)
+    assert (tmp_path / "bare").read_bytes()[128:132] != b"DICM"
+    stats, sink = _extract(tmp_path)
+    assert [(s.file, s.extracted, s.quarantined) for s in stats] == [("bare", 1, 0)]
+    image = sink.table("image").to_pylist()[0]
+    assert (image["modality_code"], image["study_uid"]) == (
+        "MR",
+        headers()["MR_small.dcm"]["StudyInstanceUID"],
+    )
