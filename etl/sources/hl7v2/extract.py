@@ -5,9 +5,9 @@ over one Arrow table of the feed's results: pseudonyms, result identity, and the
 rules (a correction replaces, a cancellation removes, a preliminary result counts only
 while no final one exists), so a correction in tomorrow's file still wins over today's.
 
-Accounting per file: records_in = OBX segments + messages whose OBX cannot be counted
-(unparseable without OBX, or without any OBX at all); each ends as an event, a
-quarantine row (reason, file, record number) or a named filter (FileStats.filtered).
+Accounting per file: records_in = OBX (results) and SPM (specimens) segments + 1 for each
+message with neither (or rejected with none); each ends as an event, a quarantine row
+(reason, file, record number) or a named filter (FileStats.filtered).
 """
 
 from __future__ import annotations
