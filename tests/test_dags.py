@@ -1,0 +1,240 @@
+"""The Airflow DAGs end to end with `dag.test()`: a temporary AIRFLOW_HOME with a SQLite
+metadata database, each DAG run in a process of its own (tests/airflow_driver.py), the
+site config from a Variable and the warehouse from the Connection `omop_warehouse`."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+import yaml
+
+from etl.warehouse import open_warehouse
+from tests.conftest import DEMO_SYNTHEA, REPO, TEST_KEY
+from tests.pipeline_helpers import scalar, write_config
+from tests.test_nightly_runs import snapshot
+from tests.test_vocab_refresh import DEPRECATED, NEW_TARGET, REMAPPED, modified_vocabulary
+
+ASSET_URI = "omop://test-site/cdm"
+
+
+@pytest.fixture(scope="module")
+def airflow_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """A migrated SQLite metadata database in a temporary AIRFLOW_HOME."""
+    home = tmp_path_factory.mktemp("airflow_home")
+    env = {
+        **os.environ,
+        "AIRFLOW_HOME": str(home),
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{home / 'airflow.db'}",
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"),
+        "AIRFLOW__CORE__UNIT_TEST_MODE": "False",
+        "OMOP_ETL_SITE": "test-site",
+        "OMOP_ETL_PSEUDONYM_KEY": TEST_KEY,
+        "PYTHONPATH": str(REPO),
+    }
+    _driver(env, "init")
+    return env
+
+
+def _driver(env: dict[str, str], *args: str) -> str:
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.airflow_driver", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-4000:]
+    return output
+
+
+def run_dag(
+    env: dict[str, str],
+    dag_id: str,
+    site: dict[str, str],
+    tmp: Path,
+    *,
+    conf: dict | None = None,
+    inject_sql: str | None = None,
+) -> tuple[dict[str, Any], str]:
+    """One DAG run; its summary (state, tasks, XCom `report`, Asset events) and its log."""
+    out = tmp / f"{dag_id}-{len(list(tmp.glob('*.out.json')))}.out.json"
+    args = ["run", dag_id, str(out), "--conf", json.dumps(conf or {})]
+    if inject_sql:
+        args += ["--inject-sql", inject_sql]
+    log = _driver({**env, **site}, *args)
+    return json.loads(out.read_text()), log
+
+
+def site_vars(config: Path, workdir: Path, connection: dict | None = None) -> dict[str, str]:
+    env = {
+        "AIRFLOW_VAR_OMOP_ETL_SITE_CONFIG": str(config),
+        "AIRFLOW_VAR_OMOP_ETL_WORKDIR": str(workdir),
+    }
+    if connection is not None:
+        env["AIRFLOW_CONN_OMOP_WAREHOUSE"] = json.dumps(connection)
+    return env
+
+
+@pytest.fixture(scope="module")
+def duckdb_site(airflow_env, tmp_path_factory) -> dict[str, Any]:
+    """The demo EHR feed published by the nightly DAG into a DuckDB warehouse."""
+    tmp = tmp_path_factory.mktemp("nightly_duckdb")
+    wh = open_warehouse(f"duckdb:///{tmp / 'warehouse.duckdb'}")
+    config = write_config(tmp, wh, "main", DEMO_SYNTHEA)
+    site = site_vars(config, tmp / "work")
+    result, log = run_dag(airflow_env, "omop_nightly", site, tmp)
+    yield {"tmp": tmp, "wh": wh, "site": site, "result": result, "log": log}
+    wh.close()
+
+
+def _xcom_path(result: dict[str, Any], task_id: str) -> str:
+    value = result["report_xcom"][task_id]
+    return json.loads(value) if value.startswith('"') else value
+
+
+def _report(result: dict[str, Any], task_id: str) -> dict[str, Any]:
+    return json.loads(Path(_xcom_path(result, task_id)).read_text())
+
+
+def test_dagbag_imports_both_dags_without_heavy_modules(airflow_env, tmp_path) -> None:
+    script = (
+        "import json, os, sys\n"
+        "from airflow.dag_processing.dagbag import DagBag\n"
+        "bag = DagBag(os.environ['AIRFLOW__CORE__DAGS_FOLDER'])\n"
+        "heavy = sorted(m for m in ('duckdb', 'pyarrow', 'great_expectations', 'psycopg',"
+        " 'etl.pipeline.steps', 'etl.warehouse') if m in sys.modules)\n"
+        "print(json.dumps({'errors': {k: str(v) for k, v in bag.import_errors.items()},"
+        " 'dags': sorted(bag.dags), 'heavy': heavy,"
+        " 'nightly': sorted(bag.dags['omop_nightly'].task_ids),"
+        " 'schedule': str(bag.dags['omop_nightly'].schedule)}))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=REPO,
+        env={**airflow_env, "AIRFLOW_VAR_OMOP_ETL_NIGHTLY_CRON": "30 1 * * *"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    found = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert found["errors"] == {}
+    assert found["dags"] == ["omop_nightly", "omop_vocabulary_refresh"]
+    assert found["heavy"] == []  # parsing a DAG file loads no driver, Arrow or GE
+    assert found["nightly"] == [
+        "build", "feed.extract", "feed.land", "feeds", "gate", "publish", "report", "start",
+    ]  # fmt: skip
+    assert found["schedule"] == "30 1 * * *"
+
+
+def test_nightly_dag_publishes_the_demo_on_duckdb(duckdb_site) -> None:
+    result, wh = duckdb_site["result"], duckdb_site["wh"]
+    assert result["state"] == "success", duckdb_site["log"][-3000:]
+    assert set(result["tasks"].values()) == {"success"}
+    assert "feed.extract[0]" in result["tasks"] and "feed.land[0]" in result["tasks"]
+    report = _report(result, "report")
+    assert report["status"] == "published" and report["errors"] == []
+    ehr = report["feeds"]["ehr"]
+    assert ehr["records_in"] == ehr["loaded"] + ehr["quarantined"] + ehr["filtered"] > 0
+    assert report["tables"]["person"] == 27
+    assert scalar(wh, "SELECT count(*) FROM main.person") == 27
+    assert scalar(wh, "SELECT count(*) FROM main.condition_occurrence") == (
+        report["tables"]["condition_occurrence"]
+    ) > 0  # fmt: skip
+    # the step timings of every task are merged into one report
+    assert {"extract", "land", "stage", "gate", "publish"} <= set(report["timings"])
+    [event] = [e for e in result["asset_events"] if e["uri"] == ASSET_URI]
+    assert event["name"] == "omop_cdm" and event["dag_id"] == "omop_nightly"
+    assert event["extra"]["run_id"] == report["run_id"]
+
+
+def test_refused_run_fails_the_dag_and_never_publishes(airflow_env, duckdb_site) -> None:
+    wh, tmp = duckdb_site["wh"], duckdb_site["tmp"]
+    before = snapshot(wh, "main")
+    wh.close()  # DuckDB: one process at a time holds the file
+    events_before = len(duckdb_site["result"]["asset_events"])
+    result, log = run_dag(
+        airflow_env,
+        "omop_nightly",
+        duckdb_site["site"],
+        tmp,
+        inject_sql="INSERT INTO {S}.person SELECT * FROM {S}.person"
+        " WHERE person_id = (SELECT min(person_id) FROM {S}.person)",
+    )
+    assert result["state"] == "failed"
+    tasks = result["tasks"]
+    assert (tasks["gate"], tasks["publish"], tasks["report"]) == (
+        "failed", "upstream_failed", "failed",
+    )  # fmt: skip
+    assert tasks["build"] == "success"
+    path = _xcom_path(result, "gate")
+    assert _xcom_path(result, "report") == path
+    report = json.loads(Path(path).read_text())
+    assert report["status"] == "refused"
+    assert any("refused by isPrimaryKey on person.person_id" in e for e in report["errors"])
+    assert f"(report {path})" in log  # the failed task's log names the report
+    assert snapshot(wh, "main") == before
+    assert len([e for e in result["asset_events"]]) == events_before  # no new Asset event
+
+
+@pytest.mark.postgres
+def test_nightly_dag_on_postgres_through_the_connection(airflow_env, pg_wh, tmp_path) -> None:
+    wh, schema = pg_wh
+    config = write_config(tmp_path, wh, schema, DEMO_SYNTHEA)
+    # the YAML names a DuckDB file; the Connection omop_warehouse overrides it
+    cfg = yaml.safe_load(config.read_text())
+    cfg["warehouse"] = f"duckdb:///{tmp_path / 'not-used.duckdb'}"
+    config.write_text(yaml.safe_dump(cfg))
+    url = sa.engine.make_url(wh.url)
+    connection = {
+        "conn_type": "postgres",
+        "host": url.host,
+        "port": url.port,
+        "login": url.username,
+        "password": url.password,
+        "schema": url.database,
+    }
+    result, log = run_dag(
+        airflow_env, "omop_nightly", site_vars(config, tmp_path / "work", connection), tmp_path
+    )
+    assert result["state"] == "success", log[-3000:]
+    report = _report(result, "report")
+    assert report["status"] == "published"
+    assert report["warehouse"].startswith("postgresql+psycopg://")
+    assert scalar(wh, f'SELECT count(*) FROM "{schema}".person') == 27 == report["tables"]["person"]
+    assert not (tmp_path / "not-used.duckdb").exists()
+
+
+def test_vocabulary_refresh_dag_swaps_and_reports_changes(airflow_env, duckdb_site) -> None:
+    wh, tmp = duckdb_site["wh"], duckdb_site["tmp"]
+    release = modified_vocabulary(tmp)
+    wh.close()  # DuckDB: one process at a time holds the file
+    result, log = run_dag(
+        airflow_env, "omop_vocabulary_refresh", duckdb_site["site"], tmp,
+        conf={"release_path": str(release)},
+    )  # fmt: skip
+    assert result["state"] == "success", log[-3000:]
+    assert set(result["tasks"].values()) == {"success"}
+    report = _report(result, "report")
+    assert report["status"] == "published"
+    changes = report["vocabulary_changes"]
+    assert [c["concept_id"] for c in changes["deprecated"]] == [DEPRECATED]
+    assert {m["concept_id"]: m["new_targets"] for m in changes["mapping_changes"]} == {
+        DEPRECATED: [],
+        REMAPPED: [NEW_TARGET],
+    }
+    assert changes["rows_moving"][0]["rows"] == 4
+    deprecated = f"SELECT invalid_reason FROM main.concept WHERE concept_id = {DEPRECATED}"
+    assert scalar(wh, deprecated) == "D"
+    assert scalar(wh, "SELECT vocabulary_version FROM main.cdm_source") == "v-next"
+    assert any(e["dag_id"] == "omop_vocabulary_refresh" for e in result["asset_events"])
