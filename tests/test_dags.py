@@ -15,6 +15,8 @@ import pytest
 import sqlalchemy as sa
 import yaml
 
+from etl.config import ConfigError
+from etl.orchestration import warehouse_url
 from etl.warehouse import open_warehouse
 from tests.conftest import DEMO_SYNTHEA, REPO, TEST_KEY
 from tests.pipeline_helpers import scalar, write_config
@@ -107,17 +109,26 @@ def _report(result: dict[str, Any], task_id: str) -> dict[str, Any]:
 
 
 def test_dagbag_imports_both_dags_without_heavy_modules(airflow_env, tmp_path) -> None:
-    script = (
-        "import json, os, sys\n"
-        "from airflow.dag_processing.dagbag import DagBag\n"
-        "bag = DagBag(os.environ['AIRFLOW__CORE__DAGS_FOLDER'])\n"
-        "heavy = sorted(m for m in ('duckdb', 'pyarrow', 'great_expectations', 'psycopg',"
-        " 'etl.pipeline.steps', 'etl.warehouse') if m in sys.modules)\n"
-        "print(json.dumps({'errors': {k: str(v) for k, v in bag.import_errors.items()},"
-        " 'dags': sorted(bag.dags), 'heavy': heavy,"
-        " 'nightly': sorted(bag.dags['omop_nightly'].task_ids),"
-        " 'schedule': str(bag.dags['omop_nightly'].schedule)}))\n"
-    )
+    script = """
+import json, os, sys
+from airflow.dag_processing.dagbag import DagBag
+bag = DagBag(os.environ["AIRFLOW__CORE__DAGS_FOLDER"])
+heavy = sorted(m for m in ("duckdb", "pyarrow", "great_expectations", "psycopg",
+                           "etl.pipeline.steps", "etl.warehouse") if m in sys.modules)
+import sqlalchemy.exc
+from etl.pipeline.steps import RunFailed
+refused = sqlalchemy.exc.OperationalError("connect", {}, ConnectionRefusedError(111))
+retry = {}
+for d in bag.dags.values():
+    for t in d.tasks:
+        p = t.retry_policy
+        retry[d.dag_id + "." + t.task_id] = (t.retries, p.evaluate(refused, 1, 4).action.value,
+                                             p.evaluate(RunFailed("bad"), 1, 4).action.value)
+print(json.dumps({"errors": {k: str(v) for k, v in bag.import_errors.items()},
+                  "dags": sorted(bag.dags), "heavy": heavy, "retry": retry,
+                  "nightly": sorted(bag.dags["omop_nightly"].task_ids),
+                  "schedule": str(bag.dags["omop_nightly"].schedule)}))
+"""
     proc = subprocess.run(
         [sys.executable, "-c", script],
         cwd=REPO,
@@ -135,6 +146,22 @@ def test_dagbag_imports_both_dags_without_heavy_modules(airflow_env, tmp_path) -
         "build", "feed.extract", "feed.land", "feeds", "gate", "publish", "report", "start",
     ]  # fmt: skip
     assert found["schedule"] == "30 1 * * *"
+    # a connection refused is retried, anything else fails at once; the report never retries
+    retry = found["retry"]
+    assert retry["omop_nightly.build"] == [3, "retry", "fail"]
+    assert retry["omop_vocabulary_refresh.swap"] == [3, "retry", "fail"]
+    assert retry["omop_nightly.report"][0] == retry["omop_vocabulary_refresh.report"][0] == 0
+    assert {tuple(v[1:]) for v in retry.values()} == {("retry", "fail")}
+
+
+def test_warehouse_url_from_the_connection_fields() -> None:
+    assert warehouse_url("postgres", "db.local", "etl", "p@ss", 5433, "omop") == (
+        "postgresql+psycopg://etl:p%40ss@db.local:5433/omop"
+    )
+    assert warehouse_url("duckdb", "/data/wh.duckdb") == "duckdb:////data/wh.duckdb"
+    assert warehouse_url("generic", extra={"url": "duckdb:///x.duckdb"}) == "duckdb:///x.duckdb"
+    with pytest.raises(ConfigError):
+        warehouse_url("mysql", "h")
 
 
 def test_nightly_dag_publishes_the_demo_on_duckdb(duckdb_site) -> None:
@@ -218,6 +245,7 @@ def test_nightly_dag_on_postgres_through_the_connection(airflow_env, pg_wh, tmp_
 def test_vocabulary_refresh_dag_swaps_and_reports_changes(airflow_env, duckdb_site) -> None:
     wh, tmp = duckdb_site["wh"], duckdb_site["tmp"]
     release = modified_vocabulary(tmp)
+    before = snapshot(wh, "main")
     wh.close()  # DuckDB: one process at a time holds the file
     result, log = run_dag(
         airflow_env, "omop_vocabulary_refresh", duckdb_site["site"], tmp,
@@ -233,8 +261,22 @@ def test_vocabulary_refresh_dag_swaps_and_reports_changes(airflow_env, duckdb_si
         DEPRECATED: [],
         REMAPPED: [NEW_TARGET],
     }
-    assert changes["rows_moving"][0]["rows"] == 4
+    assert [(m["from_table"], m["to_table"], m["rows"]) for m in changes["rows_moving"]] == [
+        ("condition_occurrence", "observation", 4)
+    ]
+    assert report["vocabulary_refresh"]["vocabulary_version"] == "v-next"
+    # vocabulary and CDM swapped together
     deprecated = f"SELECT invalid_reason FROM main.concept WHERE concept_id = {DEPRECATED}"
     assert scalar(wh, deprecated) == "D"
     assert scalar(wh, "SELECT vocabulary_version FROM main.cdm_source") == "v-next"
+    assert scalar(wh, "SELECT count(*) FROM main.observation WHERE observation_source_value"
+                      f" = '444814009' AND observation_concept_id = {NEW_TARGET}") == 4  # fmt: skip
+    assert scalar(wh, "SELECT count(*) FROM main.condition_occurrence"
+                      " WHERE condition_source_value = '444814009'") == 0  # fmt: skip
+    assert scalar(wh, "SELECT count(*) FROM main.condition_occurrence WHERE condition_concept_id"
+                      " = 0 AND condition_source_value = '195662009'") == 2  # fmt: skip
+    assert "main_vocab_next" not in sa.inspect(wh.engine).get_schema_names()
+    assert sorted(r[0] for r in before["person"]) == sorted(
+        r[0] for r in snapshot(wh, "main")["person"]
+    )  # person ids stable across the re-mapping
     assert any(e["dag_id"] == "omop_vocabulary_refresh" for e in result["asset_events"])
