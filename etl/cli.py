@@ -129,6 +129,37 @@ def vocab_load(
         console.print(f"release: {result.vocabulary_version}")
 
 
+@vocab_app.command("refresh")
+def vocab_refresh(
+    path: Path = typer.Argument(..., help="Folder of the new Athena release."),
+    config: Path = typer.Option(..., "--config", "-c", help="The site config (YAML)."),
+    workdir: Path = typer.Option(Path("."), "--workdir", help="Where runs/RUN_ID/ is written."),
+    replay: str | None = typer.Option(
+        None, "--replay", help="The run to re-map (default: the last landed run)."
+    ),
+) -> None:
+    """Re-map the last landed run against a new release; swap vocabulary and CDM together,
+    or refuse (exit 1) with a report of what changed. Exit 2 if it failed."""
+    from etl.config import ConfigError, load_config
+    from etl.pipeline.refresh import refresh_vocabulary
+
+    try:
+        cfg = load_config(config)
+    except ConfigError as exc:
+        _fail(str(exc))
+    result = refresh_vocabulary(cfg, workdir, path, replay=replay)
+    _print_run(result)
+    changes = result.report.get("vocabulary_changes")
+    if changes:
+        moving = sum(m["rows"] for m in changes["rows_moving"])
+        console.print(
+            f"vocabulary changes: {changes['concepts_deprecated']} concept(s) deprecated,"
+            f" {changes['mappings_changed']} mapping(s) changed, {changes['domains_changed']}"
+            f" domain change(s), {moving} record(s) moving table"
+        )
+    raise typer.Exit(result.exit_code)
+
+
 @app.command()
 def run(
     config: Path = typer.Option(..., "--config", "-c", help="The site config (YAML)."),
