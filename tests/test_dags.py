@@ -280,3 +280,19 @@ def test_vocabulary_refresh_dag_swaps_and_reports_changes(airflow_env, duckdb_si
         r[0] for r in snapshot(wh, "main")["person"]
     )  # person ids stable across the re-mapping
     assert any(e["dag_id"] == "omop_vocabulary_refresh" for e in result["asset_events"])
+
+
+def test_a_failed_feed_fails_the_run_at_once_with_its_report(airflow_env, tmp_path) -> None:
+    wh = open_warehouse(f"duckdb:///{tmp_path / 'warehouse.duckdb'}")
+    config = write_config(tmp_path, wh, "main", tmp_path / "no-such-feed")
+    result, log = run_dag(airflow_env, "omop_nightly", site_vars(config, tmp_path), tmp_path)
+    assert result["state"] == "failed"
+    tasks = result["tasks"]
+    assert (tasks["feed.extract[0]"], tasks["feed.land[0]"], tasks["build"]) == (
+        "failed", "upstream_failed", "upstream_failed",
+    )  # fmt: skip
+    assert (tasks["publish"], tasks["report"]) == ("upstream_failed", "failed")
+    report = _report(result, "report")
+    assert report["status"] == "failed"
+    assert any("no-such-feed is not a folder" in e for e in report["errors"])
+    assert "up_for_retry" not in log  # bad input is not retried

@@ -383,6 +383,12 @@ class NightlyRun:
             gate = self.fragment("gate")
             if not (gate and gate["state"].get("passed")):
                 raise RunFailed("the quality gate has not passed this run; nothing published")
+            if self._published_run(s) == self.run_id:  # a retry after the commit
+                log.warning("run %s was already published; not publishing twice", self.run_id)
+                with s.wh.begin() as conn:
+                    frag.report["tables"] = published_counts(s, conn)
+                frag.state["published"] = True
+                return frag.report["tables"]
             with s.wh.begin() as conn:  # one transaction: CDM tables, key map, lineage
                 self._check_stamp(s, conn)
                 with frag.step("publish"):
@@ -393,11 +399,22 @@ class NightlyRun:
                         also(s, conn)
                 with frag.step("publish.lineage"):
                     publish_lineage(s, conn, self.run_id)
-            with s.wh.begin() as conn:
-                s.wh.drop_schema(conn, s.stage)
+                s.run(conn, "DROP TABLE {S}.{t}", t=_STAMP)  # this build is spent
             frag.state["published"] = True
             log.info("run %s published into %s", self.run_id, s.cdm)
+            try:
+                with s.wh.begin() as conn:
+                    s.wh.drop_schema(conn, s.stage)
+            except Exception as exc:  # published all the same; the next build drops it
+                log.warning("run %s: could not drop %s: %s", self.run_id, s.stage, exc)
             return frag.report["tables"]
+
+    def _published_run(self, s: Schemas) -> str | None:
+        """The run the published lineage store describes (None before any)."""
+        with s.wh.begin() as conn:
+            if "lineage" not in sa.inspect(conn).get_table_names(schema=s.etl):
+                return None
+            return s.run(conn, "SELECT max(run_id) FROM {E}.lineage").scalar()
 
     # -- the report --------------------------------------------------------------------
     def status(self) -> str:
