@@ -12,6 +12,7 @@ import sqlalchemy as sa
 
 from etl.config import load_config
 from etl.pipeline.refresh import last_landed_run, refresh_vocabulary
+from etl.pipeline.steps import NightlyRun
 from tests.conftest import DEMO_SYNTHEA, DEMO_VOCAB
 from tests.pipeline_helpers import run, scalar, write_config
 from tests.test_nightly_runs import snapshot
@@ -66,6 +67,12 @@ def test_refused_refresh_reports_changes_and_swaps_nothing(duckdb_wh, tmp_path) 
     assert first.status == "published", first.report["errors"]
     assert last_landed_run(tmp_path) == first.run_id
     before = snapshot(wh, schema)
+    key_map = f'SELECT count(*) FROM "{schema}_etl".key_map'
+    keys = scalar(wh, key_map)
+    # a publish retried after its commit (an orchestrator's retry) does not publish twice
+    again = NightlyRun.resume(cfg, tmp_path, first.run_id).publish()
+    assert again["person"] == 27 and scalar(wh, key_map) == keys
+    assert snapshot(wh, schema) == before
     release = modified_vocabulary(tmp_path)
 
     # a defect in the re-mapped build: refused, nothing swapped, the changes reported
