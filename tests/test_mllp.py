@@ -47,7 +47,10 @@ class Listener:
             lines.append(line)
             if line.startswith("listening on "):
                 break
-        assert lines and lines[-1].startswith("listening on "), lines
+        if not (lines and lines[-1].startswith("listening on ")):
+            self.proc.kill()
+            self.proc.wait()
+            raise AssertionError(f"listener did not start: {lines}")
         self.port = int(lines[-1].rsplit(":", 1)[1])
         # keep draining the output so the listener never blocks on a full pipe
         threading.Thread(target=self.proc.stdout.read, daemon=True).start()
@@ -138,12 +141,16 @@ def test_kill_9_and_restart_every_acknowledged_message_spooled_once(tmp_path: Pa
     state["listener"].stop(signal.SIGKILL)
     killed_at = len(acked)
     state["listener"] = Listener(spool)
-    for t in threads:
-        t.join(timeout=90)
-    assert not errors, errors[0]
-    assert 300 <= killed_at < 1000
-    assert sorted(acked) == ids
-    assert state["listener"].stop() == 0
+    try:
+        for t in threads:
+            t.join(timeout=90)
+        assert not errors, errors[0]
+        assert 300 <= killed_at < 1000
+        assert sorted(acked) == ids
+        assert state["listener"].stop() == 0
+    finally:  # never leave a listener behind
+        if state["listener"].proc.poll() is None:
+            state["listener"].stop(signal.SIGKILL)
     files = spooled(spool)
     by_id: dict[str, list[bytes]] = {}
     for name, data in files.items():
