@@ -105,3 +105,16 @@ def test_a_10_mb_message_is_read_without_trouble(tmp_path: Path) -> None:
     assert len(values["11502-2"]["value_as_string"]) == len(text)
     assert values["2339-0"]["value_as_number"] == 99.0
     assert files["a.hl7"].records_in == 3  # the neighbour file is unaffected
+
+
+def test_a_quarantine_reason_never_quotes_the_patient_identifier() -> None:
+    from etl.sources.hl7v2.message import _reason
+
+    text = (
+        "MSH|^~\\&|LIS|LAB|EHR|HOSP|20200101||ORU^R01|1|P|2.5.1\r"
+        "PID|1||MRN12345^^^H^MR~999888^^^X^PI||\r"
+        "OBX|1|NM|8302-2^Height^LN||MRN12345"
+    )
+    reason = _reason(ValueError("cannot read OBX|1|NM|8302-2||MRN12345 (also 999888)"), text)
+    assert "MRN12345" not in reason and "999888" not in reason
+    assert reason == "ValueError: cannot read OBX|1|NM|8302-2||[PID-3] (also [PID-3])"

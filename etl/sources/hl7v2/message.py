@@ -139,6 +139,30 @@ def _reduced(text: str) -> str:
     return "\r".join(out)
 
 
+def _identifiers(text: str) -> list[str]:
+    """The patient identifiers of PID-3 (every repetition's ID), longest first."""
+    sep = text[3] if len(text) > 3 and text.startswith("MSH") else "|"
+    ids: set[str] = set()
+    for seg in text.split("\r"):
+        if seg.startswith("PID"):
+            fields = seg.split(sep)
+            if len(fields) > 3:
+                for rep in fields[3].split("~"):
+                    value = rep.split("^")[0].strip()
+                    if len(value) >= 3:
+                        ids.add(value)
+    return sorted(ids, key=len, reverse=True)
+
+
+def _reason(exc: Exception, text: str) -> str:
+    """hl7apy's reason, with any patient identifier of the message blanked out (the reason
+    lands in the quarantine files and the report), at most 300 characters."""
+    reason = f"{type(exc).__name__}: {exc}".strip()
+    for value in _identifiers(text):
+        reason = reason.replace(value, "[PID-3]")
+    return reason[:300]
+
+
 def parse(raw: RawMessage) -> Parsed:
     """Read one message; never raises for bad content."""
     if raw.error:
@@ -156,12 +180,12 @@ def parse(raw: RawMessage) -> Parsed:
             validation_level=VALIDATION_LEVEL.TOLERANT,
         )
     except Exception as exc:  # hl7apy's reason is the message's quarantine reason
-        return Parsed(error=f"{type(exc).__name__}: {exc}".strip())
+        return Parsed(error=_reason(exc, text))
     out = Parsed(note=note)
     try:
         _read(segments, enc, out)
     except Exception as exc:  # a structure hl7apy accepted but fields cannot be read
-        return Parsed(error=f"{type(exc).__name__}: {exc}".strip())
+        return Parsed(error=_reason(exc, text))
     return out
 
 
