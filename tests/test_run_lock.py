@@ -79,3 +79,23 @@ def test_locks_are_per_warehouse(tmp_path) -> None:
     second = f"duckdb:///{tmp_path / 'b.duckdb'}"
     with warehouse_lock(first, "main", "run-1"), warehouse_lock(second, "main", "run-2"):
         assert (tmp_path / "a.duckdb.omop-etl.lock").is_file()
+
+
+def test_a_run_started_while_another_holds_the_warehouse_is_refused(duckdb_wh, tmp_path) -> None:
+    from tests.conftest import DEMO_SYNTHEA
+    from tests.pipeline_helpers import run, write_config
+
+    wh, schema = duckdb_wh
+    config = write_config(tmp_path, wh, schema, DEMO_SYNTHEA)
+    holder = _hold(wh.url, schema)
+    try:
+        result = run(config, tmp_path)
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    assert (result.status, result.exit_code) == ("failed", 2)
+    assert any("another run holds" in e and "run-A" in e for e in result.report["errors"])
+    assert "another run holds" in (result.run_dir / "run.log").read_text(encoding="utf-8")
+    assert not (result.run_dir / "landing" / "ehr").exists()  # no feed was read
+    # the holder is gone: the next run proceeds
+    assert run(config, tmp_path).status == "published"

@@ -56,19 +56,37 @@ def duckdb_lock_path(url: str) -> Path | None:
     return Path(database).with_name(Path(database).name + ".omop-etl.lock")
 
 
+_HELD: dict[str, int] = {}  # locks this process holds -> nesting depth (re-entrant)
+
+
 @contextmanager
 def warehouse_lock(url: str, schema: str, run_id: str) -> Iterator[None]:
-    """Hold the warehouse's run lock for the duration of the block, or raise LockBusy."""
+    """Hold the warehouse's run lock for the duration of the block, or raise LockBusy.
+
+    Re-entrant within a process: a step that takes the lock inside a whole run that holds
+    it (run_pipeline) just proceeds; an Airflow task holds it for its own step.
+    """
     if url.startswith("duckdb"):
         path = duckdb_lock_path(url)
-        if path is None:
-            yield
-            return
-        with _file_lock(path, run_id):
-            yield
+        ident = str(path.resolve()) if path else ""
     else:
-        with _advisory_lock(url, schema, run_id):
+        path, ident = None, f"{sa.engine.make_url(url).render_as_string()}#{schema}"
+    if not ident or ident in _HELD:
+        _HELD[ident] = _HELD.get(ident, 0) + 1
+        try:
             yield
+        finally:
+            _HELD[ident] -= 1
+            if not _HELD[ident]:
+                del _HELD[ident]
+        return
+    held = _file_lock(path, run_id) if path is not None else _advisory_lock(url, schema, run_id)
+    with held:
+        _HELD[ident] = 1
+        try:
+            yield
+        finally:
+            del _HELD[ident]
 
 
 @contextmanager

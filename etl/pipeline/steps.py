@@ -40,6 +40,7 @@ from etl.paths import MAPPINGS_DIR
 from etl.pipeline import report as reporting
 from etl.pipeline.build import build_steps
 from etl.pipeline.land import Landing, read_file_stats, replay_into
+from etl.pipeline.lock import warehouse_lock
 from etl.pipeline.publish import publish, publish_lineage, published_counts, published_tables
 from etl.pipeline.schemas import Schemas
 from etl.pipeline.stage import prepare
@@ -66,6 +67,7 @@ TRANSIENT_ERRORS = [
     "duckdb.IOException",
     "builtins.ConnectionError",
     "builtins.TimeoutError",
+    "etl.pipeline.lock.LockBusy",  # another run holds the warehouse: try again later
 ]
 _RUN_ID = re.compile(r"[0-9A-Za-z_-]+")
 _STAMP = "etl_run"  # the stage's owner: one row, the run id
@@ -238,8 +240,12 @@ class NightlyRun:
 
     @contextmanager
     def warehouse(self) -> Iterator[Schemas]:
-        """The warehouse and the run's schemas (its vocabulary: staged or published)."""
-        with open_warehouse(self.cfg.warehouse) as wh:
+        """The warehouse and the run's schemas (its vocabulary: staged or published),
+        under the warehouse's run lock: one run at a time builds, gates or publishes."""
+        with (
+            warehouse_lock(self.cfg.warehouse, self.cfg.schema_name, self.run_id),
+            open_warehouse(self.cfg.warehouse) as wh,
+        ):
             yield Schemas(wh, self.cfg.schema_name, self.meta.get("vocabulary_schema"))
 
     # -- extract and land --------------------------------------------------------------
