@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -10,9 +13,10 @@ import sqlalchemy as sa
 
 from etl.config import load_config
 from etl.pipeline.publish import published_tables
-from etl.pipeline.run import run_pipeline
+from etl.pipeline.run import RunResult, run_pipeline
 from etl.quality.checks import check_types, generate_checks
-from tests.conftest import DEMO_SYNTHEA
+from etl.warehouse import Warehouse, open_warehouse
+from tests.conftest import DEMO_SYNTHEA, TEST_KEY
 from tests.pipeline_helpers import run, write_config
 from tests.test_nightly_runs import snapshot
 
@@ -70,10 +74,46 @@ def test_every_dqd_check_type_is_generated() -> None:
     assert names == set(check_types()) and len(names) == 27
 
 
-def test_demo_passes_its_gate_with_every_check_type(warehouse, tmp_path: Path) -> None:
-    wh, schema = warehouse
-    result = run(write_config(tmp_path, wh, schema, DEMO_SYNTHEA), tmp_path)
+@dataclass
+class Published:
+    """The demo, published once per engine for this module's tests (they refuse loads,
+    which leaves it unchanged, so it can be shared)."""
+
+    wh: Warehouse
+    schema: str
+    config: Path
+    workdir: Path
+    result: RunResult
+    tables: dict[str, list[tuple]]
+    key_map: int
+
+
+@pytest.fixture(
+    scope="module", params=["duckdb", pytest.param("postgresql", marks=pytest.mark.postgres)]
+)
+def published(request, tmp_path_factory, pg_url) -> Iterator[Published]:
+    workdir = tmp_path_factory.mktemp(f"gate_{request.param}")
+    if request.param == "duckdb":
+        wh, schema = open_warehouse(f"duckdb:///{workdir / 'warehouse.duckdb'}"), "main"
+    else:
+        wh, schema = open_warehouse(pg_url), f"t_{uuid.uuid4().hex[:10]}"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("OMOP_ETL_PSEUDONYM_KEY", TEST_KEY)
+        config = write_config(workdir, wh, schema, DEMO_SYNTHEA)
+        result = run(config, workdir)
     assert result.status == "published", result.report["errors"]
+    with wh.engine.connect() as conn:
+        key_map = conn.execute(sa.text(f'SELECT count(*) FROM "{schema}_etl".key_map')).scalar()
+    yield Published(wh, schema, config, workdir, result, snapshot(wh, schema), key_map)
+    if request.param == "postgresql":
+        with wh.begin() as conn:
+            for suffix in ("", "_vocab_stage", "_stage", "_etl"):
+                wh.drop_schema(conn, f"{schema}{suffix}")
+    wh.close()
+
+
+def test_demo_passes_its_gate_with_every_check_type(published: Published) -> None:
+    result = published.result
     checks = result.report["checks"]
     dqd_checks = [c for c in checks if c.get("engine") != "great_expectations"]
     assert {c["name"] for c in dqd_checks} == set(check_types())
@@ -120,14 +160,8 @@ GE_EXPECTED = {
 
 
 @pytest.mark.parametrize(("kind", "sql", "expected"), INJECTIONS, ids=[i[0] for i in INJECTIONS])
-def test_a_fatal_failure_refuses_the_load(warehouse, tmp_path: Path, kind, sql, expected) -> None:
-    wh, schema = warehouse
-    config = write_config(tmp_path, wh, schema, DEMO_SYNTHEA)
-    first = run(config, tmp_path)
-    assert first.status == "published"
-    before = snapshot(wh, schema)
-    with wh.engine.connect() as conn:
-        key_map = conn.execute(sa.text(f'SELECT count(*) FROM "{schema}_etl".key_map')).scalar()
+def test_a_fatal_failure_refuses_the_load(published: Published, kind, sql, expected) -> None:
+    wh, schema = published.wh, published.schema
 
     def inject(step: str) -> None:
         if step == "gate":
@@ -135,7 +169,7 @@ def test_a_fatal_failure_refuses_the_load(warehouse, tmp_path: Path, kind, sql, 
                 for statement in sql:
                     conn.execute(sa.text(statement.replace("{S}", f'"{schema}_stage"')))
 
-    result = run_pipeline(load_config(config), tmp_path, on_step=inject)
+    result = run_pipeline(load_config(published.config), published.workdir, on_step=inject)
     assert (result.status, result.exit_code) == ("refused", 1), kind
     name, table, field = expected
     failed = [c for c in result.report["checks"] if not c["passed"] and c["severity"] == "fatal"]
@@ -146,10 +180,10 @@ def test_a_fatal_failure_refuses_the_load(warehouse, tmp_path: Path, kind, sql, 
     report = json.loads((result.run_dir / "report.json").read_text())
     assert report["status"] == "refused"
     # the published warehouse and the key map are exactly as they were
-    assert snapshot(wh, schema) == before
+    assert snapshot(wh, schema) == published.tables
     with wh.engine.connect() as conn:
         assert conn.execute(sa.text(f'SELECT count(*) FROM "{schema}_etl".key_map')).scalar() == (
-            key_map
+            published.key_map
         )
 
 
