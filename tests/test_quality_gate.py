@@ -278,6 +278,9 @@ def test_quality_run_on_a_warehouse_built_elsewhere(warehouse, tmp_path: Path) -
         ("ge.expect_column_values_to_not_be_null", "condition_occurrence", "person_id"),
     } <= failed
     assert (out / "gx" / "uncommitted" / "data_docs" / "local_site" / "index.html").is_file()
+    # GE keeps its datasource config there: never the warehouse URL (it may hold a password)
+    gx_config = (out / "gx" / "great_expectations.yml").read_text(encoding="utf-8")
+    assert wh.url not in gx_config
     dqd_checks = [c for c in checks if c.get("engine") != "great_expectations"]
     dqd = json.loads((out / "dqd_results.json").read_text())
     assert dqd["Overview"]["countOverallFailed"][0] == len(

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -40,6 +41,7 @@ logging.getLogger("great_expectations").setLevel(logging.WARNING)
 
 ENGINE = "great_expectations"
 CHUNK_ROWS = 250_000
+STAGE_URL_ENV = "OMOP_ETL_GX_STAGE_URL"  # the stage's URL, for GE, in this process only
 DOCS_INDEX = Path("gx") / "uncommitted" / "data_docs" / "local_site" / "index.html"
 
 
@@ -159,7 +161,12 @@ def run_expectations(
         if e.check.severity != "off" and row_counts.get(e.check.table, 0) > 0:
             by_table.setdefault(e.check.table, []).append(e)
     if s.wh.dialect == "postgresql":
-        source = ctx.data_sources.add_or_update_postgres("stage", connection_string=s.wh.url)
+        # GE saves its datasources in RUN_DIR/gx/great_expectations.yml: give it a
+        # reference to the environment, never the URL (it may hold a password)
+        os.environ[STAGE_URL_ENV] = s.wh.url
+        source = ctx.data_sources.add_or_update_postgres(
+            "stage", connection_string="${" + STAGE_URL_ENV + "}"
+        )
     else:
         source = ctx.data_sources.add_or_update_pandas("stage")
     result = SuiteResult()
