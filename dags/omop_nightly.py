@@ -20,10 +20,6 @@ import logging
 
 import pendulum
 from airflow.sdk import (
-    Asset,
-    ExceptionRetryPolicy,
-    RetryAction,
-    RetryRule,
     TriggerRule,
     dag,
     get_current_context,
@@ -36,18 +32,9 @@ from etl import orchestration as orch
 
 log = logging.getLogger(__name__)
 
-CDM = Asset(name="omop_cdm", uri=orch.cdm_asset_uri())
-RETRY = ExceptionRetryPolicy(
-    rules=[RetryRule(exception=orch.TRANSIENT_ERRORS, action=RetryAction.RETRY)],
-    default=RetryAction.FAIL,
-)
-
-
-def _run(etl_run: str):  # type: ignore[no-untyped-def]
-    from etl.pipeline.steps import NightlyRun
-
-    site = orch.site_from_airflow()
-    return NightlyRun.resume(site.cfg, site.workdir, etl_run)
+CDM = orch.cdm_asset()
+RETRY = orch.retry_policy()
+_run = orch.resume_run
 
 
 def _report(run) -> str:  # type: ignore[no-untyped-def]

@@ -18,11 +18,7 @@ import datetime as dt
 
 import pendulum
 from airflow.sdk import (
-    Asset,
-    ExceptionRetryPolicy,
     Param,
-    RetryAction,
-    RetryRule,
     TriggerRule,
     dag,
     get_current_context,
@@ -32,18 +28,9 @@ from airflow.sdk.exceptions import AirflowFailException
 
 from etl import orchestration as orch
 
-CDM = Asset(name="omop_cdm", uri=orch.cdm_asset_uri())
-RETRY = ExceptionRetryPolicy(
-    rules=[RetryRule(exception=orch.TRANSIENT_ERRORS, action=RetryAction.RETRY)],
-    default=RetryAction.FAIL,
-)
-
-
-def _run(etl_run: str):  # type: ignore[no-untyped-def]
-    from etl.pipeline.steps import NightlyRun
-
-    site = orch.site_from_airflow()
-    return NightlyRun.resume(site.cfg, site.workdir, etl_run)
+CDM = orch.cdm_asset()
+RETRY = orch.retry_policy()
+_run = orch.resume_run
 
 
 def _report(run) -> str:  # type: ignore[no-untyped-def]

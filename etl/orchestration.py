@@ -28,12 +28,14 @@ CRON_ENV = "AIRFLOW_VAR_OMOP_ETL_NIGHTLY_CRON"
 DEFAULT_CRON = "0 2 * * *"
 SITE_ENV = "OMOP_ETL_SITE"  # the <site> of the published CDM's Asset URI
 # Errors worth a retry (dotted paths, for Airflow's ExceptionRetryPolicy): the database is
-# unreachable or restarting. Anything else (bad input, a refused gate) fails at once.
+# unreachable or restarting, or another run holds the warehouse lock. Anything else (bad
+# input, a refused gate) fails at once.
 TRANSIENT_ERRORS = [
     "sqlalchemy.exc.OperationalError",
     "sqlalchemy.exc.InterfaceError",
     "builtins.ConnectionError",
     "builtins.TimeoutError",
+    "etl.pipeline.lock.LockBusy",  # another run holds the warehouse: try again later
 ]
 
 
@@ -145,3 +147,28 @@ def site_from_airflow() -> Site:
         if secret:  # masked in task logs: the variable's name contains "secret"
             os.environ[site.cfg.pseudonym_key_env] = secret
     return site
+
+
+def cdm_asset() -> Any:
+    """The Airflow Asset both DAGs update when they publish (`omop_cdm`)."""
+    from airflow.sdk import Asset
+
+    return Asset(name="omop_cdm", uri=cdm_asset_uri())
+
+
+def retry_policy() -> Any:
+    """Retry transient errors (TRANSIENT_ERRORS) only; fail at once on anything else."""
+    from airflow.sdk import ExceptionRetryPolicy, RetryAction, RetryRule
+
+    return ExceptionRetryPolicy(
+        rules=[RetryRule(exception=TRANSIENT_ERRORS, action=RetryAction.RETRY)],
+        default=RetryAction.FAIL,
+    )
+
+
+def resume_run(etl_run: str) -> Any:
+    """The pipeline run `etl_run` (a NightlyRun), from the site Airflow configures."""
+    from etl.pipeline.steps import NightlyRun
+
+    site = site_from_airflow()
+    return NightlyRun.resume(site.cfg, site.workdir, etl_run)

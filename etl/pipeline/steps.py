@@ -58,17 +58,6 @@ log = logging.getLogger(__name__)
 
 EXIT_PUBLISHED, EXIT_REFUSED, EXIT_FAILED = 0, 1, 2
 EXIT_CODES = {"published": EXIT_PUBLISHED, "refused": EXIT_REFUSED, "failed": EXIT_FAILED}
-# Errors worth retrying (an orchestrator's retry policy uses these dotted paths): the
-# database is unreachable or restarting, or another process holds the DuckDB file.
-TRANSIENT_ERRORS = [
-    "sqlalchemy.exc.OperationalError",
-    "sqlalchemy.exc.InterfaceError",
-    "psycopg.OperationalError",
-    "duckdb.IOException",
-    "builtins.ConnectionError",
-    "builtins.TimeoutError",
-    "etl.pipeline.lock.LockBusy",  # another run holds the warehouse: try again later
-]
 _RUN_ID = re.compile(r"[0-9A-Za-z_-]+")
 _STAMP = "etl_run"  # the stage's owner: one row, the run id
 
