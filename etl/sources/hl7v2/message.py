@@ -256,16 +256,28 @@ def _specimen(
             raise FieldError("SPM-4 specimen type is missing")
         row["code"], row["vocabulary_id"] = code, vocabulary(system)
         row["sub_id"] = spm.text(1)
-        start = timestamp(spm.text(17), "SPM-17")
-        if start is None and obr is not None:
-            start = timestamp(obr.text(7), "OBR-7")
-        start = start or msg_ts
-        if start is None:
-            raise FieldError("no collection datetime (SPM-17, OBR-7, MSH-7)")
-        row["start_datetime"] = start
+        row["start_datetime"] = _start(spm, 17, "SPM-17", obr, msg_ts, "collection")
     except FieldError as exc:
         row["reason"] = str(exc)
     return row
+
+
+def _start(
+    seg: _Segment,
+    field: int,
+    label: str,
+    obr: _Segment | None,
+    msg_ts: dt.datetime | None,
+    what: str,
+) -> dt.datetime:
+    """The segment's own datetime, else OBR-7, else MSH-7."""
+    start = timestamp(seg.text(field), label)
+    if start is None and obr is not None:
+        start = timestamp(obr.text(7), "OBR-7")
+    start = start or msg_ts
+    if start is None:
+        raise FieldError(f"no {what} datetime ({label}, OBR-7, MSH-7)")
+    return start
 
 
 def _result(
@@ -297,13 +309,7 @@ def _fill(
         raise FieldError("OBX-3 observation code is missing")
     row["code"], row["vocabulary_id"] = code, vocabulary(system)
     row["sub_id"] = obx.text(4)
-    start = timestamp(obx.text(14), "OBX-14")
-    if start is None and obr is not None:
-        start = timestamp(obr.text(7), "OBR-7")
-    start = start or msg_ts
-    if start is None:
-        raise FieldError("no observation datetime (OBX-14, OBR-7, MSH-7)")
-    row["start_datetime"] = start
+    row["start_datetime"] = _start(obx, 14, "OBX-14", obr, msg_ts, "observation")
     _value(row, obx)
     if (row["vocabulary_id"], code) in IDENTIFYING_CODES:
         for k in ("value_as_number", "value_as_string", "value_code", "value_vocabulary"):
