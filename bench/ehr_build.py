@@ -74,20 +74,42 @@ def _emit(record: dict[str, Any]) -> None:
     print(json.dumps(record), flush=True)
 
 
-def _write_config(workdir: Path, url: str, schema: str, data: Path) -> Path:
+def _write_config(
+    workdir: Path,
+    url: str,
+    schema: str,
+    data: Path,
+    lab: Path | None = None,
+    pacs: Path | None = None,
+    duckdb_settings: dict[str, Any] | None = None,
+) -> Path:
+    """The run's site.yaml: the EHR feed, and with `lab`/`pacs` the demo's three feeds."""
     import yaml
 
     from etl.config import SiteConfig
     from etl.paths import DEMO_VOCABULARY, PROJECT_ROOT
 
-    cfg = {
+    ehr: dict[str, Any] = {
+        "name": "ehr",
+        "kind": "ehr_csv",
+        "profile": "synthea",
+        "path": str(data),
+    }
+    feeds = [ehr]
+    if lab is not None or pacs is not None:  # as etl/demo.py: results and images come from them
+        ehr["exclude"] = ["laboratory_from_lab_feed", "imaging_from_pacs_feed"]
+        feeds.append({"name": "lab", "kind": "hl7v2", "path": str(lab)})
+        feeds.append({"name": "pacs", "kind": "dicom", "path": str(pacs)})
+    cfg: dict[str, Any] = {
         "warehouse": url,
         "cdm_schema": schema,
         "vocabulary": str(DEMO_VOCABULARY),
         "pseudonym_key_env": KEY_ENV,
         "site_name": f"omop-etl benchmark ({data.name})",
-        "feeds": [{"name": "ehr", "kind": "ehr_csv", "profile": "synthea", "path": str(data)}],
+        "feeds": feeds,
     }
+    if duckdb_settings and url.startswith("duckdb"):
+        cfg["duckdb"] = duckdb_settings
     # as etl/demo.py: the demo vocabulary is a subset, and quality/demo/ relaxes the gate
     demo_quality = PROJECT_ROOT / "quality" / "demo"
     if "quality" in SiteConfig.model_fields and demo_quality.is_dir():
@@ -196,7 +218,16 @@ class _StepProbe:
         }
 
 
-def _worker(engine: str, n: int, data: Path, workdir: Path, runs: int) -> None:
+def _worker(
+    engine: str,
+    n: int,
+    data: Path,
+    workdir: Path,
+    runs: int,
+    lab: Path | None = None,
+    pacs: Path | None = None,
+    duckdb_settings: dict[str, Any] | None = None,
+) -> None:
     """Run the pipeline `runs` times over `data`; JSON lines on stdout (steps, then results)."""
     import sqlalchemy as sa
 
@@ -215,7 +246,7 @@ def _worker(engine: str, n: int, data: Path, workdir: Path, runs: int) -> None:
         url, schema = f"duckdb:///{db}", "main"
     else:
         url, schema = postgres_url("OMOP_ETL_BENCH_PG"), f"bench_{uuid.uuid4().hex[:8]}"
-    config = _write_config(run_root, url, schema, data)
+    config = _write_config(run_root, url, schema, data, lab, pacs, duckdb_settings)
     try:
         for run in range(1, runs + 1):
             probe = _StepProbe(run)
@@ -293,12 +324,22 @@ class _Watchdog(threading.Thread):
 
 
 def _run_worker(
-    engine: str, n: int, data: Path, workdir: Path, runs: int, timeout: float, max_rss_mb: float
+    engine: str,
+    n: int,
+    data: Path,
+    workdir: Path,
+    runs: int,
+    timeout: float,
+    max_rss_mb: float,
+    extra: list[str] | None = None,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], str | None]:
-    """Start the worker; relay its progress; returns (step events, results, why it was killed)."""
+    """Start the worker; relay its progress; returns (step events, results, why it was killed).
+
+    `extra`: more worker arguments (--lab DIR --pacs DIR --duckdb-settings JSON).
+    """
     log_path = workdir / f"ehr_{n}_{engine}.log"
     cmd = [sys.executable, __file__, "--worker", engine, "--n", str(n), "--data", str(data)]
-    cmd += ["--workdir", str(workdir), "--runs", str(runs)]
+    cmd += ["--workdir", str(workdir), "--runs", str(runs), *(extra or [])]
     steps: list[dict[str, Any]] = []
     results: list[dict[str, Any]] = []
     with log_path.open("w", encoding="utf-8") as log:
@@ -448,11 +489,23 @@ def main() -> None:
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--n", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--data", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--lab", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--pacs", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--duckdb-settings", type=json.loads, help=argparse.SUPPRESS)
     args = ap.parse_args()
     args.workdir = args.workdir.resolve()
     args.workdir.mkdir(parents=True, exist_ok=True)
     if args.worker:
-        _worker(args.worker, args.n, args.data, args.workdir, args.runs)
+        _worker(
+            args.worker,
+            args.n,
+            args.data,
+            args.workdir,
+            args.runs,
+            args.lab,
+            args.pacs,
+            args.duckdb_settings,
+        )
         return
 
     figures: list[dict[str, Any]] = []

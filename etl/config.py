@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from etl.yaml_models import load_yaml_model
 
@@ -33,6 +33,23 @@ class FeedConfig(BaseModel):
     hash_uids: bool = False
 
 
+class DuckDBSettings(BaseModel):
+    """DuckDB's resources for a DuckDB warehouse; each env var overrides its setting."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # worker threads (OMOP_ETL_DUCKDB_THREADS); default: one per core
+    threads: int | None = Field(default=None, ge=1, le=1024)
+    # buffer pool cap, e.g. 6GB (OMOP_ETL_DUCKDB_MEMORY_LIMIT); DuckDB spills to disk
+    # beyond it; default: 80% of RAM
+    memory_limit: str | None = Field(
+        default=None, pattern=r"(?i)^\s*\d+(\.\d+)?\s*(b|kb|mb|gb|tb|kib|mib|gib|tib)\s*$"
+    )
+    # where it spills (OMOP_ETL_DUCKDB_TEMP_DIRECTORY); default: <database>.tmp beside
+    # the file; relative to the config file
+    temp_directory: Path | None = None
+
+
 class SiteConfig(BaseModel):
     """What a site configures: the warehouse, its vocabulary and its feeds."""
 
@@ -49,6 +66,8 @@ class SiteConfig(BaseModel):
     site_name: str = "omop-etl warehouse"
     # Folder of quality-gate overrides (*.yaml); default: the project's quality/.
     quality: Path | None = None
+    # DuckDB warehouse only: threads, memory_limit, temp_directory (carried in the URL)
+    duckdb: DuckDBSettings | None = None
 
     @field_validator("warehouse")
     @classmethod
@@ -65,6 +84,15 @@ class SiteConfig(BaseModel):
         if dupes:
             raise ValueError(f"feed names must be unique: {', '.join(dupes)}")
         return v
+
+    @model_validator(mode="after")
+    def _duckdb_settings(self) -> SiteConfig:
+        if self.duckdb is None:
+            return self
+        if not self.warehouse.startswith("duckdb"):
+            raise ValueError("duckdb: settings apply to a duckdb:/// warehouse only")
+        self.warehouse = _with_duckdb_settings(self.warehouse, self.duckdb)
+        return self
 
     @property
     def schema_name(self) -> str:
@@ -87,4 +115,16 @@ def load_config(path: Path) -> SiteConfig:
     for feed in cfg.feeds:
         if not feed.path.is_absolute():
             feed.path = base / feed.path
+    temp = cfg.duckdb.temp_directory if cfg.duckdb else None
+    if cfg.duckdb and temp is not None and not temp.is_absolute():
+        cfg.duckdb.temp_directory = base / temp
+        cfg.warehouse = _with_duckdb_settings(cfg.warehouse, cfg.duckdb)
     return cfg
+
+
+def _with_duckdb_settings(url: str, settings: DuckDBSettings) -> str:
+    from etl.warehouse.duckdb import with_settings
+
+    values = settings.model_dump()
+    values["memory_limit"] = (values["memory_limit"] or "").replace(" ", "") or None
+    return with_settings(url, values)

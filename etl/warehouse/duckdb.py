@@ -14,6 +14,35 @@ import sqlalchemy as sa
 from etl.warehouse.base import Warehouse, _as_batches
 
 MEMORY_LIMIT_ENV = "OMOP_ETL_DUCKDB_MEMORY_LIMIT"
+THREADS_ENV = "OMOP_ETL_DUCKDB_THREADS"
+TEMP_DIRECTORY_ENV = "OMOP_ETL_DUCKDB_TEMP_DIRECTORY"
+# DuckDB settings a site may give (config `duckdb:`, carried in the URL's query string);
+# each environment variable overrides its setting.
+SETTINGS_ENV = {
+    "threads": THREADS_ENV,
+    "memory_limit": MEMORY_LIMIT_ENV,
+    "temp_directory": TEMP_DIRECTORY_ENV,
+}
+
+
+def with_settings(url: str, settings: dict[str, object]) -> str:
+    """`url` with the given DuckDB settings (None values skipped) in its query string."""
+    given = {k: str(v) for k, v in settings.items() if v is not None}
+    if not given:
+        return url
+    parsed = sa.engine.make_url(url)
+    return parsed.update_query_dict(given).render_as_string(hide_password=False)
+
+
+def connection_config(url: str) -> tuple[str, dict[str, str]]:
+    """(url without the settings, DuckDB config): the URL's settings, then the env's."""
+    parsed = sa.engine.make_url(url)
+    config = {k: str(v) for k, v in parsed.query.items() if k in SETTINGS_ENV}
+    for key, env in SETTINGS_ENV.items():
+        if value := os.environ.get(env):
+            config[key] = value  # e.g. memory_limit 4GB: DuckDB spills to disk beyond it
+    bare = parsed.difference_update_query(list(SETTINGS_ENV))
+    return bare.render_as_string(hide_password=False), config
 
 
 class DuckDBWarehouse(Warehouse):
@@ -22,15 +51,16 @@ class DuckDBWarehouse(Warehouse):
 
     @classmethod
     def from_url(cls, url: str) -> DuckDBWarehouse:
-        database = sa.engine.make_url(url).database
+        """Open `url`; threads, memory_limit, temp_directory from its query or the env."""
+        bare, config = connection_config(url)
+        database = sa.engine.make_url(bare).database
         if database and database != ":memory:":
             Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        if temp := config.get("temp_directory"):
+            Path(temp).expanduser().mkdir(parents=True, exist_ok=True)
         # One pooled connection: DuckDB is in-process, and one connection sees its own writes.
-        config = {}
-        if limit := os.environ.get(MEMORY_LIMIT_ENV):
-            config["memory_limit"] = limit  # e.g. 4GB; DuckDB spills to disk beyond it
         engine = sa.create_engine(
-            url, poolclass=sa.pool.SingletonThreadPool, connect_args={"config": config}
+            bare, poolclass=sa.pool.SingletonThreadPool, connect_args={"config": config}
         )
         return cls(url, engine)
 

@@ -1,0 +1,311 @@
+"""The benchmark: the whole nightly job on a scaled population, beside DuckDB's floor.
+
+    python -m bench [--patients 1000,10000,100000,1000000] [--engines duckdb,postgresql]
+                    [--pg-max-patients 100000] [--memory-limit 6GB] [--threads 2]
+                    [--workdir bench/out] [--out bench/out] [--no-plot]
+
+For each N (patients): the demo population (demo/synthea27) scaled to N patients
+(bench/synthea_scaler.py), and from it, as the demo does, the lab feed (HL7 ORU^R01) and
+the PACS feed (header-only DICOM) (bench/feeds.py); all cached in WORKDIR. Then, per
+engine, the nightly job over the three feeds (extract, land, build, gate, publish,
+report) in a fresh process into a new warehouse (bench/ehr_build.py's worker; the
+vocabulary step loads the demo vocabulary), and once per N the floor (bench/floor.py):
+DuckDB alone reading the same input files and writing as many rows to Parquet as the
+run published. Prints per step seconds, rows/s and peak RSS, then a summary with the
+ratio pipeline / floor. Figures go to OUT/bench.json (merged with earlier sizes) and a
+plot of time and memory against N to OUT/bench.png.
+
+--memory-limit and --threads go into the run's site config (`duckdb:` section) and to the
+floor; OMOP_ETL_DUCKDB_* variables still override them in the pipeline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.ehr_build import _code_version, _print_run, _run_worker
+from bench.feeds import write_lab, write_pacs
+from bench.measure import print_table
+from bench.synthea_scaler import scale
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_PATIENTS = "1000,10000,100000,1000000"
+
+
+def _machine() -> dict[str, Any]:
+    """What the figures were measured on."""
+    cpu = platform.processor()
+    ram_gib = 0.0
+    try:
+        for line in Path("/proc/cpuinfo").read_text(encoding="ascii").splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+        for line in Path("/proc/meminfo").read_text(encoding="ascii").splitlines():
+            if line.startswith("MemTotal:"):
+                ram_gib = int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    import duckdb
+
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "ram_gib": round(ram_gib, 1),
+        "os": platform.platform(),
+        "python": platform.python_version(),
+        "duckdb": duckdb.__version__,
+    }
+
+
+def _inputs(n: int, workdir: Path) -> dict[str, Any]:
+    """The three feeds for N patients (cached), with their sizes and generation time."""
+    started = time.perf_counter()
+    synthea = scale(n, workdir / f"synthea_{n}")
+    lab_dir, pacs_dir = workdir / f"lab_{n}", workdir / f"pacs_{n}"
+    lab = write_lab(synthea, lab_dir)
+    pacs = write_pacs(synthea, pacs_dir)
+
+    def mib(folder: Path, pattern: str) -> float:
+        return sum(p.stat().st_size for p in folder.glob(pattern)) / 2**20
+
+    return {
+        "synthea": synthea,
+        "lab": lab_dir,
+        "pacs": pacs_dir,
+        "generate_seconds": time.perf_counter() - started,
+        "ehr_mb": mib(synthea, "*.csv"),
+        "lab_messages": lab["messages"],
+        "lab_results": lab["results"],
+        "lab_mb": mib(lab_dir, "*.hl7"),
+        "dicom_files": pacs["files"],
+        "dicom_mb": mib(pacs_dir, "**/*.dcm"),
+    }
+
+
+def _extract_seconds(run_dir: Path) -> dict[str, float]:
+    """Seconds each feed's extraction took (the report's `extract` is their sum)."""
+    out = {}
+    for path in sorted((run_dir / "steps").glob("extract.*.json")):
+        timings = json.loads(path.read_text(encoding="utf-8")).get("timings", {})
+        out[path.stem.removeprefix("extract.")] = timings.get("extract", 0.0)
+    return out
+
+
+def _pipeline(
+    engine: str, n: int, data: dict[str, Any], args: argparse.Namespace
+) -> dict[str, Any]:
+    """One first-night run over the three feeds in a fresh process; its figures."""
+    workdir = args.workdir / f"runs_{engine}"
+    workdir.mkdir(parents=True, exist_ok=True)
+    settings = {"threads": args.threads, "memory_limit": args.memory_limit}
+    settings = {k: v for k, v in settings.items() if v}
+    extra = ["--duckdb-settings", json.dumps(settings)]
+    if args.feeds == "all":
+        extra += ["--lab", str(data["lab"]), "--pacs", str(data["pacs"])]
+    _, results, killed = _run_worker(
+        engine, n, data["synthea"], workdir, 1, args.timeout, args.max_rss_gib * 1024, extra
+    )
+    if killed or not results:
+        return {"engine": engine, "patients": n, "status": "killed", "reason": killed}
+    r = results[0]
+    fig = {
+        "engine": engine,
+        "patients": n,
+        **{k: v for k, v in r.items() if k != "event"},
+        "input_records": sum(f["records_in"] for f in r["feeds"].values()),
+        "cdm_rows": sum(r["tables"].values()),
+        "duckdb_settings": settings if engine == "duckdb" else {},
+        "feed_set": args.feeds,
+        "extract_seconds": _extract_seconds(Path(r["run_dir"])),
+    }
+    fig["code_version"] = _code_version()
+    _print_run(fig)
+    return fig
+
+
+def _floor(n: int, data: dict[str, Any], tables: dict[str, int], args: argparse.Namespace):
+    """The floor for N in a fresh process (bench/floor.py); its figures."""
+    out = args.workdir / f"floor_{n}"
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = [sys.executable, "-m", "bench.floor", "--synthea", str(data["synthea"])]
+    cmd += ["--out", str(out)]
+    if args.feeds == "all":
+        cmd += ["--lab", str(data["lab"]), "--pacs", str(data["pacs"])]
+    cmd += ["--tables", json.dumps(tables)]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    if args.memory_limit:
+        cmd += ["--memory-limit", args.memory_limit]
+    done = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=REPO)
+    shutil.rmtree(out, ignore_errors=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _summary(runs: list[dict[str, Any]]) -> None:
+    rows = []
+    for r in runs:
+        floor = r.get("floor") or {}
+        wall = r.get("wall_seconds")
+        rows.append(
+            [
+                f"{r['patients']:,}",
+                r["engine"],
+                r.get("status", "?"),
+                f"{r.get('input_records', 0):,}",
+                f"{r.get('lab_messages', 0):,}" if r.get("feed_set") == "all" else "-",
+                f"{r.get('extract_seconds', {}).get('lab', 0):,.1f}",
+                f"{r.get('cdm_rows', 0):,}",
+                f"{wall:,.1f}" if wall else "-",
+                f"{r.get('peak_mb', 0):,.0f}",
+                f"{floor.get('seconds', 0):,.1f}",
+                f"{floor.get('peak_mb', 0):,.0f}",
+                f"{wall / floor['seconds']:.1f}x" if wall and floor.get("seconds") else "-",
+            ]
+        )
+    print_table(
+        [
+            "patients",
+            "engine",
+            "status",
+            "input records",
+            "HL7 msgs",
+            "lab extract s",
+            "CDM rows",
+            "pipeline s",
+            "peak MiB",
+            "floor s",
+            "floor MiB",
+            "ratio",
+        ],
+        rows,
+    )
+
+
+def _save(path: Path, machine: dict[str, Any], runs: list[dict[str, Any]]) -> list[dict]:
+    """Merge `runs` into the JSON file (replacing the same engine and N); all runs."""
+    old = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+    def key(r: dict[str, Any]) -> tuple[str, str, int]:
+        return r["engine"], r.get("feed_set", "all"), r["patients"]
+
+    fresh = {key(r) for r in runs}
+    kept = [r for r in old.get("runs", []) if key(r) not in fresh]
+    merged = sorted([*kept, *runs], key=key)
+    path.write_text(
+        json.dumps({"machine": machine, "runs": merged}, indent=2, default=str), encoding="utf-8"
+    )
+    return merged
+
+
+def plot(runs: list[dict[str, Any]], path: Path) -> None:
+    """Wall time and peak RSS against N, per engine and for the floor (log-log)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(10, 4))
+    done = [r for r in runs if r.get("status") == "published"]
+    for engine, feeds in sorted({(r["engine"], r.get("feed_set", "all")) for r in done}):
+        mine = [r for r in done if (r["engine"], r.get("feed_set", "all")) == (engine, feeds)]
+        mine.sort(key=lambda r: r["patients"])
+        ns = [r["patients"] for r in mine]
+        label = f"{engine}" + (" (3 feeds)" if feeds == "all" else " (EHR feed only)")
+        ax_t.plot(ns, [r["wall_seconds"] for r in mine], "o-", label=label)
+        ax_m.plot(ns, [r["peak_mb"] / 1024 for r in mine], "o-", label=label)
+    for feeds in sorted({r.get("feed_set", "all") for r in done}):
+        floors = {
+            r["patients"]: r["floor"]
+            for r in done
+            if r.get("floor") and r.get("feed_set", "all") == feeds
+        }
+        ns = sorted(floors)
+        label = "floor" + (" (3 feeds)" if feeds == "all" else " (EHR only)")
+        ax_t.plot(ns, [floors[n]["seconds"] for n in ns], "s--", label=label)
+        ax_m.plot(ns, [floors[n]["peak_mb"] / 1024 for n in ns], "s--", label=label)
+    for ax, label in ((ax_t, "wall time, s"), (ax_m, "peak RSS, GiB")):
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("patients")
+        ax.set_ylabel(label)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    ax_t.set_title("nightly run (3 feeds, first night)")
+    ax_m.set_title("peak memory (pipeline process)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(
+        prog="python -m bench", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    ap.add_argument("--patients", default=DEFAULT_PATIENTS, help="comma-separated sizes")
+    ap.add_argument("--engines", default="duckdb,postgresql", help="duckdb,postgresql")
+    ap.add_argument(
+        "--pg-max-patients", type=int, default=100_000, help="skip larger N on PostgreSQL"
+    )
+    ap.add_argument(
+        "--feeds",
+        choices=["all", "ehr"],
+        default="all",
+        help="all: EHR, lab and PACS as in the demo; ehr: the EHR feed alone (no exclusions)",
+    )
+    ap.add_argument("--memory-limit", help="DuckDB memory_limit, e.g. 6GB (site config)")
+    ap.add_argument("--threads", type=int, help="DuckDB threads (site config)")
+    ap.add_argument("--workdir", type=Path, default=REPO / "bench" / "out", help="data, runs")
+    ap.add_argument("--out", type=Path, default=REPO / "bench" / "out", help="JSON and PNG")
+    ap.add_argument("--timeout", type=float, default=0, help="seconds per run; 0: none")
+    ap.add_argument("--max-rss-gib", type=float, default=18, help="kill a run above it")
+    ap.add_argument("--no-plot", dest="plot", action="store_false")
+    args = ap.parse_args(argv)
+    args.workdir, args.out = args.workdir.resolve(), args.out.resolve()
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    engines = [e.strip() for e in args.engines.split(",") if e.strip()]
+    unknown = set(engines) - {"duckdb", "postgresql"}
+    if unknown:
+        ap.error(f"unknown engine(s): {', '.join(sorted(unknown))}")
+    machine = _machine()
+    runs: list[dict[str, Any]] = []
+    for n in (int(x) for x in args.patients.split(",")):
+        data = _inputs(n, args.workdir)
+        print(
+            f"\nN = {n:,}: EHR {data['ehr_mb']:,.0f} MiB, lab {data['lab_messages']:,}"
+            f" messages ({data['lab_mb']:,.0f} MiB), PACS {data['dicom_files']:,} files;"
+            f" ready in {data['generate_seconds']:.1f}s",
+            flush=True,
+        )
+        inputs = {k: (str(v) if isinstance(v, Path) else v) for k, v in data.items()}
+        floor: dict[str, Any] | None = None
+        for engine in engines:
+            if engine == "postgresql" and n > args.pg_max_patients:
+                print(f"PostgreSQL skipped at N = {n:,} (--pg-max-patients)")
+                continue
+            fig = {**_pipeline(engine, n, data, args), "inputs": inputs}
+            fig["lab_messages"] = data["lab_messages"]
+            if floor is None and fig.get("status") == "published":
+                floor = _floor(n, data, fig["tables"], args)
+            fig["floor"] = floor
+            runs.append(fig)
+        _summary(runs)
+    merged = _save(args.out / "bench.json", machine, runs)
+    print(f"\nfigures: {args.out / 'bench.json'}")
+    if args.plot:
+        plot(merged, args.out / "bench.png")
+        print(f"plot: {args.out / 'bench.png'}")
+
+
+if __name__ == "__main__":
+    main()
