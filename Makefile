@@ -27,8 +27,11 @@ lint: $(STAMP)
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
+# python -m bench --help: sizes, engines, DuckDB memory limit; e.g.
+# make bench BENCH_ARGS="--patients 1000,10000 --engines duckdb --memory-limit 6GB"
+BENCH_ARGS ?=
 bench: $(STAMP)
-	$(BIN)/python bench/vocab_load.py
+	$(BIN)/python -m bench $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) demo-output .pytest_cache .ruff_cache

@@ -39,6 +39,9 @@ from bench.synthea_scaler import scale
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_PATIENTS = "1000,10000,100000,1000000"
+# disk a patient needs in WORKDIR: ~131 KB of Synthea CSV, its landed Parquet, the
+# warehouse file and DuckDB's spill (measured: 12.5 GB of CSV at 100,000 patients)
+DISK_PER_PATIENT = 250_000
 
 
 def _machine() -> dict[str, Any]:
@@ -280,6 +283,14 @@ def main(argv: list[str] | None = None) -> None:
     machine = _machine()
     runs: list[dict[str, Any]] = []
     for n in (int(x) for x in args.patients.split(",")):
+        free = shutil.disk_usage(args.workdir).free
+        cached = (args.workdir / f"synthea_{n}" / ".scaled.json").is_file()
+        if not cached and n * DISK_PER_PATIENT > free:
+            print(
+                f"\nN = {n:,} skipped: needs ~{n * DISK_PER_PATIENT / 2**30:,.0f} GiB free in"
+                f" {args.workdir}, {free / 2**30:,.0f} GiB are (--workdir elsewhere?)"
+            )
+            continue
         data = _inputs(n, args.workdir)
         print(
             f"\nN = {n:,}: EHR {data['ehr_mb']:,.0f} MiB, lab {data['lab_messages']:,}"

@@ -1,0 +1,98 @@
+"""`python -m bench` at the smallest scale: every step measured, rows that add up, a floor."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from etl.cdm.spec import cdm_tables
+
+REPO = Path(__file__).resolve().parents[1]
+PATIENTS = 60
+
+
+@pytest.fixture(scope="module")
+def bench_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """One benchmark run (DuckDB, 60 patients, three feeds); the JSON it wrote."""
+    work = tmp_path_factory.mktemp("bench")
+    out = work / "out"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OMOP_ETL_DUCKDB_")}
+    args = ["--patients", str(PATIENTS), "--engines", "duckdb", "--memory-limit", "1GB"]
+    args += ["--threads", "2", "--workdir", str(work), "--out", str(out)]
+    done = subprocess.run(
+        [sys.executable, "-m", "bench", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "ratio" in done.stdout  # the summary table was printed
+    return {"json": json.loads((out / "bench.json").read_text()), "out": out, "work": work}
+
+
+def _run(bench_run: dict) -> dict:
+    runs = bench_run["json"]["runs"]
+    assert [(r["engine"], r["patients"]) for r in runs] == [("duckdb", PATIENTS)]
+    return runs[0]
+
+
+def test_every_step_is_measured(bench_run: dict) -> None:
+    run = _run(bench_run)
+    assert run["status"] == "published"
+    timings = run["timings"]
+    for step in ("extract", "land", "vocabulary", "stage", "gate", "report", "publish"):
+        assert step in timings
+    assert any(s.startswith("build.") for s in timings)
+    assert set(timings) <= set(run["step_peak_mb"])  # a peak RSS for every timed step
+    assert set(run["extract_seconds"]) == {"ehr", "lab", "pacs"}
+    assert run["peak_mb"] > 0
+    assert run["duckdb_settings"] == {"threads": 2, "memory_limit": "1GB"}
+    assert bench_run["json"]["machine"]["cores"] >= 1
+    assert (bench_run["out"] / "bench.png").stat().st_size > 0
+
+
+def test_rows_add_up_with_the_run_report(bench_run: dict) -> None:
+    run = _run(bench_run)
+    report = json.loads((Path(run["run_dir"]) / "report.json").read_text())
+    assert report["status"] == "published"
+    assert run["tables"] == report["tables"]
+    assert run["cdm_rows"] == sum(report["tables"].values()) > 0
+    feeds = report["feeds"]
+    assert set(feeds) == {"ehr", "lab", "pacs"}
+    assert run["input_records"] == sum(f["records_in"] for f in feeds.values())
+    for f in feeds.values():
+        assert f["records_in"] == f["loaded"] + f["quarantined"] + f["filtered"]
+    inputs = run["inputs"]
+    assert feeds["lab"]["records_in"] == inputs["lab_results"] > 0  # one record per OBX
+    assert feeds["pacs"]["records_in"] == inputs["dicom_files"] > 0
+    person = report["tables"]["person"]
+    assert person == PATIENTS
+
+
+def test_the_floor_reads_the_same_input_and_writes_as_many_rows(bench_run: dict) -> None:
+    run = _run(bench_run)
+    floor = run["floor"]
+    assert floor["seconds"] > 0 and floor["peak_mb"] > 0
+    spec = cdm_tables()
+    assert floor["output_rows"] == sum(n for t, n in run["tables"].items() if t in spec)
+    assert floor["csv_rows"] == run["feeds"]["ehr"]["records_in"]
+    assert floor["dicom_files"] == run["inputs"]["dicom_files"]
+    assert floor["hl7_segments"] > run["inputs"]["lab_messages"]
+
+
+def test_the_generated_feeds_are_deterministic(bench_run: dict, tmp_path: Path) -> None:
+    from bench.feeds import write_lab
+
+    work = bench_run["work"]
+    again = write_lab(work / f"synthea_{PATIENTS}", tmp_path / "lab")
+    assert again["messages"] == _run(bench_run)["inputs"]["lab_messages"]
+    first = sorted((work / f"lab_{PATIENTS}").glob("*.hl7"))
+    second = sorted((tmp_path / "lab").glob("*.hl7"))
+    assert [p.read_bytes() for p in first] == [p.read_bytes() for p in second]
