@@ -154,6 +154,11 @@ def _floor(n: int, data: dict[str, Any], tables: dict[str, int], args: argparse.
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def _cpu(run: dict[str, Any]) -> float:
+    """CPU seconds of the pipeline process and its workers over the run (0 if unknown)."""
+    return sum(run.get("step_cpu_seconds", {}).values())
+
+
 def _summary(runs: list[dict[str, Any]]) -> None:
     rows = []
     for r in runs:
@@ -173,6 +178,9 @@ def _summary(runs: list[dict[str, Any]]) -> None:
                 f"{floor.get('seconds', 0):,.1f}",
                 f"{floor.get('peak_mb', 0):,.0f}",
                 f"{wall / floor['seconds']:.1f}x" if wall and floor.get("seconds") else "-",
+                f"{cpu:,.0f}" if (cpu := _cpu(r)) else "-",
+                f"{floor.get('cpu_seconds', 0):,.0f}",
+                f"{cpu / floor['cpu_seconds']:.1f}x" if cpu and floor.get("cpu_seconds") else "-",
             ]
         )
     print_table(
@@ -189,6 +197,9 @@ def _summary(runs: list[dict[str, Any]]) -> None:
             "floor s",
             "floor MiB",
             "ratio",
+            "CPU s",
+            "floor CPU s",
+            "CPU ratio",
         ],
         rows,
     )

@@ -60,6 +60,17 @@ def _status_mb(field: str) -> float:
     return 0.0
 
 
+def _cpu_seconds() -> float:
+    """User + system CPU seconds of this process and its reaped children (e.g. HL7 workers)."""
+    import resource
+
+    own, kids = (
+        resource.getrusage(resource.RUSAGE_SELF),
+        resource.getrusage(resource.RUSAGE_CHILDREN),
+    )
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
 def _reset_peak() -> bool:
     """Reset this process's VmHWM to its current RSS (Linux); False where unsupported."""
     try:
@@ -180,6 +191,9 @@ class _StepProbe:
         self.started = time.perf_counter()
         self.current = "(start)"
         self.peaks: dict[str, float] = {}
+        self.cpu: dict[str, float] = {}  # CPU seconds per step (self + reaped children)
+        self.cpu_mark, self.t_mark = _cpu_seconds(), 0.0
+        self.calls: list[list[Any]] = []  # [step, seconds, CPU seconds] per call, in order
         self.starts: list[tuple[str, float]] = []
         self.arrow_mb: dict[str, float] = {}  # Arrow memory held when each step starts
         _reset_peak()
@@ -187,6 +201,11 @@ class _StepProbe:
     def _close_step(self) -> None:
         self.peaks[self.current] = max(self.peaks.get(self.current, 0.0), peak_rss_mb())
         _reset_peak()
+        cpu = _cpu_seconds()
+        self.cpu[self.current] = self.cpu.get(self.current, 0.0) + cpu - self.cpu_mark
+        t = time.perf_counter() - self.started
+        self.calls.append([self.current, t - self.t_mark, cpu - self.cpu_mark])
+        self.cpu_mark, self.t_mark = cpu, t
 
     def __call__(self, name: str) -> None:
         self._close_step()
@@ -213,6 +232,8 @@ class _StepProbe:
             "wall_seconds": wall,
             "untimed": _untimed(self.starts, timings, wall),
             "step_peak_mb": self.peaks,
+            "step_cpu_seconds": self.cpu,  # summed over a name's calls (extract: per feed)
+            "step_calls": self.calls,
             "arrow_mb_at_start": self.arrow_mb,
             "peak_mb": max(self.peaks.values()),
         }
