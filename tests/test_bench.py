@@ -53,6 +53,8 @@ def test_every_step_is_measured(bench_run: dict) -> None:
     assert set(timings) <= set(run["step_peak_mb"])  # a peak RSS for every timed step
     assert set(run["extract_seconds"]) == {"ehr", "lab", "pacs"}
     assert run["peak_mb"] > 0
+    assert set(timings) <= set(run["step_cpu_seconds"])
+    assert [c[0] for c in run["step_calls"]].count("extract") == 3  # one per feed
     assert run["duckdb_settings"] == {"threads": 2, "memory_limit": "1GB"}
     assert bench_run["json"]["machine"]["cores"] >= 1
     assert (bench_run["out"] / "bench.png").stat().st_size > 0
@@ -79,7 +81,7 @@ def test_rows_add_up_with_the_run_report(bench_run: dict) -> None:
 def test_the_floor_reads_the_same_input_and_writes_as_many_rows(bench_run: dict) -> None:
     run = _run(bench_run)
     floor = run["floor"]
-    assert floor["seconds"] > 0 and floor["peak_mb"] > 0
+    assert floor["seconds"] > 0 and floor["peak_mb"] > 0 and floor["cpu_seconds"] > 0
     spec = cdm_tables()
     assert floor["output_rows"] == sum(n for t, n in run["tables"].items() if t in spec)
     assert floor["csv_rows"] == run["feeds"]["ehr"]["records_in"]
