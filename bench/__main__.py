@@ -227,6 +227,7 @@ def plot(runs: list[dict[str, Any]], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(10, 4))
     done = [r for r in runs if r.get("status") == "published"]
@@ -247,15 +248,21 @@ def plot(runs: list[dict[str, Any]], path: Path) -> None:
         label = "floor" + (" (3 feeds)" if feeds == "all" else " (EHR only)")
         ax_t.plot(ns, [floors[n]["seconds"] for n in ns], "s--", label=label)
         ax_m.plot(ns, [floors[n]["peak_mb"] / 1024 for n in ns], "s--", label=label)
+        goal = [3 * floors[n]["seconds"] for n in ns]
+        ax_t.plot(ns, goal, ":", color="grey", label="goal: 3 x floor" if feeds == "all" else None)
+    ax_m.axhline(8, ls=":", color="grey", label="goal: 8 GiB")
     for ax, label in ((ax_t, "wall time, s"), (ax_m, "peak RSS, GiB")):
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("patients")
+        plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")
+        ax.yaxis.set_major_formatter(plain)
+        ax.yaxis.set_minor_formatter(plain)
         ax.set_ylabel(label)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
     ax_t.set_title("nightly run (3 feeds, first night)")
-    ax_m.set_title("peak memory (pipeline process)")
+    ax_m.set_title("peak RSS (pipeline process; PostgreSQL server not counted)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
