@@ -15,7 +15,7 @@ import csv
 import itertools
 import json
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import duckdb
@@ -52,25 +52,25 @@ def _cached(out: Path, wanted: dict[str, object], build: Callable[[Path], dict])
     return figures
 
 
-def _lab_rows(synthea: Path) -> tuple[list[tuple[str, ...]], dict[str, dict[str, str]]]:
-    """Laboratory rows in message order, and the patients they belong to (Id -> row)."""
-    con = duckdb.connect()
-    try:
-        cols = ", ".join(f'o."{c}"' for c in _LAB_COLUMNS)
-        obs = f"read_csv({_lit(str(synthea / 'observations.csv'))}, all_varchar = true)"
-        rows = con.execute(
-            f"SELECT {cols} FROM {obs} o WHERE o.CATEGORY = 'laboratory'"
-            " ORDER BY o.DATE, o.PATIENT, o.ENCOUNTER, o.CODE, o.VALUE"
-        ).fetchall()
-        pats = f"read_csv({_lit(str(synthea / 'patients.csv'))}, all_varchar = true)"
-        people = con.execute(
-            f"SELECT Id, coalesce(BIRTHDATE, ''), coalesce(GENDER, '') FROM {pats} p"
-            f" WHERE Id IN (SELECT PATIENT FROM {obs} WHERE CATEGORY = 'laboratory')"
-        ).fetchall()
-    finally:
-        con.close()
-    patients = {i: {"Id": i, "BIRTHDATE": b, "GENDER": g} for i, b, g in people}
-    return rows, patients
+def _patients(con: duckdb.DuckDBPyConnection, synthea: Path) -> dict[str, dict[str, str]]:
+    """Id -> the PID fields of every patient."""
+    pats = f"read_csv({_lit(str(synthea / 'patients.csv'))}, all_varchar = true)"
+    people = con.execute(
+        f"SELECT Id, coalesce(BIRTHDATE, ''), coalesce(GENDER, '') FROM {pats}"
+    ).fetchall()
+    return {i: {"Id": i, "BIRTHDATE": b, "GENDER": g} for i, b, g in people}
+
+
+def _lab_rows(con: duckdb.DuckDBPyConnection, synthea: Path) -> Iterator[tuple[str, ...]]:
+    """Laboratory rows in message order, streamed in blocks."""
+    cols = ", ".join(f'o."{c}"' for c in _LAB_COLUMNS)
+    obs = f"read_csv({_lit(str(synthea / 'observations.csv'))}, all_varchar = true)"
+    cursor = con.execute(
+        f"SELECT {cols} FROM {obs} o WHERE o.CATEGORY = 'laboratory'"
+        " ORDER BY o.DATE, o.PATIENT, o.ENCOUNTER, o.CODE, o.VALUE"
+    )
+    while block := cursor.fetchmany(50_000):
+        yield from block
 
 
 def write_lab(synthea: Path, out: Path) -> dict:
@@ -79,29 +79,31 @@ def write_lab(synthea: Path, out: Path) -> dict:
     def build(tmp: Path) -> dict:
         with (DEMO_LAB / RANGES).open(encoding="utf-8", newline="") as fh:
             ranges = {r["loinc"]: r["range"] for r in csv.DictReader(fh)}
-        rows, patients = _lab_rows(synthea)
-        messages: list[str] = []
-        results = files = 0
+        with duckdb.connect() as con:
+            patients = _patients(con, synthea)
+            rows = _lab_rows(con, synthea)
+            messages: list[str] = []
+            results = files = 0
 
-        def flush() -> None:
-            nonlocal files, messages
-            if messages:
-                files += 1
-                (tmp / f"oru_{files:06d}.hl7").write_text("".join(messages), encoding="utf-8")
-                messages = []
+            def flush() -> None:
+                nonlocal files, messages
+                if messages:
+                    files += 1
+                    (tmp / f"oru_{files:06d}.hl7").write_text("".join(messages), encoding="utf-8")
+                    messages = []
 
-        groups = itertools.groupby(rows, key=lambda r: (r[0], r[1], r[2]))
-        for n, ((patient, encounter, date), group) in enumerate(groups, start=1):
-            results_ = [dict(zip(_LAB_COLUMNS, r, strict=True)) for r in group]
-            segs = oru_message(
-                f"LAB{n:09d}", date, patients[patient], encounter, f"F{n:09d}", results_, ranges
-            )
-            messages.append("\r".join(segs) + "\r")
-            results += len(results_)
-            if len(messages) == MESSAGES_PER_FILE:
-                flush()
-        total = (files * MESSAGES_PER_FILE) + len(messages)
-        flush()
+            groups = itertools.groupby(rows, key=lambda r: (r[0], r[1], r[2]))
+            for n, ((patient, encounter, date), group) in enumerate(groups, start=1):
+                results_ = [dict(zip(_LAB_COLUMNS, r, strict=True)) for r in group]
+                segs = oru_message(
+                    f"LAB{n:09d}", date, patients[patient], encounter, f"F{n:09d}", results_, ranges
+                )
+                messages.append("\r".join(segs) + "\r")
+                results += len(results_)
+                if len(messages) == MESSAGES_PER_FILE:
+                    flush()
+            total = (files * MESSAGES_PER_FILE) + len(messages)
+            flush()
         return {"messages": total, "results": results, "files": files}
 
     return _cached(out, {"source": str(synthea), "version": VERSION}, build)
