@@ -149,3 +149,82 @@ def test_delta_nights_equal_a_full_rebuild(warehouse, night2: Night2, tmp_path: 
     three = run(_config(tmp_path, wh, schema, night2.final, "snapshot"), work)
     assert three.status == "published", three.report["errors"]
     assert snapshot(wh, schema) == after
+
+
+# --- the lab feed: new messages only, with a cancellation, a correction and an A40 ----
+
+LAB_DELTA = (
+    "MSH|^~\\&|SYNTHEA_LAB|DEMO_HOSPITAL|OMOP_ETL|DEMO|20250101120000+0000||ORU^R01^ORU_R01"
+    "|DELTA001|P|2.5.1\r"
+    "PID|1||{patient}^^^SYNTHEA^MR||||20240103|F\r"
+    "OBR|1||F00036^SYNTHEA_LAB|11502-2^Laboratory report^LN|||20240103232416+0000\r"
+    "OBX|1|NM|21000-5^Erythrocyte distribution width^LN||40.5|fL^^UCUM|39-46|N|||X\r"
+    "OBX|2|NM|32207-3^Platelet distribution width^LN||19.8|fL^^UCUM|9.0-17.0|H|||C"
+    "|||20240103232416+0000\r"
+    "MSH|^~\\&|MPI|DEMO_HOSPITAL|OMOP_ETL|DEMO|20250101130000+0000||ADT^A40^ADT_A39"
+    "|DELTA002|P|2.5.1\r"
+    "EVN|A40|20250101130000\r"
+    "PID|1||{survivor}^^^SYNTHEA^MR\r"
+    "MRG|{merged}^^^SYNTHEA^MR\r"
+)
+
+
+def _lab_config(tmp: Path, wh, schema: str, lab: Path, delivery: str) -> Path:
+    from tests.test_hl7v2_pipeline import write_lab_config
+
+    path = write_lab_config(tmp, wh, schema)
+    cfg = yaml.safe_load(path.read_text(encoding="utf-8"))
+    cfg["feeds"][1].update(path=str(lab), delivery=delivery)
+    path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
+    return path
+
+
+def test_lab_delta_cancels_corrects_and_merges(duckdb_wh, night2: Night2, tmp_path) -> None:
+    from tests.test_hl7v2_pipeline import DEMO_LAB
+
+    wh, schema = duckdb_wh
+    work = tmp_path / "work"
+    patient = "6cf3d1b9-4d5e-8bb3-51f4-e047a6386c38"  # demo/lab oru_001's second message
+    message = LAB_DELTA.format(patient=patient, survivor=night2.survivor, merged=night2.merged)
+    delta = tmp_path / "lab_delta"
+    delta.mkdir()
+    (delta / "delta_001.hl7").write_text(message, encoding="utf-8")
+    final = tmp_path / "lab_final"
+    shutil.copytree(DEMO_LAB, final)
+    (final / "zz_delta_001.hl7").write_text(message, encoding="utf-8")
+
+    one = run(_lab_config(tmp_path, wh, schema, DEMO_LAB, "delta"), work)
+    assert one.status == "published", one.report["errors"]
+    width = (
+        f'SELECT count(*) FROM "{schema}".measurement m JOIN "{schema}".person p'
+        " ON p.person_id = m.person_id WHERE m.measurement_source_value = :code"
+        f" AND m.person_id = {_person_id(wh, schema, patient)}"
+    )
+    assert scalar(wh, width, code="21000-5") == 1
+
+    two = run(_lab_config(tmp_path, wh, schema, delta, "delta"), work)
+    assert two.status == "published", two.report["errors"]
+    lab = two.report["deltas"]["lab"]
+    assert lab["deleted"]["event"] == 1 and lab["replaced"]["event"] == 1
+    assert two.report["feeds"]["lab"]["files"][f"{two.run_id}/delta_001.hl7"] == {
+        "record_set": "lab_results", "records_in": 3, "loaded": 2, "quarantined": 0,
+        "filtered": 1,
+    }  # fmt: skip
+    assert scalar(wh, width, code="21000-5") == 0
+    assert (
+        scalar(
+            wh,
+            f'SELECT value_as_number FROM "{schema}".measurement'
+            " WHERE measurement_source_value = '32207-3'"
+            f" AND person_id = {_person_id(wh, schema, patient)}",
+        )
+        == 19.8
+    )
+    assert two.report["merges"]["in_force"] == 1
+    merged = _person_id(wh, schema, night2.merged)
+    assert scalar(wh, f'SELECT count(*) FROM "{schema}".person WHERE person_id = {merged}') == 0
+    after = snapshot(wh, schema)
+
+    three = run(_lab_config(tmp_path, wh, schema, final, "snapshot"), work)
+    assert three.status == "published", three.report["errors"]
+    assert snapshot(wh, schema) == after

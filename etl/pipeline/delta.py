@@ -113,21 +113,27 @@ def _sql_path(path: Path) -> str:
     return "'" + str(path).replace("'", "''") + "'"
 
 
+def _rewrite(src: Path, dst: Path, shape: str, prefix: str | None = None) -> None:
+    """Stream `src` into `dst` batch by batch with the shape's canonical schema (DuckDB
+    writes every column nullable), prefixing source_file when `prefix` is given."""
+    schema = canonical.SHAPES[shape]
+    with pq.ParquetWriter(dst, schema, compression="zstd") as writer:
+        for batch in pq.ParquetFile(src).iter_batches(batch_size=256_000):
+            table = pa.Table.from_batches([batch])
+            if prefix is not None:
+                i = table.schema.get_field_index("source_file")
+                files = pc.binary_join_element_wise(prefix, table["source_file"], "")
+                table = table.set_column(i, "source_file", files)
+            writer.write_table(table.select(schema.names).cast(schema))
+
+
 def prefix_source_files(delivery_dir: Path, prefix: str) -> list[FileStats]:
     """Prefix every record's source_file (and files.json) in a landed delivery in place."""
-    con = duckdb.connect()
-    try:
-        for shape in canonical.SHAPES:
-            path = delivery_dir / f"{shape}.parquet"
-            tmp = path.with_suffix(".prefixed.parquet")
-            con.execute(
-                f"COPY (SELECT * REPLACE ({_lit(prefix + '/')} || source_file AS source_file)"
-                f" FROM read_parquet({_sql_path(path)})) TO {_sql_path(tmp)}"
-                " (FORMAT parquet, COMPRESSION zstd)"
-            )
-            tmp.replace(path)
-    finally:
-        con.close()
+    for shape in canonical.SHAPES:
+        path = delivery_dir / f"{shape}.parquet"
+        tmp = path.with_suffix(".prefixed.parquet")
+        _rewrite(path, tmp, shape, prefix + "/")
+        tmp.replace(path)
     stats = json.loads((delivery_dir / "files.json").read_text(encoding="utf-8"))
     for st in stats:
         st["file"] = f"{prefix}/{st['file']}"
@@ -181,6 +187,7 @@ def consolidate(
             ).fetchone()
             summary.replaced[shape], summary.deleted[shape] = replaced, deleted
             summary.carried[shape] = carried
+            merged = target.with_suffix(".duckdb.parquet")
             con.execute(
                 f"""
                 COPY (
@@ -188,9 +195,11 @@ def consolidate(
                     WHERE NOT is_replaced AND NOT is_deleted
                     UNION ALL BY NAME
                     SELECT * FROM read_parquet({_sql_path(delivered)})
-                ) TO {_sql_path(target)} (FORMAT parquet, COMPRESSION zstd)
+                ) TO {_sql_path(merged)} (FORMAT parquet, COMPRESSION zstd)
                 """
             )
+            _rewrite(merged, target, shape)
+            merged.unlink()
     finally:
         con.close()
     shutil.copyfile(delivery_dir / "files.json", out_dir / "files.json")
