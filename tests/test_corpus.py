@@ -20,7 +20,6 @@ import pyarrow.parquet as pq
 import pytest
 
 from etl.config import FeedConfig
-from etl.sources.dicom import extract_dicom
 from etl.sources.ehr import Extract, extract_ehr
 from etl.sources.hl7v2 import extract_hl7
 from etl.sources.profile import load_profile

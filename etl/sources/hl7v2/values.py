@@ -6,6 +6,8 @@ from __future__ import annotations
 import datetime as dt
 import re
 
+from etl.sources.plausible import date_problem
+
 # OBX-3 / CWE coding system (HL7 table 0396) -> OMOP vocabulary_id; anything else is kept
 # as sent (local codes 'L', '99zzz' ...) so a local map in mappings/local can match it and
 # the report lists it as unmapped until one does.
@@ -71,8 +73,9 @@ def timestamp(value: str | None, field: str) -> dt.datetime | None:
     if sign:
         offset = dt.timedelta(hours=int(oh), minutes=int(om))
         out = out - offset if sign == "+" else out + offset
-    if not 1800 <= out.year <= 2200:
-        raise FieldError(f"{field} {value!r} is out of range")
+    problem = date_problem(field, out)  # before 1850, or in the future
+    if problem:
+        raise FieldError(problem)
     return out
 
 
