@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from etl.config import FeedConfig
+from etl.sources.dicom import extract_dicom
 from etl.sources.ehr import Extract, extract_ehr
 from etl.sources.hl7v2 import extract_hl7
 from etl.sources.profile import load_profile
@@ -345,3 +346,52 @@ def test_hl7_dates_encodings_and_giant_fields(tmp_path: Path) -> None:
     assert "UTF-16" in (utf16.message or "")
     # an unknown patient's result is extracted; the build quarantines it (unknown_person)
     assert files["unknown_patient.hl7"].extracted == 1
+
+
+# --- the PACS feed (DICOM): tests/corpus/dicom, made by make_corpus.py ------------------
+
+DICOM_CASES = {
+    "good.dcm": None,
+    "future_date.dcm": "StudyDate is in the future",
+    "year_1800.dcm": "StudyDate is before 1850",
+    "impossible_date.dcm": "no valid StudyDate or SeriesDate",
+    "no_modality.dcm": "required tag(s) missing or empty: Modality",
+    "unknown_patient.dcm": None,
+    "utf8_name.dcm": None,
+    "giant_field.dcm": None,
+    "truncated.dcm": "truncated DICOM file",
+    "empty.dcm": "empty file",
+    "not_dicom.dcm": "not a DICOM file",
+}
+
+
+def test_dicom_corpus_is_regenerated_byte_for_byte(tmp_path: Path) -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "make_corpus", CORPUS / "dicom" / "make_corpus.py"
+    )
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.HERE = tmp_path
+    with pytest.warns(UserWarning):  # the giant value is written as UN, as pydicom says
+        module.main()
+    for name in DICOM_CASES:
+        assert (tmp_path / name).read_bytes() == (CORPUS / "dicom" / name).read_bytes(), name
+
+
+def test_dicom_cases_extraction(tmp_path: Path) -> None:
+    for name in DICOM_CASES:
+        shutil.copyfile(CORPUS / "dicom" / name, tmp_path / name)
+    sink = Extract()
+    stats = extract_dicom(FeedConfig(name="pacs", kind="dicom", path=tmp_path), KEY, sink)
+    files = {s.file: s for s in stats}
+    assert set(files) == set(DICOM_CASES)
+    reasons = {r["source_file"]: r["reason"] for r in sink.table("quarantine").to_pylist()}
+    for name, reason in DICOM_CASES.items():
+        st = files[name]
+        assert st.records_in == st.extracted + st.quarantined == 1, name
+        assert st.message == reason and reasons.get(name) == reason, name
+    images = {r["source_file"] for r in sink.table("image").to_pylist()}
+    assert images == {n for n, r in DICOM_CASES.items() if r is None}
