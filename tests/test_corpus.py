@@ -18,6 +18,7 @@ from typing import Any
 
 import pyarrow.parquet as pq
 import pytest
+import yaml
 
 from etl.config import FeedConfig
 from etl.sources.dicom import extract_dicom
@@ -239,9 +240,22 @@ def mixed(tmp_path_factory: pytest.TempPathFactory, duckdb_module_wh):
     tmp = tmp_path_factory.mktemp("corpus-run")
     wh, schema = duckdb_module_wh(tmp)
     where = _mix_into_demo(tmp / "feed")
+    config = write_config(tmp, wh, schema, tmp / "feed")
+    # the lab and PACS corpora ride along in the same run, as feeds of their own
+    cfg = yaml.safe_load(config.read_text(encoding="utf-8"))
+    for feed, kind, corpus, suffix in (
+        ("lab", "hl7v2", "hl7v2", ".hl7"),
+        ("pacs", "dicom", "dicom", ".dcm"),
+    ):
+        folder = tmp / feed
+        folder.mkdir()
+        for path in sorted((CORPUS / corpus).glob(f"*{suffix}")):
+            shutil.copyfile(path, folder / path.name)
+        cfg["feeds"].append({"name": feed, "kind": kind, "path": str(folder)})
+    config.write_text(yaml.safe_dump(cfg), encoding="utf-8")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("OMOP_ETL_PSEUDONYM_KEY", TEST_KEY)
-        result = run(write_config(tmp, wh, schema, tmp / "feed"), tmp)
+        result = run(config, tmp)
     return wh, schema, tmp / "feed", where, result
 
 
@@ -395,3 +409,39 @@ def test_dicom_cases_extraction(tmp_path: Path) -> None:
         assert st.message == reason and reasons.get(name) == reason, name
     images = {r["source_file"] for r in sink.table("image").to_pylist()}
     assert images == {n for n, r in DICOM_CASES.items() if r is None}
+
+
+def test_lab_and_pacs_corpora_through_the_pipeline(mixed) -> None:
+    wh, schema, _, _, result = mixed
+    assert result.status == "published", result.report["errors"]
+    report = result.report
+    for feed in ("lab", "pacs"):
+        files = report["feeds"][feed]["files"]
+        for name, st in files.items():
+            assert st["records_in"] == st["loaded"] + st["quarantined"] + st["filtered"], name
+    assert set(report["feeds"]["pacs"]["files"]) == set(DICOM_CASES)
+    run_dir = result.run_dir
+    fates = {
+        (r["feed"], r["source_file"], r["source_line"]): r["reason"]
+        for r in pq.read_table(run_dir / "quarantine" / "extraction.parquet").to_pylist()
+    }
+    fates.update(
+        {
+            (r["feed"], r["source_file"], r["source_line"]): r["rule"]
+            for r in pq.read_table(run_dir / "quarantine" / "build.parquet").to_pylist()
+        }
+    )
+    assert fates[("lab", "implausible_dates.hl7", 1)] == "OBX-14 is in the future"
+    assert fates[("lab", "implausible_dates.hl7", 2)] == "OBX-14 is before 1850"
+    assert fates[("lab", "unknown_patient.hl7", 1)] == "unknown_person"
+    assert fates[("pacs", "unknown_patient.dcm", 1)] == "unknown_person"
+    for name, reason in DICOM_CASES.items():
+        if reason is not None:
+            assert fates[("pacs", name, 1)] == reason, name
+    loaded = {
+        file
+        for (file,) in query(
+            wh, f"SELECT DISTINCT source_file FROM \"{schema}_etl\".lineage WHERE feed = 'pacs'"
+        )
+    }
+    assert {"good.dcm", "utf8_name.dcm", "giant_field.dcm"} <= loaded
