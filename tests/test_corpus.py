@@ -206,6 +206,31 @@ def test_a_field_larger_than_a_read_block_is_read(tmp_path: Path) -> None:
     assert _extracted_lines(sink, "conditions.csv") == [2, 3]
 
 
+@pytest.mark.parametrize(
+    ("data", "records", "reason"),
+    [
+        # UTF-16 without a byte-order mark: NULs in the header
+        ("utf-16-le", 2, "the header holds NUL bytes: the file is not utf-8 text (UTF-16?)"),
+        ("utf-16-be", 2, "the header holds NUL bytes: the file is not utf-8 text (UTF-16?)"),
+        ("header+newline", 0, None),
+    ],
+)
+def test_more_whole_file_cases(data: str, records: int, reason: str | None, tmp_path) -> None:
+    text = (CORPUS / "ehr" / "quotes" / "conditions.csv").read_text(encoding="utf-8")
+    lines = text.splitlines(keepends=True)
+    if data == "header+newline":
+        raw = lines[0].encode()
+    else:
+        raw = (lines[0] + lines[1] + lines[2]).encode(data)
+    (tmp_path / "conditions.csv").write_bytes(raw)
+    files, sink = _extract_ehr(tmp_path)
+    st = files["conditions.csv"]
+    assert (st.records_in, st.quarantined, st.message) == (records, records, reason)
+    assert {r["reason"] for r in sink.table("quarantine").to_pylist()} == (
+        {reason} if records else set()
+    )
+
+
 # --- the whole pipeline: the demo export with the corpus cases mixed in -------------------
 
 

@@ -251,8 +251,9 @@ def _open_csv(raw: RawFile, delimiter: str, encoding: str, on_invalid) -> pacsv.
 def count_data_lines(path: Path) -> int:
     """Physical lines after the header (for accounting when a file cannot be parsed)."""
     with path.open("rb") as fh:
-        if fh.read(2) in (b"\xff\xfe", b"\xfe\xff"):
-            return _count_utf16_lines(path)
+        codec = _utf16_codec(fh.read(4096))
+        if codec:
+            return _count_utf16_lines(path, codec)
         fh.seek(0)
         n = sum(chunk.count(b"\n") for chunk in iter(lambda: fh.read(1 << 20), b""))
         fh.seek(-1, 2) if path.stat().st_size else None
@@ -260,8 +261,19 @@ def count_data_lines(path: Path) -> int:
     return max(0, n - 1 + (0 if ends_with_newline else 1))
 
 
-def _count_utf16_lines(path: Path) -> int:
-    decoder = codecs.getincrementaldecoder("utf-16")(errors="replace")
+def _utf16_codec(head: bytes) -> str | None:
+    """The UTF-16 codec of a file starting with `head`: by its byte-order mark, or by the
+    NUL bytes of ASCII text in UTF-16 (the high bytes of its first line)."""
+    if head[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        return "utf-16"
+    first = head.split(b"\n", 1)[0]
+    if len(first) >= 2 and first.count(b"\x00") * 3 >= len(first):
+        return "utf-16-le" if first[1:2] == b"\x00" else "utf-16-be"
+    return None
+
+
+def _count_utf16_lines(path: Path, codec: str) -> int:
+    decoder = codecs.getincrementaldecoder(codec)(errors="replace")
     n, last = 0, "\n"
     with path.open("rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
