@@ -470,3 +470,25 @@ def test_lab_and_pacs_corpora_through_the_pipeline(mixed) -> None:
         )
     }
     assert {"good.dcm", "utf8_name.dcm", "giant_field.dcm"} <= loaded
+
+
+def test_hl7_reasons_never_quote_a_value(tmp_path: Path) -> None:
+    """A bad value may be anything a person typed (a name, a number): reasons name the field."""
+    message = "\r".join(
+        [
+            "MSH|^~\\&|LAB|HOSP|ETL|SITE|20240301101500||ORU^R01^ORU_R01|V1|P|2.5.1",
+            "PID|1||MRNV1^^^HOSP^MR||Doe^Jane||19800101|F",
+            "OBR|1||ORDCORPUSV1^LAB|24323-8^Panel^LN|||20240301101500",
+            "OBX|1|NM|2339-0^Glucose^LN||called Dr Quackenbush|mg/dL|||||F|||20240301",
+            "OBX|2|NM|2339-0^Glucose^LN||95|mg/dL|||||F|||MRNV1",
+            "OBX|3|SN|2339-0^Glucose^LN||Quackenbush^5|mg/dL|||||F|||20240301",
+        ]
+    )
+    (tmp_path / "v.hl7").write_text(message + "\r", encoding="utf-8")
+    _, sink = _extract_hl7(tmp_path)
+    reasons = [r["reason"] for r in sink.table("quarantine").to_pylist()]
+    assert reasons == [
+        "OBX-5 is not a number",
+        "OBX-14 is not an HL7 datetime",
+        "OBX-5 comparator is not one of < > <= >= = <>",
+    ]
