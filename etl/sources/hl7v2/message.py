@@ -1,9 +1,11 @@
-"""One HL7 v2 message -> result rows (one per OBX), read through hl7apy.
+"""One HL7 v2 message -> result rows (one per OBX), its structure checked by hl7apy.
 
-hl7apy parses the segments (tolerant validation, no group detection, so Z-segments and
-unexpected structures are kept); this module only picks fields. Segments are read in
-order: an OBX belongs to the last PID, PV1 and OBR before it. A message hl7apy cannot
-parse is rejected as a whole with hl7apy's reason; a bad OBX rejects that OBX only.
+hl7apy checks each message's structure (MSH-1/2 and every segment name; tolerant
+validation, no group detection, so Z-segments and unexpected structures are kept); the
+fields read are then split on the message's own separators and checked as they are read.
+Segments are read in order: an OBX belongs to the last PID, PV1 and OBR before it. A
+message hl7apy rejects is rejected as a whole with hl7apy's reason; a bad OBX rejects
+that OBX only.
 """
 
 from __future__ import annotations
