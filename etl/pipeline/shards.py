@@ -207,7 +207,11 @@ def build_shard(
 
     The shard's stage is stamped with the run id only once it is complete, so the merge
     never takes a half-built shard."""
-    sh = prepare_shard(g, k, n, run_id)
+    if timed is None:
+        sh = prepare_shard(g, k, n, run_id)
+    else:
+        with timed("build.shard_stage"):
+            sh = prepare_shard(g, k, n, run_id)
     with g.wh.begin() as conn:
         for name, fn in steps:
             if timed is None:

@@ -46,9 +46,7 @@ from etl.pipeline.schemas import Schemas
 from etl.pipeline.stage import prepare
 from etl.pseudonym import load_key
 from etl.quality.dqd_json import dqd_results
-from etl.quality.expectations import run_expectations
 from etl.quality.gate import run_checks
-from etl.quality.plan import gate_plan
 from etl.sources.ehr import FileStats, extract_ehr
 from etl.sources.profile import load_profile
 from etl.vocab import load_vocabulary
@@ -429,12 +427,18 @@ class NightlyRun:
         """Run the quality gate on the staged build; False when it refuses the load."""
         with self.recorded("gate", on_step) as frag, self.warehouse() as s:
             self._check_stamp(s)
+            # imported here: Great Expectations takes seconds to import, which a process
+            # that only builds (a shard worker) need not spend
+            from etl.quality.plan import gate_plan
+
             sql_checks, expectations = gate_plan(published_tables(), self.cfg.quality)
             with frag.step("gate"):
                 gate_started = dt.datetime.now(dt.UTC)
                 gate = run_checks(s, sql_checks)
             _write_dqd_results(s, self.run_dir, gate.checks, gate_started)
             with frag.step("gate.great_expectations"):
+                from etl.quality.expectations import run_expectations
+
                 with s.wh.begin() as conn:
                     counts = {t: s.wh.count_rows(conn, s.stage, t) for t in published_tables()}
                 suites = run_expectations(s, expectations, counts, self.run_dir)
