@@ -27,6 +27,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 
@@ -99,12 +100,37 @@ UNSUPPORTED = {
     ("episode_event", "event_id"),
     ("image_feature", "image_finding_id"),
 }
+# How many shards a run under Airflow builds: read when the build task runs, never when
+# the DAG file is parsed (the environment variable for runs outside Airflow's Variables).
+SHARDS_VARIABLE = "omop_etl_shards"
+SHARDS_ENV = "OMOP_ETL_SHARDS"
 STAMP = "etl_run"  # as steps.py's: the run that owns a stage
 MERGED = "etl_shards_merged"  # in the global stage once the shards are merged
 
 
 class ShardError(RuntimeError):
     """A shard or the merge cannot go on; the message says why."""
+
+
+def shard_count(value: object) -> int:
+    """A shard count from configuration: a whole number, at least 1 (None: 1)."""
+    if value is None or value == "":
+        return 1
+    try:
+        n = int(str(value).strip())
+    except ValueError:
+        raise ShardError(f"shard count {value!r} is not a whole number") from None
+    if n < 1:
+        raise ShardError(f"shard count {n}: at least 1")
+    return n
+
+
+def shards_from_airflow() -> int:
+    """The Airflow Variable `omop_etl_shards` (else $OMOP_ETL_SHARDS, else 1); call it
+    inside a task."""
+    from airflow.sdk import Variable
+
+    return shard_count(Variable.get(SHARDS_VARIABLE, default=None) or os.environ.get(SHARDS_ENV))
 
 
 def split_steps(

@@ -353,12 +353,23 @@ class NightlyRun:
 
         with self.recorded(f"build.shard{shard}", on_step) as frag:
             _, shard_steps = sharding.split_steps(self._build_steps())
-            with open_warehouse(self.cfg.warehouse) as wh:
-                s = Schemas(wh, self.cfg.schema_name, self.meta.get("vocabulary_schema"))
+            with self._shard_warehouse() as s:
                 self._check_stamp(s)
                 rows = sharding.build_shard(s, shard, n, self.run_id, shard_steps, frag.step)
             frag.state["rows"] = rows
             return rows
+
+    @contextmanager
+    def _shard_warehouse(self) -> Iterator[Schemas]:
+        """PostgreSQL: the warehouse without the run lock (shards run side by side).
+        DuckDB: under the lock, as its single writer serialises the shards anyway; a
+        shard task that finds it busy is retried (LockBusy)."""
+        if self.cfg.warehouse.startswith("duckdb"):
+            with self.warehouse() as s:
+                yield s
+            return
+        with open_warehouse(self.cfg.warehouse) as wh:
+            yield Schemas(wh, self.cfg.schema_name, self.meta.get("vocabulary_schema"))
 
     def merge_shards(self, on_step: Callable[[str], None] | None = None) -> None:
         """Merge the built shards into the stage schema (ids as one build numbers them)
