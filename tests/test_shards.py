@@ -123,7 +123,11 @@ def test_three_shards_build_what_one_builds_night_after_night(
         "build.shard2.json",
     ]  # fmt: skip
     assert {"build.merge", "build.shard_stage", "build.events"} <= set(reports[3]["timings"])
+    # the shard schemas are gone once merged
+    assert not [s for s in sa.inspect(wh.engine).get_schema_names() if f"{three}_stage_" in s]
 
+    if wh.dialect == "postgresql":
+        return  # the second night's merge is the same SQL: once (on DuckDB) keeps it short
     # night 2: the late patients arrive; known ids stay, new ones are numbered alike
     write_rows(ehr / "patients.csv", header, patients)
     for n in (1, 3):
@@ -132,9 +136,6 @@ def test_three_shards_build_what_one_builds_night_after_night(
     assert state(wh, three) == second
     assert len(second["person"]) > len(first["person"])
     assert set(first["key_map"]) <= set(second["key_map"])
-    # the shard schemas are gone once merged
-    left = [s for s in sa.inspect(wh.engine).get_schema_names() if "_stage_" in s]
-    assert not [s for s in left if three in s]
 
 
 def test_steps_split_into_global_and_shard_steps() -> None:
