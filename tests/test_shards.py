@@ -4,6 +4,7 @@ aside, key map and report; two nights running (known ids kept, new persons numbe
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -157,3 +158,20 @@ def test_steps_split_into_global_and_shard_steps() -> None:
     for bad in ("0", "three", -1):
         with pytest.raises(ShardError):
             shard_count(bad)
+
+
+def test_cli_run_with_shards(duckdb_wh, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from etl.cli import app
+    from tests.pipeline_helpers import scalar, write_config
+
+    wh, schema = duckdb_wh
+    config = write_config(tmp_path, wh, schema, DEMO_SYNTHEA)
+    args = ["run", "--config", str(config), "--workdir", str(tmp_path), "--shards", "2"]
+    result = CliRunner().invoke(app, [*args, "--shard-workers", "2"])  # DuckDB: one by one
+    assert result.exit_code == 0, result.output
+    [report] = [json.loads(p.read_text()) for p in tmp_path.glob("runs/*/report.json")]
+    assert report["status"] == "published" and "build.merge" in report["timings"]
+    assert scalar(wh, f"SELECT count(*) FROM {schema}.person") == report["tables"]["person"] == 27
+    assert CliRunner().invoke(app, [*args[:-1], "0"]).exit_code == 2  # at least 1
