@@ -144,8 +144,8 @@ def test_steps_split_into_global_and_shard_steps() -> None:
 
     steps = build_steps("site", dt.date(2024, 1, 1))
     global_steps, shard_steps = split_steps(steps)
-    assert [n for n, _ in global_steps][:6] == [
-        "rules", "mapping", "location", "care_site", "provider", "person",
+    assert [n for n, _ in global_steps][:7] == [
+        "merges", "rules", "mapping", "location", "care_site", "provider", "person",
     ]  # fmt: skip
     assert [n for n, _ in shard_steps] == [
         "visit_occurrence", "events", "imaging", "payer_plan_period", "cost",

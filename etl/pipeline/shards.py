@@ -2,10 +2,11 @@
 
     global steps (stage schema)  ->  shard k of N (schema <stage>_<k>, k = 0..N-1)  ->  merge
 
-1. The global steps run once in `<cdm>_stage`: the rules (kept, quarantined and filtered
-   records, deduplicated care sites, providers and payers), the code map, location,
-   care_site, provider, person, death, the visits of imaging studies, the financial
-   rules, source_to_concept_map and cdm_source. Person ids are final after them.
+1. The global steps run once in `<cdm>_stage`: patient merges, the rules (kept,
+   quarantined and filtered records, deduplicated care sites, providers and payers), the
+   code map, location, care_site, provider, person, the merges' lineage, death, the
+   visits of imaging studies, the financial rules, source_to_concept_map and
+   cdm_source. Person ids are final after them.
 2. Shard k builds the per-person steps (visits, events, imaging, coverage, cost,
    observation periods, eras) for the persons with `mod(person_id, N) = k` in a stage
    schema of its own: its person-keyed inputs are filtered copies of the global stage's
@@ -43,12 +44,14 @@ log = logging.getLogger(__name__)
 
 # build_steps() names run once, before the shards; every other step runs per shard.
 GLOBAL_STEPS = (
+    "merges",  # patient merges re-key the staged records before the rules
     "rules",
     "mapping",
     "location",
     "care_site",
     "provider",
     "person",
+    "merge_records",
     "death",
     "imaging_visits",  # updates event_ok: before the shards copy it
     "financial_rules",  # deduplicates payers across persons

@@ -33,6 +33,7 @@ import pyarrow.parquet as pq
 import sqlalchemy as sa
 
 from etl import canonical
+from etl.cdm.build.merges import merge_summary, publish_merges
 from etl.cdm.schema import create_cdm
 from etl.config import FeedConfig, SiteConfig
 from etl.mapping.local_maps import read_local_maps
@@ -48,6 +49,7 @@ from etl.pseudonym import load_key
 from etl.quality.dqd_json import dqd_results
 from etl.quality.gate import run_checks
 from etl.sources.ehr import FileStats, extract_ehr
+from etl.sources.merges import extract_merges
 from etl.sources.profile import load_profile
 from etl.vocab import load_vocabulary
 from etl.warehouse import open_warehouse
@@ -256,23 +258,56 @@ class NightlyRun:
                     source = self.workdir / "runs" / self.replay_of / "landing" / feed
                     files = replay_into(source, partial)
                 else:
-                    files = self._extract_feed(self._feed(feed), partial)
+                    files = self._extract_feed(self._feed(feed), partial, frag)
             n = sum(f.records_in for f in files)
             log.info("run %s: feed %s extracted, %d record(s) in", self.run_id, feed, n)
             return n
 
-    def _extract_feed(self, feed: FeedConfig, partial: Path) -> list[FileStats]:
+    def _extract_feed(self, feed: FeedConfig, partial: Path, frag: _Fragment) -> list[FileStats]:
         if not feed.path.is_dir():
             raise RunFailed(f"feed {feed.name}: {feed.path} is not a folder")
         key = load_key(self.cfg.pseudonym_key_env)
         if key is None:
             raise RunFailed("no pseudonymisation key")
-        landing = Landing(partial)
+        target = (
+            partial if feed.delivery == "snapshot" else partial.with_name(f".{feed.name}.delivery")
+        )
+        if target.exists():
+            shutil.rmtree(target)
+        landing = Landing(target)
         files: list[FileStats] = []
         try:
             files = _dispatch(feed, self.cfg, key, landing)
+            if feed.delivery == "delta" and feed.kind == "ehr_csv":
+                files += _extract_deletions(feed, self.cfg, key, landing)
         finally:
             landing.close(files)
+        if feed.delivery == "delta":
+            files = self._apply_delta(feed, target, partial, frag)
+        return files
+
+    def _apply_delta(
+        self, feed: FeedConfig, delivery: Path, partial: Path, frag: _Fragment
+    ) -> list[FileStats]:
+        """Tonight's delivery applied to the feed's state as the published run landed it."""
+        from etl.pipeline.delta import consolidate, prefix_source_files
+
+        files = prefix_source_files(delivery, self.run_id)
+        with open_warehouse(self.cfg.warehouse) as wh:
+            base_run = _published_run(Schemas(wh, self.cfg.schema_name))
+        base = None
+        if base_run is not None:
+            base = self.workdir / "runs" / base_run / "landing" / feed.name
+            if not (base / "files.json").is_file():
+                raise RunFailed(
+                    f"feed {feed.name} delivers deltas, but the state the published run"
+                    f" {base_run} landed is not in {base}: deliver one full snapshot"
+                    " (delivery: snapshot) to start the feed's state again"
+                )
+        summary = consolidate(base, delivery, partial, base_run)
+        shutil.rmtree(delivery)
+        frag.state["delta_base"] = base_run
+        frag.report["deltas"] = {feed.name: summary.as_json()}
         return files
 
     def land(self, feed: str, on_step: Callable[[str], None] | None = None) -> dict[str, int]:
@@ -431,6 +466,7 @@ class NightlyRun:
             frag.report["unmapped"] = reporting.unmapped_codes(s, conn)
             frag.report["concept_gaps"] = reporting.concept_gaps(s, conn, published_tables())
             frag.report["trace_samples"] = reporting.trace_samples(s, conn)
+            frag.report["merges"] = merge_summary(s, conn)
             _write_quarantine(s, conn, self.run_dir, rejected)
         return errors
 
@@ -487,6 +523,7 @@ class NightlyRun:
                     frag.report["tables"] = published_counts(s, conn)
                 frag.state["published"] = True
                 return frag.report["tables"]
+            self._check_delta_bases(s)
             with s.wh.begin() as conn:  # one transaction: CDM tables, key map, lineage
                 self._check_stamp(s, conn)
                 with frag.step("publish"):
@@ -497,6 +534,7 @@ class NightlyRun:
                         also(s, conn)
                 with frag.step("publish.lineage"):
                     publish_lineage(s, conn, self.run_id)
+                    publish_merges(s, conn, self.run_id)
                 s.run(conn, "DROP TABLE {S}.{t}", t=_STAMP)  # this build is spent
             frag.state["published"] = True
             log.info("run %s published into %s", self.run_id, s.cdm)
@@ -508,11 +546,23 @@ class NightlyRun:
             return frag.report["tables"]
 
     def _published_run(self, s: Schemas) -> str | None:
-        """The run the published lineage store describes (None before any)."""
-        with s.wh.begin() as conn:
-            if "lineage" not in sa.inspect(conn).get_table_names(schema=s.etl):
-                return None
-            return s.run(conn, "SELECT max(run_id) FROM {E}.lineage").scalar()
+        return _published_run(s)
+
+    def _check_delta_bases(self, s: Schemas) -> None:
+        """A delta feed was applied to the state of the run published then: refuse when
+        another run has published since (its changes would be lost)."""
+        if self.replay_of:
+            return
+        published = _published_run(s)
+        for feed in self.feeds:
+            frag = self.fragment(f"extract.{feed}") or {}
+            state = frag.get("state", {})
+            if "delta_base" in state and state["delta_base"] != published:
+                raise RunFailed(
+                    f"feed {feed}'s delivery was applied to the state of run"
+                    f" {state['delta_base']}, but run {published} has published since:"
+                    " run again so the delivery applies to the current state"
+                )
 
     # -- the report --------------------------------------------------------------------
     def status(self) -> str:
@@ -549,7 +599,11 @@ class NightlyRun:
             frag = self.fragment(name)
             if frag is None:
                 continue
-            report.update(frag["report"])
+            for k, v in frag["report"].items():
+                if k == "deltas":  # one entry per delta feed, from each feed's extraction
+                    report.setdefault(k, {}).update(v)
+                else:
+                    report[k] = v
             for k, v in frag["timings"].items():
                 report["timings"][k] = report["timings"].get(k, 0.0) + v
             report["errors"].extend(frag["errors"])
@@ -591,6 +645,28 @@ class NightlyRun:
             )
 
 
+def _published_run(s: Schemas) -> str | None:
+    """The run the published lineage store describes (None before any)."""
+    with s.wh.begin() as conn:
+        if "lineage" not in sa.inspect(conn).get_table_names(schema=s.etl):
+            return None
+        return s.run(conn, "SELECT max(run_id) FROM {E}.lineage").scalar()
+
+
+def _extract_deletions(
+    feed: FeedConfig, cfg: SiteConfig, key: bytes, landing: Landing
+) -> list[FileStats]:
+    """A delta EHR delivery's withdrawn rows (`deleted/`, laid out like the feed)."""
+    from etl.pipeline.delta import DeletionSink
+
+    folder = feed.path / "deleted"
+    if not folder.is_dir():
+        return []
+    sink = DeletionSink(landing, "deleted/")
+    stats = _ehr_extract(feed, cfg, key, sink, folder=folder, merges=False)
+    return sink.account([st for st in stats if st.message is None or st.records_in])
+
+
 def _dispatch(feed: FeedConfig, cfg: SiteConfig, key: bytes, landing: Landing) -> list[FileStats]:
     if feed.kind == "hl7v2":
         from etl.sources.hl7v2 import extract_hl7
@@ -600,11 +676,20 @@ def _dispatch(feed: FeedConfig, cfg: SiteConfig, key: bytes, landing: Landing) -
         from etl.sources.dicom import extract_dicom
 
         return extract_dicom(feed, key, landing)
+    return _ehr_extract(feed, cfg, key, landing, folder=feed.path, merges=True)
+
+
+def _ehr_extract(
+    feed: FeedConfig, cfg: SiteConfig, key: bytes, sink: Any, *, folder: Path, merges: bool
+) -> list[FileStats]:
     profile_ref = feed.profile or "synthea"
     mappings = cfg.mappings or MAPPINGS_DIR
     candidate = mappings / "profiles" / f"{profile_ref}.yaml"
     profile = load_profile(candidate if candidate.is_file() else profile_ref)
-    return extract_ehr(feed.name, feed.path, profile, key, landing, exclude=feed.exclude)
+    files = extract_ehr(feed.name, folder, profile, key, sink, exclude=feed.exclude)
+    if merges:
+        files += extract_merges(feed.name, folder, key, sink)
+    return files
 
 
 def _landed_rows(feed_dir: Path) -> dict[str, int]:

@@ -30,6 +30,8 @@ from etl.sources.hl7v2.values import (
 
 FALLBACK_VERSION = "2.5.1"
 RESULT_MESSAGES = {"ORU"}  # message types whose OBX are results (others: filtered)
+# ADT events that merge a prior patient id (MRG-1) into the PID-3 patient
+MERGE_EVENTS = {"A40", "A34", "A36"}
 NUMERIC_TYPES = {"NM"}
 TEXT_TYPES = {"ST", "TX", "FT", "DT", "TM", "DTM", "TS", "ID", "IS"}
 CODED_TYPES = {"CWE", "CE", "CNE", "CF"}
@@ -40,7 +42,7 @@ _INDEX = re.compile(r"_(\d+)$")
 # the fields read, per segment: a segment is handed to hl7apy cut after its last field
 # read, and other segments as their name only (hl7apy still checks every segment name
 # and the MSH). Fields never read (names, addresses, ...) are never parsed at all.
-FIELDS_READ = {"MSH": 12, "PID": 8, "PV1": 19, "OBR": 7, "OBX": 14, "SPM": 17}
+FIELDS_READ = {"MSH": 12, "PID": 8, "PV1": 19, "OBR": 7, "OBX": 14, "SPM": 17, "MRG": 1}
 
 
 @dataclass
@@ -89,8 +91,9 @@ class _Segment:
         return self.comp(n, 1)
 
 
-def _patient_id(pid: _Segment) -> str:
-    reps = [[unescape(c, pid.enc).strip() for c in r] for r in pid.reps(3)]
+def _patient_id(pid: _Segment, field: int = 3) -> str:
+    """The MR repetition's id of a CX list (PID-3, MRG-1), else the first id."""
+    reps = [[unescape(c, pid.enc).strip() for c in r] for r in pid.reps(field)]
     reps = [r for r in reps if r and r[0]]
     for r in reps:
         if len(r) >= 5 and r[4].upper() == "MR":
@@ -195,6 +198,9 @@ def _read(segments: list[Any], enc: dict[str, str], out: Parsed) -> None:
     if msh.name != "MSH":
         out.error = "no MSH segment"
         return
+    if msh.comp(9, 1).upper() == "ADT" and msh.comp(9, 2).upper() in MERGE_EVENTS:
+        _merges(segs, out)
+        return
     if msh.comp(9, 1).upper() not in RESULT_MESSAGES:
         out.filtered = "not_a_result_message"
         return
@@ -215,6 +221,26 @@ def _read(segments: list[Any], enc: dict[str, str], out: Parsed) -> None:
             out.rows.append(_result(s, pid, pv1, obr, msg_ts, control_id))
         elif s.name == "SPM":
             out.rows.append(_specimen(s, pid, pv1, obr, msg_ts, control_id))
+
+
+def _merges(segs: list[_Segment], out: Parsed) -> None:
+    """ADT^A40 (A34, A36): each PID + MRG pair merges MRG-1's patient into PID-3's."""
+    pid = None
+    for s in segs[1:]:
+        if s.name == "PID":
+            pid = s
+        elif s.name == "MRG":
+            row: dict[str, Any] = {"kind": "merge", "msg_ts": None, "status": None}
+            surviving = _patient_id(pid) if pid else ""
+            prior = _patient_id(s, 1)
+            if not surviving:
+                row["reason"] = "no surviving patient identifier (PID-3)"
+            elif not prior:
+                row["reason"] = "no prior patient identifier (MRG-1)"
+            elif prior == surviving:
+                row["reason"] = "a patient merged into itself"
+            row["patient_id"], row["prior_patient_id"] = surviving, prior
+            out.rows.append(row)
 
 
 def _context(
