@@ -129,12 +129,19 @@ def test_three_shards_build_what_one_builds_night_after_night(
 
     if wh.dialect == "postgresql":
         return  # the second night's merge is the same SQL: once (on DuckDB) keeps it short
-    # night 2: the late patients arrive; known ids stay, new ones are numbered alike
+    # night 2: the late patients arrive, and two known patients are merged; known ids
+    # stay, new ones are numbered alike
     write_rows(ehr / "patients.csv", header, patients)
-    for n in (1, 3):
-        _run(configs[n], tmp_path / f"w{n}", n, workers if n > 1 else 1)
+    alive = sorted((p for p in patients[:-LATE_PATIENTS] if not p["DEATHDATE"]),
+                   key=lambda p: p["BIRTHDATE"])  # fmt: skip
+    merges = f"merged,surviving\n{alive[1]['Id']},{alive[0]['Id']}\n"
+    (ehr / "person_merges.csv").write_text(merges, encoding="utf-8")
+    night2 = {n: _run(configs[n], tmp_path / f"w{n}", n).report for n in (1, 3)}
     second = state(wh, one)
     assert state(wh, three) == second
+    for key in (*REPORT_KEYS, "merges"):
+        assert night2[3][key] == night2[1][key], key
+    assert night2[1]["merges"]["person_records_merged"] == 1
     assert len(second["person"]) > len(first["person"])
     assert set(first["key_map"]) <= set(second["key_map"])
 
