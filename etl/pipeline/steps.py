@@ -47,9 +47,7 @@ from etl.pipeline.schemas import Schemas
 from etl.pipeline.stage import prepare
 from etl.pseudonym import load_key
 from etl.quality.dqd_json import dqd_results
-from etl.quality.expectations import run_expectations
 from etl.quality.gate import run_checks
-from etl.quality.plan import gate_plan
 from etl.sources.ehr import FileStats, extract_ehr
 from etl.sources.merges import extract_merges
 from etl.sources.profile import load_profile
@@ -334,55 +332,160 @@ class NightlyRun:
     def build(self, on_step: Callable[[str], None] | None = None) -> None:
         """Stage the landed records and build the CDM tables in the stage schema."""
         with self.recorded("build", on_step) as frag:
-            missing = [f for f in self.feeds if not (self.landing_dir(f) / "files.json").is_file()]
-            if missing:
-                raise RunFailed(f"feed(s) not landed: {', '.join(missing)}")
-            dirs = [self.landing_dir(f) for f in self.feeds]
-            files = {f: read_file_stats(self.landing_dir(f)) for f in self.feeds}
-            rejected = (
-                pa.concat_tables([pq.read_table(d / "quarantine.parquet") for d in dirs])
-                if dirs
-                else canonical.QUARANTINE.empty_table()
-            )
-            run_date = dt.date.fromisoformat(self.meta["run_date"])
+            landed = self._landed()
             with self.warehouse() as s:
-                with frag.step("vocabulary"):
-                    create_cdm(s.wh, s.cdm)
-                    if s.vocab is None:
-                        _ensure_vocabulary(s, self.cfg)
-                with frag.step("stage"):
-                    prepare(s, dirs, read_local_maps(self.cfg.mappings or MAPPINGS_DIR))
-                    self._stamp(s)
+                self._stage(frag, s, landed)
                 with s.wh.begin() as conn:
-                    for name, fn in build_steps(self.cfg.site_name, run_date):
+                    for name, fn in self._build_steps():
                         with frag.step(f"build.{name}"):
                             fn(s, conn)
-                with frag.step("report"), s.wh.begin() as conn:
-                    feeds, quarantine, filtered, errors = reporting.accounting(
-                        s, conn, files, _quarantine_summary(rejected)
-                    )
-                    frag.report.update(feeds=feeds, quarantine=quarantine, filtered=filtered)
-                    frag.report["unmapped"] = reporting.unmapped_codes(s, conn)
-                    frag.report["concept_gaps"] = reporting.concept_gaps(
-                        s, conn, published_tables()
-                    )
-                    frag.report["trace_samples"] = reporting.trace_samples(s, conn)
-                    frag.report["merges"] = merge_summary(s, conn)
-                    _write_quarantine(s, conn, self.run_dir, rejected)
+                errors = self._build_report(frag, s, landed)
             if errors:
                 frag.errors.extend(errors)
                 raise RunFailed("row accounting does not add up; nothing published")
+
+    # -- a person-sharded build: build_global -> build_shard(k) for each k -> merge_shards
+    @property
+    def shards(self) -> int:
+        """How many shards this run's build has (1: one build, `build`)."""
+        frag = self.fragment("build")
+        return int(frag["state"].get("shards", 1)) if frag else 1
+
+    def build_global(
+        self, shards: int = 1, on_step: Callable[[str], None] | None = None
+    ) -> list[int]:
+        """The first part of a build in `shards` shards of persons (etl/pipeline/shards.py):
+        stage the landed records and run the global steps. The shard numbers to build
+        (`build_shard`) before `merge_shards`; with one shard, the whole build (`build`)."""
+        if shards < 1:
+            raise ValueError(f"shards must be at least 1, not {shards}")
+        if shards == 1:
+            self.build(on_step)
+            return [0]
+        from etl.pipeline import shards as sharding
+
+        with self.recorded("build", on_step) as frag:
+            frag.state["shards"] = shards
+            landed = self._landed()
+            global_steps, _ = sharding.split_steps(self._build_steps())
+            with self.warehouse() as s:
+                self._stage(frag, s, landed)
+                with s.wh.begin() as conn:
+                    for name, fn in global_steps:
+                        with frag.step(f"build.{name}"):
+                            fn(s, conn)
+            log.info("run %s: global build steps done; %d shards to build", self.run_id, shards)
+        return list(range(shards))
+
+    def build_shard(self, shard: int, on_step: Callable[[str], None] | None = None) -> dict:
+        """Build shard `shard` (0..N-1) of a sharded build in its own stage schema; rows
+        per CDM table. Shards touch only their own schema and take no run lock, so they can
+        run at the same time (the merge, under the lock, checks they are this run's)."""
+        n = self.shards
+        if n == 1 and shard == 0:
+            return {}  # one shard: `build` built everything
+        from etl.pipeline import shards as sharding
+
+        with self.recorded(f"build.shard{shard}", on_step) as frag:
+            _, shard_steps = sharding.split_steps(self._build_steps())
+            with self._shard_warehouse() as s:
+                self._check_stamp(s)
+                rows = sharding.build_shard(s, shard, n, self.run_id, shard_steps, frag.step)
+            frag.state["rows"] = rows
+            return rows
+
+    @contextmanager
+    def _shard_warehouse(self) -> Iterator[Schemas]:
+        """PostgreSQL: the warehouse without the run lock (shards run side by side).
+        DuckDB: under the lock, as its single writer serialises the shards anyway; a
+        shard task that finds it busy is retried (LockBusy)."""
+        if self.cfg.warehouse.startswith("duckdb"):
+            with self.warehouse() as s:
+                yield s
+            return
+        with open_warehouse(self.cfg.warehouse) as wh:
+            yield Schemas(wh, self.cfg.schema_name, self.meta.get("vocabulary_schema"))
+
+    def merge_shards(self, on_step: Callable[[str], None] | None = None) -> None:
+        """Merge the built shards into the stage schema (ids as one build numbers them)
+        and write the build's part of the report; nothing to do for a one-shard build."""
+        n = self.shards
+        if n == 1:
+            return
+        from etl.pipeline import shards as sharding
+
+        with self.recorded("build.merge", on_step) as frag:
+            landed = self._landed()
+            with self.warehouse() as s:
+                self._check_stamp(s)
+                with frag.step("build.merge"), s.wh.begin() as conn:
+                    if not sharding.merged(conn, s):  # a retry after the commit: done
+                        frag.state["rows"] = sharding.merge_shards(s, conn, n, self.run_id)
+                errors = self._build_report(frag, s, landed)
+            if errors:
+                frag.errors.extend(errors)
+                raise RunFailed("row accounting does not add up; nothing published")
+
+    # -- the build's parts ---------------------------------------------------------------
+    def _landed(self) -> tuple[list[Path], dict[str, list[FileStats]], pa.Table]:
+        """The landed feeds: their folders, file statistics and extraction rejects."""
+        missing = [f for f in self.feeds if not (self.landing_dir(f) / "files.json").is_file()]
+        if missing:
+            raise RunFailed(f"feed(s) not landed: {', '.join(missing)}")
+        dirs = [self.landing_dir(f) for f in self.feeds]
+        files = {f: read_file_stats(self.landing_dir(f)) for f in self.feeds}
+        rejected = (
+            pa.concat_tables([pq.read_table(d / "quarantine.parquet") for d in dirs])
+            if dirs
+            else canonical.QUARANTINE.empty_table()
+        )
+        return dirs, files, rejected
+
+    def _build_steps(self) -> list[tuple[str, Callable]]:
+        return build_steps(self.cfg.site_name, dt.date.fromisoformat(self.meta["run_date"]))
+
+    def _stage(self, frag: _Fragment, s: Schemas, landed: tuple) -> None:
+        """The vocabulary (when none is loaded yet) and a fresh stage schema, stamped."""
+        with frag.step("vocabulary"):
+            create_cdm(s.wh, s.cdm)
+            if s.vocab is None:
+                _ensure_vocabulary(s, self.cfg)
+        with frag.step("stage"):
+            prepare(s, landed[0], read_local_maps(self.cfg.mappings or MAPPINGS_DIR))
+            self._stamp(s)
+
+    def _build_report(self, frag: _Fragment, s: Schemas, landed: tuple) -> list[str]:
+        """The build's part of the report (row accounting, unmapped codes, concept gaps,
+        trace samples) and the quarantine files; the accounting errors."""
+        _, files, rejected = landed
+        with frag.step("report"), s.wh.begin() as conn:
+            feeds, quarantine, filtered, errors = reporting.accounting(
+                s, conn, files, _quarantine_summary(rejected)
+            )
+            frag.report.update(feeds=feeds, quarantine=quarantine, filtered=filtered)
+            frag.report["unmapped"] = reporting.unmapped_codes(s, conn)
+            frag.report["concept_gaps"] = reporting.concept_gaps(s, conn, published_tables())
+            frag.report["trace_samples"] = reporting.trace_samples(s, conn)
+            frag.report["merges"] = merge_summary(s, conn)
+            _write_quarantine(s, conn, self.run_dir, rejected)
+        return errors
 
     def gate(self, on_step: Callable[[str], None] | None = None) -> bool:
         """Run the quality gate on the staged build; False when it refuses the load."""
         with self.recorded("gate", on_step) as frag, self.warehouse() as s:
             self._check_stamp(s)
+            # imported here: Great Expectations takes seconds to import, which a process
+            # that only builds (a shard worker) need not spend
+            from etl.quality.plan import gate_plan
+
             sql_checks, expectations = gate_plan(published_tables(), self.cfg.quality)
             with frag.step("gate"):
                 gate_started = dt.datetime.now(dt.UTC)
                 gate = run_checks(s, sql_checks)
             _write_dqd_results(s, self.run_dir, gate.checks, gate_started)
             with frag.step("gate.great_expectations"):
+                from etl.quality.expectations import run_expectations
+
                 with s.wh.begin() as conn:
                     counts = {t: s.wh.count_rows(conn, s.stage, t) for t in published_tables()}
                 suites = run_expectations(s, expectations, counts, self.run_dir)
@@ -491,7 +594,8 @@ class NightlyRun:
             "errors": [],
         }
         names = [f"extract.{f}" for f in self.feeds] + [f"land.{f}" for f in self.feeds]
-        for name in [*names, *self.EXTRA_FRAGMENTS, "build", "gate", "publish"]:
+        sharded = [f"build.shard{k}" for k in range(self.shards)] + ["build.merge"]
+        for name in [*names, *self.EXTRA_FRAGMENTS, "build", *sharded, "gate", "publish"]:
             frag = self.fragment(name)
             if frag is None:
                 continue
