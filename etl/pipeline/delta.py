@@ -168,38 +168,36 @@ def consolidate(
             if key is None or base is None or not base.is_file():
                 shutil.copyfile(delivered, target)
                 continue
+            # the keys tonight touches (delivery-sized): replaced, or only withdrawn
             con.execute(
                 f"""
-                CREATE OR REPLACE TEMP TABLE base_marked AS
-                SELECT b.*,
-                       EXISTS (SELECT 1 FROM read_parquet({_sql_path(delivered)}) d
-                               WHERE d.{key} = b.{key}) AS is_replaced,
-                       EXISTS (SELECT 1 FROM withdrawn w
-                               WHERE w.shape = '{shape}' AND w.record_key = b.{key})
-                           AS is_deleted
-                FROM read_parquet({_sql_path(base)}) b
+                CREATE OR REPLACE TEMP TABLE touched AS
+                SELECT k, bool_or(replaced) AS replaced FROM (
+                    SELECT {key} AS k, TRUE AS replaced FROM read_parquet({_sql_path(delivered)})
+                    UNION ALL
+                    SELECT record_key, FALSE FROM withdrawn WHERE shape = '{shape}'
+                ) GROUP BY k
                 """
             )
+            # the state is only streamed: its key column for the counts, then every row
+            # not touched straight into tonight's file (no copy of it is held)
             replaced, deleted, carried = con.execute(
-                "SELECT count(*) FILTER (WHERE is_replaced),"
-                " count(*) FILTER (WHERE is_deleted AND NOT is_replaced),"
-                " count(*) FILTER (WHERE NOT is_replaced AND NOT is_deleted) FROM base_marked"
+                f"SELECT count(*) FILTER (WHERE t.replaced),"
+                f" count(*) FILTER (WHERE NOT t.replaced), count(*) FILTER (WHERE t.k IS NULL)"
+                f" FROM read_parquet({_sql_path(base)}) b LEFT JOIN touched t ON t.k = b.{key}"
             ).fetchone()
             summary.replaced[shape], summary.deleted[shape] = replaced, deleted
             summary.carried[shape] = carried
-            merged = target.with_suffix(".duckdb.parquet")
             con.execute(
                 f"""
                 COPY (
-                    SELECT * EXCLUDE (is_replaced, is_deleted) FROM base_marked
-                    WHERE NOT is_replaced AND NOT is_deleted
+                    SELECT b.* FROM read_parquet({_sql_path(base)}) b
+                    WHERE NOT EXISTS (SELECT 1 FROM touched t WHERE t.k = b.{key})
                     UNION ALL BY NAME
                     SELECT * FROM read_parquet({_sql_path(delivered)})
-                ) TO {_sql_path(merged)} (FORMAT parquet, COMPRESSION zstd)
+                ) TO {_sql_path(target)} (FORMAT parquet, COMPRESSION zstd)
                 """
             )
-            _rewrite(merged, target, shape)
-            merged.unlink()
     finally:
         con.close()
     shutil.copyfile(delivery_dir / "files.json", out_dir / "files.json")
