@@ -1,7 +1,12 @@
 """omop_nightly: the nightly run of the OMOP ETL, one Airflow task per step.
 
-start -> feeds -> feed[<name>] (extract -> land, one mapped task group per feed) -> build -> gate
--> publish -> report. A refused gate fails the gate task (publish never runs) and the
+start -> feeds -> feed[<name>] (extract -> land, one mapped task group per feed) -> build
+-> build_shard[k] (one mapped task per shard) -> merge -> gate -> publish -> report.
+`build` reads the shard count N from the Variable `omop_etl_shards` when it runs (default
+1: `build` builds everything and build_shard[0] and merge have nothing to do); with N > 1
+it runs the global steps, each build_shard[k] builds the persons of shard k (in parallel
+on a Celery or Kubernetes executor, against PostgreSQL) and merge merges them, ids as one
+build numbers them. A refused gate fails the gate task (publish never runs) and the
 report task, which writes report.json whatever happened and fails unless the run
 published; its path is in both tasks' logs and in XCom (key `report`). Publishing
 updates the Asset `omop_cdm` (uri omop://<site>/cdm) that downstream DAGs can be
@@ -94,8 +99,19 @@ def omop_nightly() -> None:
         land(etl_run, name, extract(etl_run, name))
 
     @task
-    def build(etl_run: str) -> None:
-        _run(etl_run).build()
+    def build(etl_run: str) -> list[int]:
+        from etl.pipeline.shards import shards_from_airflow
+
+        return _run(etl_run).build_global(shards_from_airflow())
+
+    @task(map_index_template="{{ shard }}")
+    def build_shard(etl_run: str, shard: int) -> dict:
+        get_current_context()["shard"] = shard  # type: ignore[typeddict-unknown-key]
+        return _run(etl_run).build_shard(shard)
+
+    @task
+    def merge(etl_run: str) -> None:
+        _run(etl_run).merge_shards()
 
     @task
     def gate(etl_run: str) -> bool:
@@ -121,9 +137,10 @@ def omop_nightly() -> None:
 
     etl_run = start()
     landed = feed.partial(etl_run=etl_run).expand(name=feeds(etl_run))
-    built = build(etl_run)
-    landed >> built
-    built >> gate(etl_run) >> publish(etl_run) >> report(etl_run)
+    shards = build(etl_run)
+    landed >> shards
+    built = build_shard.partial(etl_run=etl_run).expand(shard=shards)
+    built >> merge(etl_run) >> gate(etl_run) >> publish(etl_run) >> report(etl_run)
 
 
 omop_nightly()

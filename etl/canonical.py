@@ -142,6 +142,26 @@ COST_LINE = pa.schema(
     ]
 )
 
+# Two source keys declared the same patient (an EHR merge file, an HL7 ADT^A40): the
+# records of `from_person_key` move to `into_person_key`, tonight and on later nights.
+PERSON_MERGE = pa.schema(
+    [
+        pa.field("from_person_key", pa.string(), nullable=False),
+        pa.field("into_person_key", pa.string(), nullable=False),
+        *PROVENANCE,
+    ]
+)
+
+# A record the source withdrew (a delta delivery's deleted row, a cancelled lab result):
+# in a delta feed it removes the record of that key from the state.
+DELETION = pa.schema(
+    [
+        pa.field("shape", pa.string(), nullable=False),
+        pa.field("record_key", pa.string(), nullable=False),
+        *PROVENANCE,
+    ]
+)
+
 QUARANTINE = pa.schema(
     [
         pa.field("record_set", pa.string(), nullable=False),
@@ -205,4 +225,24 @@ SHAPES: dict[str, pa.Schema] = {
     "quarantine": QUARANTINE,
     "image": IMAGE,
     "image_feature": IMAGE_FEATURE,
+    "person_merge": PERSON_MERGE,
+    "deletion": DELETION,
+}
+
+# The column that identifies a record of each shape: a delta delivery's record replaces
+# the state's record of the same key.
+RECORD_KEYS: dict[str, str] = {
+    "person": "person_key",
+    "derived_person": "person_key",
+    "visit": "visit_key",
+    "event": "event_key",
+    "care_site": "care_site_key",
+    "provider": "provider_key",
+    "payer": "payer_key",
+    "payer_plan": "plan_key",
+    "claim": "claim_key",
+    "cost_line": "line_key",
+    "image": "image_key",
+    "image_feature": "feature_key",
+    "person_merge": "from_person_key",
 }

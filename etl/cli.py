@@ -167,6 +167,15 @@ def run(
     replay: str | None = typer.Option(
         None, "--replay", help="Rebuild from the landing area of run RUN_ID, without the feeds."
     ),
+    shards: int = typer.Option(
+        1, "--shards", min=1, help="Build in N shards of persons, merged before the gate."
+    ),
+    shard_workers: int = typer.Option(
+        1,
+        "--shard-workers",
+        min=1,
+        help="Shards built at the same time, in worker processes (PostgreSQL only).",
+    ),
 ) -> None:
     """Run the nightly job once. Exit 0 published, 1 refused by the gate, 2 failed."""
     from etl.config import ConfigError, load_config
@@ -176,7 +185,7 @@ def run(
         cfg = load_config(config)
     except ConfigError as exc:
         _fail(str(exc))
-    result = run_pipeline(cfg, workdir, replay=replay)
+    result = run_pipeline(cfg, workdir, replay=replay, shards=shards, shard_workers=shard_workers)
     _print_run(result)
     raise typer.Exit(result.exit_code)
 

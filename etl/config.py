@@ -31,6 +31,10 @@ class FeedConfig(BaseModel):
     unknown_patient: Literal["quarantine", "create"] = "quarantine"
     # dicom: store study/series UIDs as keyed pseudonyms instead of in clear
     hash_uids: bool = False
+    # snapshot: every delivery is the feed's whole current state. delta: a delivery holds
+    # only new and changed records (and, for ehr_csv, deleted ones under deleted/); it is
+    # applied by key to the state the last published run landed
+    delivery: Literal["snapshot", "delta"] = "snapshot"
 
 
 class DuckDBSettings(BaseModel):

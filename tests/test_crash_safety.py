@@ -30,8 +30,8 @@ run_pipeline(load_config(sys.argv[1]), sys.argv[2], on_step=on_step)
 # the CDM tables were replaced, before the lineage store and the commit).
 # (A subset keeps the suite fast: each point is a process run up to that step.)
 KILL_POINTS = {
-    "duckdb": ["extract", "gate", "publish.lineage"],
-    "postgresql": ["publish.lineage"],
+    "duckdb": ["extract", "build.events", "gate", "publish.lineage"],
+    "postgresql": ["build.events", "publish.lineage"],
 }
 
 

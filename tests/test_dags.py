@@ -143,7 +143,8 @@ print(json.dumps({"errors": {k: str(v) for k, v in bag.import_errors.items()},
     assert found["dags"] == ["omop_nightly", "omop_vocabulary_refresh"]
     assert found["heavy"] == []  # parsing a DAG file loads no driver, Arrow or GE
     assert found["nightly"] == [
-        "build", "feed.extract", "feed.land", "feeds", "gate", "publish", "report", "start",
+        "build", "build_shard", "feed.extract", "feed.land", "feeds", "gate", "merge", "publish",
+        "report", "start",
     ]  # fmt: skip
     assert found["schedule"] == "30 1 * * *"
     # a connection refused is retried, anything else fails at once; the report never retries
@@ -185,11 +186,34 @@ def test_nightly_dag_publishes_the_demo_on_duckdb(duckdb_site) -> None:
     assert event["extra"]["run_id"] == report["run_id"]
 
 
+def test_nightly_dag_in_three_shards_publishes_what_one_shard_does(
+    airflow_env, duckdb_site, tmp_path
+) -> None:
+    """The Variable omop_etl_shards, read when the build task runs, splits the build."""
+    one = _report(duckdb_site["result"], "report")
+    wh = open_warehouse(f"duckdb:///{tmp_path / 'warehouse.duckdb'}")
+    config = write_config(tmp_path, wh, "main", DEMO_SYNTHEA)
+    site = {**site_vars(config, tmp_path / "work"), "AIRFLOW_VAR_OMOP_ETL_SHARDS": "3"}
+    result, log = run_dag(airflow_env, "omop_nightly", site, tmp_path)
+    assert result["state"] == "success", log[-3000:]
+    assert set(result["tasks"].values()) == {"success"}
+    shard_tasks = sorted(t for t in result["tasks"] if t.startswith("build_shard"))
+    assert shard_tasks == ["build_shard[0]", "build_shard[1]", "build_shard[2]"]
+    report = _report(result, "report")
+    assert report["status"] == "published" and report["errors"] == []
+    assert report["tables"] == one["tables"] and report["feeds"] == one["feeds"]
+    assert {"build.shard_stage", "build.merge"} <= set(report["timings"])
+    try:
+        assert snapshot(wh, "main") == snapshot(duckdb_site["wh"], "main")  # ids included
+    finally:
+        wh.close()
+        duckdb_site["wh"].close()
+
+
 def test_refused_run_fails_the_dag_and_never_publishes(airflow_env, duckdb_site) -> None:
     wh, tmp = duckdb_site["wh"], duckdb_site["tmp"]
     before = snapshot(wh, "main")
     wh.close()  # DuckDB: one process at a time holds the file
-    events_before = len(duckdb_site["result"]["asset_events"])
     result, log = run_dag(
         airflow_env,
         "omop_nightly",
@@ -211,7 +235,8 @@ def test_refused_run_fails_the_dag_and_never_publishes(airflow_env, duckdb_site)
     assert any("refused by isPrimaryKey on person.person_id" in e for e in report["errors"])
     assert f"(report {path})" in log  # the failed task's log names the report
     assert snapshot(wh, "main") == before
-    assert len([e for e in result["asset_events"]]) == events_before  # no new Asset event
+    # no Asset event for the refused run
+    assert report["run_id"] not in [e["extra"].get("run_id") for e in result["asset_events"]]
 
 
 @pytest.mark.postgres

@@ -12,6 +12,7 @@ from etl.cdm.build import (
     events,
     health_system,
     imaging,
+    merges,
     observation_period,
     payer_cost,
     person,
@@ -46,12 +47,15 @@ def _source_to_concept_map(s: Schemas, conn: sa.Connection) -> None:
 def build_steps(site_name: str, run_date: dt.date) -> list[tuple[str, Callable]]:
     """The ordered build steps; each takes (Schemas, Connection)."""
     steps: list[tuple[str, Callable]] = [
+        # merged patients' records move to the survivor before any rule looks at persons
+        ("merges", merges.apply_merges),
         ("rules", rules.apply_rules),
         ("mapping", build_code_map),
         ("location", health_system.build_location),
         ("care_site", health_system.build_care_site),
         ("provider", health_system.build_provider),
         ("person", person.build_person),
+        ("merge_records", merges.record_merges),
         ("death", person.build_death),
         ("visit_occurrence", visit.build_visit),
         # a PACS study has no encounter id: its visit is matched before events are built

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import multiprocessing
 import traceback
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from etl.config import SiteConfig
@@ -46,8 +48,13 @@ def run_pipeline(
     replay: str | None = None,
     run_date: dt.date | None = None,
     on_step: Callable[[str], None] | None = None,
+    shards: int = 1,
+    shard_workers: int = 1,
 ) -> RunResult:
-    """Run the nightly job once; never raises for bad input or a failed step."""
+    """Run the nightly job once; never raises for bad input or a failed step.
+
+    `shards` > 1: build in that many shards of persons (etl/pipeline/shards.py), one
+    after another, or `shard_workers` at a time in worker processes on PostgreSQL."""
     run = NightlyRun.start(cfg, workdir, replay=replay, run_date=run_date)
     try:
         # one run at a time per warehouse: a second one is refused before it reads a feed
@@ -55,7 +62,10 @@ def run_pipeline(
             for feed in run.feeds:
                 run.extract(feed, on_step)
                 run.land(feed, on_step)
-            run.build(on_step)
+            if shards == 1:
+                run.build(on_step)
+            else:
+                _sharded_build(run, shards, shard_workers, on_step)
             if run.gate(on_step):
                 run.publish(on_step)
     except LockBusy as exc:
@@ -65,3 +75,31 @@ def run_pipeline(
     except Exception as exc:  # recorded in the step's fragment; the run reports, never publishes
         log.debug("run %s stopped: %s\n%s", run.run_id, exc, traceback.format_exc())
     return run.finish()
+
+
+def _sharded_build(
+    run: NightlyRun, shards: int, workers: int, on_step: Callable[[str], None] | None
+) -> None:
+    """build_global -> every shard (in worker processes on PostgreSQL) -> merge_shards."""
+    numbers = run.build_global(shards, on_step)
+    if workers > 1 and not run.cfg.warehouse.startswith("duckdb"):
+        # spawned, not forked: a child never shares the parent's database connections
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=min(workers, shards), mp_context=ctx) as pool:
+            futures = [
+                pool.submit(build_shard_in_process, run.cfg, run.workdir, run.run_id, k)
+                for k in numbers
+            ]
+            for future in futures:
+                future.result()  # the first failed shard fails the build
+    else:
+        if workers > 1:
+            log.info("DuckDB has a single writer: the %d shards run one after another", shards)
+        for k in numbers:
+            run.build_shard(k, on_step)
+    run.merge_shards(on_step)
+
+
+def build_shard_in_process(cfg: SiteConfig, workdir: Path, run_id: str, shard: int) -> None:
+    """Build one shard of run `run_id` (the body of a worker process)."""
+    NightlyRun.resume(cfg, workdir, run_id).build_shard(shard)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import sqlalchemy as sa
 
@@ -14,15 +14,21 @@ class Schemas:
     """`cdm`: what researchers see. `stage`: this run's build, dropped and recreated each
     run. `etl`: the ETL's own persistent state (key map), never seen by OHDSI tools.
     `vocab`: where a build reads the vocabulary; the cdm schema unless a staged release
-    is being tried (the vocabulary refresh)."""
+    is being tried (the vocabulary refresh). `stage_name`: another stage schema than
+    `<cdm>_stage` (a shard of a person-sharded build, `<cdm>_stage_<k>`)."""
 
     wh: Warehouse
     cdm: str
     vocab: str | None = None
+    stage_name: str | None = None
 
     @property
     def stage(self) -> str:
-        return f"{self.cdm}_stage"
+        return self.stage_name or f"{self.cdm}_stage"
+
+    def with_stage(self, name: str) -> Schemas:
+        """The same warehouse and schemas, building in the stage schema `name`."""
+        return replace(self, stage_name=name)
 
     @property
     def etl(self) -> str:

@@ -37,6 +37,7 @@ SOURCE_TABLES = {
     "src_quarantine": "quarantine",  # what extraction rejected: kept for tracing
     "src_image": "image",
     "src_image_feature": "image_feature",
+    "src_person_merge": "person_merge",
 }
 
 

@@ -33,6 +33,7 @@ import pyarrow.parquet as pq
 import sqlalchemy as sa
 
 from etl import canonical
+from etl.cdm.build.merges import merge_summary, publish_merges
 from etl.cdm.schema import create_cdm
 from etl.config import FeedConfig, SiteConfig
 from etl.mapping.local_maps import read_local_maps
@@ -46,10 +47,9 @@ from etl.pipeline.schemas import Schemas
 from etl.pipeline.stage import prepare
 from etl.pseudonym import load_key
 from etl.quality.dqd_json import dqd_results
-from etl.quality.expectations import run_expectations
 from etl.quality.gate import run_checks
-from etl.quality.plan import gate_plan
 from etl.sources.ehr import FileStats, extract_ehr
+from etl.sources.merges import extract_merges
 from etl.sources.profile import load_profile
 from etl.vocab import load_vocabulary
 from etl.warehouse import open_warehouse
@@ -258,23 +258,56 @@ class NightlyRun:
                     source = self.workdir / "runs" / self.replay_of / "landing" / feed
                     files = replay_into(source, partial)
                 else:
-                    files = self._extract_feed(self._feed(feed), partial)
+                    files = self._extract_feed(self._feed(feed), partial, frag)
             n = sum(f.records_in for f in files)
             log.info("run %s: feed %s extracted, %d record(s) in", self.run_id, feed, n)
             return n
 
-    def _extract_feed(self, feed: FeedConfig, partial: Path) -> list[FileStats]:
+    def _extract_feed(self, feed: FeedConfig, partial: Path, frag: _Fragment) -> list[FileStats]:
         if not feed.path.is_dir():
             raise RunFailed(f"feed {feed.name}: {feed.path} is not a folder")
         key = load_key(self.cfg.pseudonym_key_env)
         if key is None:
             raise RunFailed("no pseudonymisation key")
-        landing = Landing(partial)
+        target = (
+            partial if feed.delivery == "snapshot" else partial.with_name(f".{feed.name}.delivery")
+        )
+        if target.exists():
+            shutil.rmtree(target)
+        landing = Landing(target)
         files: list[FileStats] = []
         try:
             files = _dispatch(feed, self.cfg, key, landing)
+            if feed.delivery == "delta" and feed.kind == "ehr_csv":
+                files += _extract_deletions(feed, self.cfg, key, landing)
         finally:
             landing.close(files)
+        if feed.delivery == "delta":
+            files = self._apply_delta(feed, target, partial, frag)
+        return files
+
+    def _apply_delta(
+        self, feed: FeedConfig, delivery: Path, partial: Path, frag: _Fragment
+    ) -> list[FileStats]:
+        """Tonight's delivery applied to the feed's state as the published run landed it."""
+        from etl.pipeline.delta import consolidate, prefix_source_files
+
+        files = prefix_source_files(delivery, self.run_id)
+        with open_warehouse(self.cfg.warehouse) as wh:
+            base_run = _published_run(Schemas(wh, self.cfg.schema_name))
+        base = None
+        if base_run is not None:
+            base = self.workdir / "runs" / base_run / "landing" / feed.name
+            if not (base / "files.json").is_file():
+                raise RunFailed(
+                    f"feed {feed.name} delivers deltas, but the state the published run"
+                    f" {base_run} landed is not in {base}: deliver one full snapshot"
+                    " (delivery: snapshot) to start the feed's state again"
+                )
+        summary = consolidate(base, delivery, partial, base_run)
+        shutil.rmtree(delivery)
+        frag.state["delta_base"] = base_run
+        frag.report["deltas"] = {feed.name: summary.as_json()}
         return files
 
     def land(self, feed: str, on_step: Callable[[str], None] | None = None) -> dict[str, int]:
@@ -299,54 +332,160 @@ class NightlyRun:
     def build(self, on_step: Callable[[str], None] | None = None) -> None:
         """Stage the landed records and build the CDM tables in the stage schema."""
         with self.recorded("build", on_step) as frag:
-            missing = [f for f in self.feeds if not (self.landing_dir(f) / "files.json").is_file()]
-            if missing:
-                raise RunFailed(f"feed(s) not landed: {', '.join(missing)}")
-            dirs = [self.landing_dir(f) for f in self.feeds]
-            files = {f: read_file_stats(self.landing_dir(f)) for f in self.feeds}
-            rejected = (
-                pa.concat_tables([pq.read_table(d / "quarantine.parquet") for d in dirs])
-                if dirs
-                else canonical.QUARANTINE.empty_table()
-            )
-            run_date = dt.date.fromisoformat(self.meta["run_date"])
+            landed = self._landed()
             with self.warehouse() as s:
-                with frag.step("vocabulary"):
-                    create_cdm(s.wh, s.cdm)
-                    if s.vocab is None:
-                        _ensure_vocabulary(s, self.cfg)
-                with frag.step("stage"):
-                    prepare(s, dirs, read_local_maps(self.cfg.mappings or MAPPINGS_DIR))
-                    self._stamp(s)
+                self._stage(frag, s, landed)
                 with s.wh.begin() as conn:
-                    for name, fn in build_steps(self.cfg.site_name, run_date):
+                    for name, fn in self._build_steps():
                         with frag.step(f"build.{name}"):
                             fn(s, conn)
-                with frag.step("report"), s.wh.begin() as conn:
-                    feeds, quarantine, filtered, errors = reporting.accounting(
-                        s, conn, files, _quarantine_summary(rejected)
-                    )
-                    frag.report.update(feeds=feeds, quarantine=quarantine, filtered=filtered)
-                    frag.report["unmapped"] = reporting.unmapped_codes(s, conn)
-                    frag.report["concept_gaps"] = reporting.concept_gaps(
-                        s, conn, published_tables()
-                    )
-                    frag.report["trace_samples"] = reporting.trace_samples(s, conn)
-                    _write_quarantine(s, conn, self.run_dir, rejected)
+                errors = self._build_report(frag, s, landed)
             if errors:
                 frag.errors.extend(errors)
                 raise RunFailed("row accounting does not add up; nothing published")
+
+    # -- a person-sharded build: build_global -> build_shard(k) for each k -> merge_shards
+    @property
+    def shards(self) -> int:
+        """How many shards this run's build has (1: one build, `build`)."""
+        frag = self.fragment("build")
+        return int(frag["state"].get("shards", 1)) if frag else 1
+
+    def build_global(
+        self, shards: int = 1, on_step: Callable[[str], None] | None = None
+    ) -> list[int]:
+        """The first part of a build in `shards` shards of persons (etl/pipeline/shards.py):
+        stage the landed records and run the global steps. The shard numbers to build
+        (`build_shard`) before `merge_shards`; with one shard, the whole build (`build`)."""
+        if shards < 1:
+            raise ValueError(f"shards must be at least 1, not {shards}")
+        if shards == 1:
+            self.build(on_step)
+            return [0]
+        from etl.pipeline import shards as sharding
+
+        with self.recorded("build", on_step) as frag:
+            frag.state["shards"] = shards
+            landed = self._landed()
+            global_steps, _ = sharding.split_steps(self._build_steps())
+            with self.warehouse() as s:
+                self._stage(frag, s, landed)
+                with s.wh.begin() as conn:
+                    for name, fn in global_steps:
+                        with frag.step(f"build.{name}"):
+                            fn(s, conn)
+            log.info("run %s: global build steps done; %d shards to build", self.run_id, shards)
+        return list(range(shards))
+
+    def build_shard(self, shard: int, on_step: Callable[[str], None] | None = None) -> dict:
+        """Build shard `shard` (0..N-1) of a sharded build in its own stage schema; rows
+        per CDM table. Shards touch only their own schema and take no run lock, so they can
+        run at the same time (the merge, under the lock, checks they are this run's)."""
+        n = self.shards
+        if n == 1 and shard == 0:
+            return {}  # one shard: `build` built everything
+        from etl.pipeline import shards as sharding
+
+        with self.recorded(f"build.shard{shard}", on_step) as frag:
+            _, shard_steps = sharding.split_steps(self._build_steps())
+            with self._shard_warehouse() as s:
+                self._check_stamp(s)
+                rows = sharding.build_shard(s, shard, n, self.run_id, shard_steps, frag.step)
+            frag.state["rows"] = rows
+            return rows
+
+    @contextmanager
+    def _shard_warehouse(self) -> Iterator[Schemas]:
+        """PostgreSQL: the warehouse without the run lock (shards run side by side).
+        DuckDB: under the lock, as its single writer serialises the shards anyway; a
+        shard task that finds it busy is retried (LockBusy)."""
+        if self.cfg.warehouse.startswith("duckdb"):
+            with self.warehouse() as s:
+                yield s
+            return
+        with open_warehouse(self.cfg.warehouse) as wh:
+            yield Schemas(wh, self.cfg.schema_name, self.meta.get("vocabulary_schema"))
+
+    def merge_shards(self, on_step: Callable[[str], None] | None = None) -> None:
+        """Merge the built shards into the stage schema (ids as one build numbers them)
+        and write the build's part of the report; nothing to do for a one-shard build."""
+        n = self.shards
+        if n == 1:
+            return
+        from etl.pipeline import shards as sharding
+
+        with self.recorded("build.merge", on_step) as frag:
+            landed = self._landed()
+            with self.warehouse() as s:
+                self._check_stamp(s)
+                with frag.step("build.merge"), s.wh.begin() as conn:
+                    if not sharding.merged(conn, s):  # a retry after the commit: done
+                        frag.state["rows"] = sharding.merge_shards(s, conn, n, self.run_id)
+                errors = self._build_report(frag, s, landed)
+            if errors:
+                frag.errors.extend(errors)
+                raise RunFailed("row accounting does not add up; nothing published")
+
+    # -- the build's parts ---------------------------------------------------------------
+    def _landed(self) -> tuple[list[Path], dict[str, list[FileStats]], pa.Table]:
+        """The landed feeds: their folders, file statistics and extraction rejects."""
+        missing = [f for f in self.feeds if not (self.landing_dir(f) / "files.json").is_file()]
+        if missing:
+            raise RunFailed(f"feed(s) not landed: {', '.join(missing)}")
+        dirs = [self.landing_dir(f) for f in self.feeds]
+        files = {f: read_file_stats(self.landing_dir(f)) for f in self.feeds}
+        rejected = (
+            pa.concat_tables([pq.read_table(d / "quarantine.parquet") for d in dirs])
+            if dirs
+            else canonical.QUARANTINE.empty_table()
+        )
+        return dirs, files, rejected
+
+    def _build_steps(self) -> list[tuple[str, Callable]]:
+        return build_steps(self.cfg.site_name, dt.date.fromisoformat(self.meta["run_date"]))
+
+    def _stage(self, frag: _Fragment, s: Schemas, landed: tuple) -> None:
+        """The vocabulary (when none is loaded yet) and a fresh stage schema, stamped."""
+        with frag.step("vocabulary"):
+            create_cdm(s.wh, s.cdm)
+            if s.vocab is None:
+                _ensure_vocabulary(s, self.cfg)
+        with frag.step("stage"):
+            prepare(s, landed[0], read_local_maps(self.cfg.mappings or MAPPINGS_DIR))
+            self._stamp(s)
+
+    def _build_report(self, frag: _Fragment, s: Schemas, landed: tuple) -> list[str]:
+        """The build's part of the report (row accounting, unmapped codes, concept gaps,
+        trace samples) and the quarantine files; the accounting errors."""
+        _, files, rejected = landed
+        with frag.step("report"), s.wh.begin() as conn:
+            feeds, quarantine, filtered, errors = reporting.accounting(
+                s, conn, files, _quarantine_summary(rejected)
+            )
+            frag.report.update(feeds=feeds, quarantine=quarantine, filtered=filtered)
+            frag.report["unmapped"] = reporting.unmapped_codes(s, conn)
+            frag.report["concept_gaps"] = reporting.concept_gaps(s, conn, published_tables())
+            frag.report["trace_samples"] = reporting.trace_samples(s, conn)
+            frag.report["merges"] = merge_summary(s, conn)
+            _write_quarantine(s, conn, self.run_dir, rejected)
+        return errors
 
     def gate(self, on_step: Callable[[str], None] | None = None) -> bool:
         """Run the quality gate on the staged build; False when it refuses the load."""
         with self.recorded("gate", on_step) as frag, self.warehouse() as s:
             self._check_stamp(s)
+            # imported here: Great Expectations takes seconds to import, which a process
+            # that only builds (a shard worker) need not spend
+            from etl.quality.plan import gate_plan
+
             sql_checks, expectations = gate_plan(published_tables(), self.cfg.quality)
             with frag.step("gate"):
                 gate_started = dt.datetime.now(dt.UTC)
                 gate = run_checks(s, sql_checks)
             _write_dqd_results(s, self.run_dir, gate.checks, gate_started)
             with frag.step("gate.great_expectations"):
+                from etl.quality.expectations import run_expectations
+
                 with s.wh.begin() as conn:
                     counts = {t: s.wh.count_rows(conn, s.stage, t) for t in published_tables()}
                 suites = run_expectations(s, expectations, counts, self.run_dir)
@@ -384,6 +523,7 @@ class NightlyRun:
                     frag.report["tables"] = published_counts(s, conn)
                 frag.state["published"] = True
                 return frag.report["tables"]
+            self._check_delta_bases(s)
             with s.wh.begin() as conn:  # one transaction: CDM tables, key map, lineage
                 self._check_stamp(s, conn)
                 with frag.step("publish"):
@@ -394,6 +534,7 @@ class NightlyRun:
                         also(s, conn)
                 with frag.step("publish.lineage"):
                     publish_lineage(s, conn, self.run_id)
+                    publish_merges(s, conn, self.run_id)
                 s.run(conn, "DROP TABLE {S}.{t}", t=_STAMP)  # this build is spent
             frag.state["published"] = True
             log.info("run %s published into %s", self.run_id, s.cdm)
@@ -405,11 +546,23 @@ class NightlyRun:
             return frag.report["tables"]
 
     def _published_run(self, s: Schemas) -> str | None:
-        """The run the published lineage store describes (None before any)."""
-        with s.wh.begin() as conn:
-            if "lineage" not in sa.inspect(conn).get_table_names(schema=s.etl):
-                return None
-            return s.run(conn, "SELECT max(run_id) FROM {E}.lineage").scalar()
+        return _published_run(s)
+
+    def _check_delta_bases(self, s: Schemas) -> None:
+        """A delta feed was applied to the state of the run published then: refuse when
+        another run has published since (its changes would be lost)."""
+        if self.replay_of:
+            return
+        published = _published_run(s)
+        for feed in self.feeds:
+            frag = self.fragment(f"extract.{feed}") or {}
+            state = frag.get("state", {})
+            if "delta_base" in state and state["delta_base"] != published:
+                raise RunFailed(
+                    f"feed {feed}'s delivery was applied to the state of run"
+                    f" {state['delta_base']}, but run {published} has published since:"
+                    " run again so the delivery applies to the current state"
+                )
 
     # -- the report --------------------------------------------------------------------
     def status(self) -> str:
@@ -441,11 +594,16 @@ class NightlyRun:
             "errors": [],
         }
         names = [f"extract.{f}" for f in self.feeds] + [f"land.{f}" for f in self.feeds]
-        for name in [*names, *self.EXTRA_FRAGMENTS, "build", "gate", "publish"]:
+        sharded = [f"build.shard{k}" for k in range(self.shards)] + ["build.merge"]
+        for name in [*names, *self.EXTRA_FRAGMENTS, "build", *sharded, "gate", "publish"]:
             frag = self.fragment(name)
             if frag is None:
                 continue
-            report.update(frag["report"])
+            for k, v in frag["report"].items():
+                if k == "deltas":  # one entry per delta feed, from each feed's extraction
+                    report.setdefault(k, {}).update(v)
+                else:
+                    report[k] = v
             for k, v in frag["timings"].items():
                 report["timings"][k] = report["timings"].get(k, 0.0) + v
             report["errors"].extend(frag["errors"])
@@ -487,6 +645,28 @@ class NightlyRun:
             )
 
 
+def _published_run(s: Schemas) -> str | None:
+    """The run the published lineage store describes (None before any)."""
+    with s.wh.begin() as conn:
+        if "lineage" not in sa.inspect(conn).get_table_names(schema=s.etl):
+            return None
+        return s.run(conn, "SELECT max(run_id) FROM {E}.lineage").scalar()
+
+
+def _extract_deletions(
+    feed: FeedConfig, cfg: SiteConfig, key: bytes, landing: Landing
+) -> list[FileStats]:
+    """A delta EHR delivery's withdrawn rows (`deleted/`, laid out like the feed)."""
+    from etl.pipeline.delta import DeletionSink
+
+    folder = feed.path / "deleted"
+    if not folder.is_dir():
+        return []
+    sink = DeletionSink(landing, "deleted/")
+    stats = _ehr_extract(feed, cfg, key, sink, folder=folder, merges=False)
+    return sink.account([st for st in stats if st.message is None or st.records_in])
+
+
 def _dispatch(feed: FeedConfig, cfg: SiteConfig, key: bytes, landing: Landing) -> list[FileStats]:
     if feed.kind == "hl7v2":
         from etl.sources.hl7v2 import extract_hl7
@@ -496,11 +676,20 @@ def _dispatch(feed: FeedConfig, cfg: SiteConfig, key: bytes, landing: Landing) -
         from etl.sources.dicom import extract_dicom
 
         return extract_dicom(feed, key, landing)
+    return _ehr_extract(feed, cfg, key, landing, folder=feed.path, merges=True)
+
+
+def _ehr_extract(
+    feed: FeedConfig, cfg: SiteConfig, key: bytes, sink: Any, *, folder: Path, merges: bool
+) -> list[FileStats]:
     profile_ref = feed.profile or "synthea"
     mappings = cfg.mappings or MAPPINGS_DIR
     candidate = mappings / "profiles" / f"{profile_ref}.yaml"
     profile = load_profile(candidate if candidate.is_file() else profile_ref)
-    return extract_ehr(feed.name, feed.path, profile, key, landing, exclude=feed.exclude)
+    files = extract_ehr(feed.name, folder, profile, key, sink, exclude=feed.exclude)
+    if merges:
+        files += extract_merges(feed.name, folder, key, sink)
+    return files
 
 
 def _landed_rows(feed_dir: Path) -> dict[str, int]:

@@ -28,6 +28,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+# No usage statistics ever leave the hospital (GE 1.x reads this before any context; the
+# pinned release sends none, this keeps an upgrade from starting to)
+os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
+
 import great_expectations as gx
 import great_expectations.expectations as gxe
 from great_expectations.data_context.types.base import ProgressBarsConfig

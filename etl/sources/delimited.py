@@ -9,6 +9,7 @@ line number, never silently dropped.
 from __future__ import annotations
 
 import bisect
+import codecs
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -33,6 +34,8 @@ class RawFile:
     malformed: list[tuple[int | None, str]] = field(default_factory=list)
     unreadable: str | None = None
     blank_lines: int = 0
+    # why no record of the file can be read (empty, wrong encoding): all are quarantined
+    problem: str | None = None
 
 
 def line_numbers(first: int, n: int, skipped: list[int]) -> pa.Array:
@@ -58,6 +61,20 @@ def csv_header(path: Path, delimiter: str, encoding: str) -> list[str]:
     return [c.strip().strip('"') for c in text.split(delimiter)]
 
 
+def file_problem(path: Path, encoding: str) -> str | None:
+    """Why a delimited file has no readable record at all, or None."""
+    with path.open("rb") as fh:
+        head = fh.read(4096)
+    if not head:
+        return "empty file"
+    utf16 = "utf-16" in encoding.lower().replace("_", "-")
+    if not utf16 and head[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        return f"the file is UTF-16 (byte-order mark), not {encoding} as the profile declares"
+    if not utf16 and b"\x00" in head.split(b"\n", 1)[0]:
+        return f"the header holds NUL bytes: the file is not {encoding} text (UTF-16?)"
+    return None
+
+
 def stream(
     path: Path, *, delimiter: str = ",", encoding: str = "utf-8", fmt: str = "csv"
 ) -> tuple[RawFile, Iterator[pa.RecordBatch]]:
@@ -67,7 +84,7 @@ def stream(
         raw = RawFile(path, pf.schema_arrow.names)
         return raw, _parquet_batches(pf)
     header = csv_header(path, delimiter, encoding)
-    raw = RawFile(path, header)
+    raw = RawFile(path, header, problem=file_problem(path, encoding))
     return raw, _csv_batches(raw, delimiter, encoding)
 
 
@@ -137,7 +154,80 @@ def _csv_batches(raw: RawFile, delimiter: str, encoding: str) -> Iterator[pa.Rec
         )
         return "skip"
 
-    reader = pacsv.open_csv(
+    try:
+        reader = _open_csv(raw, delimiter, encoding, on_invalid)
+    except pa.ArrowInvalid as exc:
+        if count_data_lines(raw.path) > 0:  # a header alone (no line end) has no record
+            raw.unreadable = "{1} (near line {0})".format(*unreadable_reason(exc))
+        return
+    first = 2
+    pending: tuple[pa.RecordBatch, pa.Array] | None = None  # one batch held back
+    try:
+        while True:
+            try:
+                batch = reader.read_next_batch()
+            except StopIteration:
+                break
+            except pa.ArrowInvalid as exc:
+                raw.unreadable = "{1} (near line {0})".format(*unreadable_reason(exc))
+                break
+            ordinals = line_numbers(first, batch.num_rows, skipped)
+            if batch.num_rows:
+                first = ordinals[-1].as_py() + 1
+            physical.add_batch(ordinals, batch.columns)
+            lines = physical.lines(ordinals)
+            # a blank line arrives as a row of empty values: it is not a record
+            blank = None
+            for col in batch.columns:
+                empty = pc.equal(pc.binary_length(col), 0)
+                blank = empty if blank is None else pc.and_(blank, empty)
+            if blank is not None and pc.any(blank).as_py():
+                raw.blank_lines += pc.sum(blank).as_py()
+                keep = pc.invert(blank)
+                batch, lines = batch.filter(keep), lines.filter(keep)
+            if batch.num_rows == 0:
+                continue
+            if pending is not None:
+                yield _with_lines(*pending)
+            pending = (batch, lines)
+        if pending is not None:
+            pending = _runaway_quote(raw, *pending)
+            yield _with_lines(*pending)
+    finally:
+        raw.malformed.extend(
+            (physical.line(o) if o is not None else None, reason) for o, reason in bad
+        )
+
+
+def _with_lines(batch: pa.RecordBatch, lines: pa.Array) -> pa.RecordBatch:
+    return pa.RecordBatch.from_arrays([*batch.columns, lines], names=[*batch.schema.names, LINE])
+
+
+def _runaway_quote(
+    raw: RawFile, batch: pa.RecordBatch, lines: pa.Array
+) -> tuple[pa.RecordBatch, pa.Array]:
+    """A quote never closed swallows the rest of the file into the last record: that record
+    is taken out and quarantined (it spans several lines and the file's quotes are odd)."""
+    last = batch.slice(batch.num_rows - 1)
+    if not any(b"\n" in (col[0].as_py() or b"") for col in last.columns):
+        return batch, lines
+    if _quote_count(raw.path) % 2 == 0:
+        return batch, lines
+    line = lines[-1].as_py()
+    raw.malformed.append(
+        (line, f"a quote opened in the record of line {line} is never closed: it runs to the"
+         " end of the file")
+    )  # fmt: skip
+    return batch.slice(0, batch.num_rows - 1), lines.slice(0, len(lines) - 1)
+
+
+def _quote_count(path: Path) -> int:
+    with path.open("rb") as fh:
+        return sum(chunk.count(b'"') for chunk in iter(lambda: fh.read(1 << 20), b""))
+
+
+def _open_csv(raw: RawFile, delimiter: str, encoding: str, on_invalid) -> pacsv.CSVStreamingReader:  # type: ignore[no-untyped-def]
+    return pacsv.open_csv(
         raw.path,
         read_options=pacsv.ReadOptions(
             column_names=raw.header,
@@ -156,43 +246,38 @@ def _csv_batches(raw: RawFile, delimiter: str, encoding: str) -> Iterator[pa.Rec
             column_types={c: pa.binary() for c in raw.header}, strings_can_be_null=False
         ),
     )
-    first = 2
-    try:
-        while True:
-            try:
-                batch = reader.read_next_batch()
-            except StopIteration:
-                return
-            except pa.ArrowInvalid as exc:
-                raw.unreadable = "{1} (near line {0})".format(*unreadable_reason(exc))
-                return
-            ordinals = line_numbers(first, batch.num_rows, skipped)
-            if batch.num_rows:
-                first = ordinals[-1].as_py() + 1
-            physical.add_batch(ordinals, batch.columns)
-            lines = physical.lines(ordinals)
-            # a blank line arrives as a row of empty values: it is not a record
-            blank = None
-            for col in batch.columns:
-                empty = pc.equal(pc.binary_length(col), 0)
-                blank = empty if blank is None else pc.and_(blank, empty)
-            if blank is not None and pc.any(blank).as_py():
-                raw.blank_lines += pc.sum(blank).as_py()
-                keep = pc.invert(blank)
-                batch, lines = batch.filter(keep), lines.filter(keep)
-            yield pa.RecordBatch.from_arrays(
-                [*batch.columns, lines], names=[*batch.schema.names, LINE]
-            )
-    finally:
-        raw.malformed.extend(
-            (physical.line(o) if o is not None else None, reason) for o, reason in bad
-        )
 
 
 def count_data_lines(path: Path) -> int:
     """Physical lines after the header (for accounting when a file cannot be parsed)."""
     with path.open("rb") as fh:
+        codec = _utf16_codec(fh.read(4096))
+        if codec:
+            return _count_utf16_lines(path, codec)
+        fh.seek(0)
         n = sum(chunk.count(b"\n") for chunk in iter(lambda: fh.read(1 << 20), b""))
         fh.seek(-1, 2) if path.stat().st_size else None
         ends_with_newline = path.stat().st_size == 0 or fh.read(1) == b"\n"
     return max(0, n - 1 + (0 if ends_with_newline else 1))
+
+
+def _utf16_codec(head: bytes) -> str | None:
+    """The UTF-16 codec of a file starting with `head`: by its byte-order mark, or by the
+    NUL bytes of ASCII text in UTF-16 (the high bytes of its first line)."""
+    if head[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        return "utf-16"
+    first = head.split(b"\n", 1)[0]
+    if len(first) >= 2 and first.count(b"\x00") * 3 >= len(first):
+        return "utf-16-le" if first[1:2] == b"\x00" else "utf-16-be"
+    return None
+
+
+def _count_utf16_lines(path: Path, codec: str) -> int:
+    decoder = codecs.getincrementaldecoder(codec)(errors="replace")
+    n, last = 0, "\n"
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            text = decoder.decode(chunk)
+            n += text.count("\n")
+            last = text[-1:] or last
+    return max(0, n - 1 + (0 if last == "\n" else 1))

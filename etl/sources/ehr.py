@@ -22,6 +22,7 @@ import pyarrow.compute as pc
 from etl import canonical
 from etl.pseudonym import duckdb_pseudonym_sql, install_duckdb_macro
 from etl.sources.delimited import LINE, count_data_lines, stream
+from etl.sources.plausible import EARLIEST, latest
 from etl.sources.profile import Coded, EventSpec, Profile, ProfileError
 
 log = logging.getLogger(__name__)
@@ -116,7 +117,9 @@ class _Query:
         self.checks.append((f"{expr} IS NULL", f"{name} is empty"))
         return expr
 
-    def timestamp(self, name: str, *, required: bool) -> str:
+    def timestamp(self, name: str, *, required: bool, end: bool = False) -> str:
+        """A date column, parsed; unparsable or implausible dates are quarantined
+        (etl/sources/plausible.py: before 1850, or in the future unless an end date)."""
         expr = self.col(name)
         formats = "[" + ", ".join(_lit(f) for f in self.profile.date_formats) + "]"
         parsed = f"try_strptime({expr}, {formats})"
@@ -125,16 +128,24 @@ class _Query:
         self.checks.append(
             (f"{expr} IS NOT NULL AND {parsed} IS NULL", f"{name} is not a recognised date")
         )
+        day = f"CAST({parsed} AS DATE)"
+        self.checks.append(
+            (f"{day} < DATE '{EARLIEST.isoformat()}'", f"{name} is before {EARLIEST.year}")
+        )
+        if not end:
+            self.checks.append(
+                (f"{day} >= DATE '{latest().isoformat()}'", f"{name} is in the future")
+            )
         return f"CAST({parsed} AS TIMESTAMP)"
 
     def number(self, name: str, *, must_parse: str | None = None) -> str:
         expr = self.col(name)
         parsed = f"try_cast({expr} AS DOUBLE)"
         condition = f"{expr} IS NOT NULL AND {parsed} IS NULL"
-        if must_parse is not None:
-            self.checks.append((f"({must_parse}) AND {condition}", f"{name} is not a number"))
-        else:
-            self.checks.append((condition, f"{name} is not a number"))
+        infinite = f"NOT isfinite({parsed})"  # NaN, Infinity: parsed, but no measurement
+        when = f"({must_parse}) AND " if must_parse is not None else ""
+        self.checks.append((f"{when}{condition}", f"{name} is not a number"))
+        self.checks.append((f"{when}{infinite}", f"{name} is not a finite number"))
         return parsed
 
     def pseudonym(self, expr: str) -> str:
@@ -227,7 +238,7 @@ def _visits(q: _Query) -> str:
     q.select["person_key"] = q.pseudonym(q.required(v.person))
     q.select["class_code"], q.select["class_vocabulary"] = q.coded(v.visit_class)
     q.select["start_datetime"] = q.timestamp(v.start, required=True)
-    q.select["end_datetime"] = q.timestamp(v.end, required=False) if v.end else "NULL"
+    q.select["end_datetime"] = q.timestamp(v.end, required=False, end=True) if v.end else "NULL"
     q.select["provider_key"] = q.pseudonym(q.col(v.provider)) if v.provider else "NULL"
     q.select["care_site_key"] = q.pseudonym(q.col(v.care_site)) if v.care_site else "NULL"
     return "visit"
@@ -275,7 +286,7 @@ def _payer_plans(q: _Query) -> str:
     q.select["person_key"] = q.pseudonym(q.required(p.person))
     q.select["payer_key"] = q.pseudonym(q.col(p.payer))
     q.select["start_datetime"] = q.timestamp(p.start, required=True)
-    q.select["end_datetime"] = q.timestamp(p.end, required=False) if p.end else "NULL"
+    q.select["end_datetime"] = q.timestamp(p.end, required=False, end=True) if p.end else "NULL"
     return "payer_plan"
 
 
@@ -324,7 +335,9 @@ def _event(spec: EventSpec) -> Callable[[_Query], str]:
         q.select["keep_domain"] = "TRUE" if spec.keep_domain else "FALSE"
         q.select["type_concept_id"] = f"CAST({spec.type_concept_id} AS INTEGER)"
         q.select["start_datetime"] = q.timestamp(spec.start, required=True)
-        q.select["end_datetime"] = q.timestamp(spec.end, required=False) if spec.end else "NULL"
+        q.select["end_datetime"] = (
+            q.timestamp(spec.end, required=False, end=True) if spec.end else "NULL"
+        )
         value_number = value_string = value_code = value_vocab = "NULL"
         if spec.value is not None:
             v = spec.value
@@ -446,9 +459,9 @@ def extract_ehr(
             path, delimiter=profile.delimiter, encoding=profile.encoding, fmt=profile.format
         )
         missing = [c for c in q.columns if c not in raw.header]
-        if missing:
+        if raw.problem or missing:
             n = count_data_lines(path) if profile.format == "csv" else 0
-            reason = f"column(s) missing from the file: {', '.join(missing)}"
+            reason = raw.problem or f"column(s) missing from the file: {', '.join(missing)}"
             stats.records_in = stats.quarantined = n
             stats.message = reason
             out.write("quarantine", _whole_file_quarantine(record_set, reason, feed, file_name, n))

@@ -19,6 +19,11 @@ FILTER_RULES = {
     "event_before_birth": "starts before the person's date of birth",
     "event_after_death": "starts more than 60 days after the person's death "
     "(the allowance of DQD's plausibleBeforeDeath check)",
+    "person_merged": "the person record of a patient key merged into another (a merge file,"
+    " an HL7 ADT^A40): the survivor's record is kept and every record moves to it",
+    "merge_superseded": "a patient merge of a key that a later merge declaration sends elsewhere",
+    "deleted_at_source": "a delta delivery's record of a deletion: it removes the record of"
+    " that key from the feed's state",
 }
 # Reasons a record is quarantined after extraction (status 'quarantined').
 QUARANTINE_RULES = {
@@ -26,6 +31,8 @@ QUARANTINE_RULES = {
     "unknown_visit": "a claim whose visit is not among the feed's visits",
     "unknown_claim": "a claim line whose claim is not in the feed (or was set aside)",
     "duplicate_key": "another record of the same file has the same key (the first is kept)",
+    "merge_cycle": "a patient merge that, with the others in force, forms a cycle"
+    " (A into B, B into A): nobody is merged",
     "image_without_procedure": "an image series whose study did not become a"
     " procedure_occurrence (its code names a concept of another domain), which the imaging"
     " extension requires",
@@ -33,7 +40,7 @@ QUARANTINE_RULES = {
 DEATH_ALLOWANCE_DAYS = 60
 
 DISPOSITION_DDL = """
-CREATE TABLE {S}.disposition (
+CREATE TABLE IF NOT EXISTS {S}.disposition (
     feed TEXT NOT NULL,
     source_file TEXT NOT NULL,
     source_line BIGINT NOT NULL,

@@ -19,6 +19,8 @@ import pydicom
 from pydicom.dataelem import RawDataElement
 from pydicom.errors import InvalidDicomError
 
+from etl.sources.plausible import date_problem
+
 UNDEFINED_LENGTH = 0xFFFFFFFF
 REQUIRED = ("PatientID", "StudyInstanceUID", "SeriesInstanceUID", "Modality")
 # Relationships of SR content items that qualify others (context, modifiers): not findings.
@@ -212,6 +214,10 @@ def read_instance(path: Path, relative: str) -> Instance:
     series_dt = _datetime(ds, "SeriesDate", "SeriesTime")
     if study_dt is None and series_dt is None:
         raise Unusable("no valid StudyDate or SeriesDate")
+    for name, value in (("StudyDate", study_dt), ("SeriesDate", series_dt)):
+        problem = date_problem(name, value)  # before 1850, or in the future
+        if problem:
+            raise Unusable(problem)
     site_code, site_scheme = _first_code(ds, "AnatomicRegionSequence")
     procedure_code, procedure_scheme = _first_code(ds, "ProcedureCodeSequence")
     modality = str(values["Modality"]).upper()

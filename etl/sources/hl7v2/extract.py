@@ -22,6 +22,7 @@ from typing import Any
 
 import duckdb
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from etl import canonical
 from etl.config import FeedConfig
@@ -70,6 +71,7 @@ RESULT = pa.schema(
         ("range_high", pa.float64()),
         ("operator", pa.string()),
         ("qualifier", pa.string()),
+        ("prior_patient_id", pa.string()),  # ADT^A40: the id merged into patient_id
     ]
 )
 
@@ -292,6 +294,20 @@ _EVENTS = """
     ORDER BY file_idx, source_line
 """
 
+_MERGES = f"""
+    SELECT {pseudo("prior_patient_id")} AS from_person_key,
+           {pseudo("patient_id")} AS into_person_key,
+           '{{feed}}' AS feed, source_file, source_line
+    FROM merges ORDER BY file_idx, source_line
+"""
+
+_CANCELLATIONS = f"""
+    SELECT 'event' AS shape, event_key AS record_key, '{{feed}}' AS feed, source_file,
+           source_line
+    FROM resolved WHERE rule = 'result_cancelled' AND status IN {CANCELLED}
+    ORDER BY file_idx, source_line
+"""
+
 # a patient without a valid PID-7 is not created (OMOP requires a year of birth): its
 # results stay unknown_person
 _DERIVED = """
@@ -317,8 +333,14 @@ def _resolve(
     con = duckdb.connect()
     try:
         install_duckdb_macro(con, key)
-        con.register("results", results)
+        is_merge = pc.equal(results["kind"], "merge")
+        con.register("results", results.filter(pc.invert(is_merge)))
+        con.register("merges", results.filter(is_merge))
         con.execute(f"CREATE TEMP TABLE resolved AS {_RESOLVED}")
+        for file_idx, n in con.execute(
+            "SELECT file_idx, count(*) FROM merges GROUP BY ALL ORDER BY ALL"
+        ).fetchall():
+            files[file_idx].extracted += n
         for file_idx, rule, n in con.execute(
             "SELECT file_idx, rule, count(*) FROM resolved GROUP BY ALL ORDER BY ALL"
         ).fetchall():
@@ -335,6 +357,11 @@ def _resolve(
         }
         events = con.sql(_EVENTS.format(**params)).to_arrow_table()
         sink.write("event", events.cast(canonical.EVENT))
+        merges = con.sql(_MERGES.format(**params)).to_arrow_table()
+        sink.write("person_merge", merges.cast(canonical.PERSON_MERGE))
+        # a cancellation withdraws its result: in a delta feed, from the state as well
+        deletions = con.sql(_CANCELLATIONS.format(**params)).to_arrow_table()
+        sink.write("deletion", deletions.cast(canonical.DELETION))
         if feed.unknown_patient == "create":
             persons = con.sql(_DERIVED.format(**params)).to_arrow_table()
             sink.write("derived_person", persons.cast(canonical.PERSON))

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 ENVELOPE = (b"FHS", b"BHS", b"BTS", b"FTS")
 BOM = codecs.BOM_UTF8
+UTF16_BOMS = (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)
 # MSH-18 character set names (HL7 table 0211) and the Python codec that reads them
 CHARSETS = {
     "ASCII": "ascii",
@@ -77,6 +78,14 @@ def split_messages(data: bytes) -> list[RawMessage]:
     """The messages of a file's bytes, in file order."""
     if data.startswith(BOM):
         data = data[len(BOM) :]
+    file_note = None
+    if data[:2] in UTF16_BOMS:
+        # a whole file in UTF-16 (an export tool's choice): read as text, framed as UTF-8
+        try:
+            data = data.decode("utf-16").encode("utf-8")
+            file_note = "decoded as UTF-16 (byte-order mark)"
+        except UnicodeDecodeError:
+            pass  # left as bytes: its messages are rejected (NUL bytes)
     chunks: list[list[bytes]] = []
     current: list[bytes] | None = None
     for seg in _segments(data):
@@ -99,6 +108,7 @@ def split_messages(data: bytes) -> list[RawMessage]:
             messages.append(_message(number, text, error="contains NUL bytes"))
             continue
         text, note = _decode(segs)
+        note = note or file_note
         error = None if segs[0][:3] == b"MSH" else "no MSH segment"
         messages.append(_message(number, text, note=note, error=error))
     return messages

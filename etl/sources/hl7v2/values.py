@@ -6,6 +6,8 @@ from __future__ import annotations
 import datetime as dt
 import re
 
+from etl.sources.plausible import date_problem
+
 # OBX-3 / CWE coding system (HL7 table 0396) -> OMOP vocabulary_id; anything else is kept
 # as sent (local codes 'L', '99zzz' ...) so a local map in mappings/local can match it and
 # the report lists it as unmapped until one does.
@@ -54,7 +56,7 @@ def timestamp(value: str | None, field: str) -> dt.datetime | None:
         return None
     m = _TS.match(value.strip())
     if not m:
-        raise FieldError(f"{field} {value!r} is not an HL7 datetime")
+        raise FieldError(f"{field} is not an HL7 datetime")
     y, mo, d, h, mi, s, frac, sign, oh, om = m.groups()
     try:
         out = dt.datetime(
@@ -67,12 +69,13 @@ def timestamp(value: str | None, field: str) -> dt.datetime | None:
             int((frac or "0").ljust(6, "0")[:6]),
         )
     except ValueError:
-        raise FieldError(f"{field} {value!r} is not a valid date") from None
+        raise FieldError(f"{field} is not a valid date") from None
     if sign:
         offset = dt.timedelta(hours=int(oh), minutes=int(om))
         out = out - offset if sign == "+" else out + offset
-    if not 1800 <= out.year <= 2200:
-        raise FieldError(f"{field} {value!r} is out of range")
+    problem = date_problem(field, out)  # before 1850, or in the future
+    if problem:
+        raise FieldError(problem)
     return out
 
 
@@ -80,9 +83,9 @@ def number(value: str, field: str) -> float:
     try:
         out = float(value.strip())
     except ValueError:
-        raise FieldError(f"{field} {value!r} is not a number") from None
+        raise FieldError(f"{field} is not a number") from None
     if out != out or out in (float("inf"), float("-inf")):
-        raise FieldError(f"{field} {value!r} is not a finite number")
+        raise FieldError(f"{field} is not a finite number")
     return out
 
 
@@ -94,7 +97,7 @@ def structured_numeric(comps: list[str], field: str) -> tuple[float | None, str 
     comp, num1, sep, num2 = [*comps, "", "", "", ""][:4]
     comp, num1, sep, num2 = comp.strip(), num1.strip(), sep.strip(), num2.strip()
     if comp and comp not in COMPARATORS and comp != "<>":
-        raise FieldError(f"{field} comparator {comp!r} is not one of < > <= >= = <>")
+        raise FieldError(f"{field} comparator is not one of < > <= >= = <>")
     if not num1 and not num2:
         return None, None, None
     if sep or num2:
