@@ -178,6 +178,11 @@ class NightlyRun:
             "vocabulary_schema": vocabulary_schema,
             **(meta or {}),
         }
+        if replay is None and any(f.delivery == "delta" for f in cfg.feeds):
+            # the state delta feeds are applied to: the run published now (read here, once,
+            # so extractions running side by side never open the warehouse)
+            with open_warehouse(cfg.warehouse) as wh:
+                run.meta["delta_base_run"] = _published_run(Schemas(wh, cfg.schema_name))
         (run.run_dir / "run.json").write_text(json.dumps(run.meta, indent=2), encoding="utf-8")
         with run_log(run.run_dir):
             log.info("run %s started%s", run.run_id, f" (replay of {replay})" if replay else "")
@@ -293,8 +298,11 @@ class NightlyRun:
         from etl.pipeline.delta import consolidate, prefix_source_files
 
         files = prefix_source_files(delivery, self.run_id)
-        with open_warehouse(self.cfg.warehouse) as wh:
-            base_run = _published_run(Schemas(wh, self.cfg.schema_name))
+        if "delta_base_run" in self.meta:
+            base_run = self.meta["delta_base_run"]
+        else:  # a run started without delta feeds in its config
+            with open_warehouse(self.cfg.warehouse) as wh:
+                base_run = _published_run(Schemas(wh, self.cfg.schema_name))
         base = None
         if base_run is not None:
             base = self.workdir / "runs" / base_run / "landing" / feed.name
