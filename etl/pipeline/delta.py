@@ -77,7 +77,7 @@ class DeletionSink:
         n = table.num_rows
         deletions = pa.table(
             {
-                "shape": pa.array([shape] * n, pa.string()),
+                "shape": pa.repeat(shape, n),
                 "record_key": table[key],
                 "feed": table["feed"],
                 "source_file": self._prefixed(table)["source_file"],

@@ -35,6 +35,7 @@ from contextlib import AbstractContextManager
 import sqlalchemy as sa
 
 from etl.cdm.build.common import LINEAGE_DDL
+from etl.cdm.build.events import DOMAIN_TABLES
 from etl.cdm.build.rules import DISPOSITION_DDL
 from etl.cdm.schema import create_cdm
 from etl.cdm.spec import ATHENA_TABLES, cdm_tables
@@ -83,16 +84,7 @@ PERSON_KEYED = ("visit_ok", "event_ok", "payer_plan_ok", "src_image", "src_image
 # Foreign keys the specification does not declare.
 EXTRA_FKS = {("cost", "payer_plan_period_id"): "payer_plan_period"}
 # Polymorphic references: (table, column) -> SQL naming the referenced table per row.
-COST_DOMAINS = {
-    "Visit": "visit_occurrence",
-    "Condition": "condition_occurrence",
-    "Drug": "drug_exposure",
-    "Procedure": "procedure_occurrence",
-    "Measurement": "measurement",
-    "Observation": "observation",
-    "Device": "device_exposure",
-    "Specimen": "specimen",
-}
+COST_DOMAINS = {"Visit": "visit_occurrence", **DOMAIN_TABLES}
 # Event references the build never fills: a shard that does is refused by the merge.
 UNSUPPORTED = {
     ("measurement", "measurement_event_id"),
