@@ -12,10 +12,14 @@ shape and set-based in DuckDB over the Parquet files:
 - every other record of the state carried over unchanged.
 
 Tonight's records get their source file prefixed with the run id (`RUN_ID/conditions.csv`),
-so the lineage of a carried-over record still names the delivery it came in. The build
-that follows is the same as for a snapshot: a full rebuild over the consolidated state,
-with ids from the key map, so the result equals a rebuild from a snapshot of the same
-state (tests/test_delta_loads.py).
+so the lineage of a carried-over record still names the delivery it came in.
+
+The patients tonight touched (the patient keys of delivered records, of the state's
+records they replace or withdraw, of both sides of a merge, and of the claims whose lines
+changed) go to `touched_persons.parquet` beside the state; records of no patient (care
+sites, providers, payers) that changed are counted in `reference_touched`. The build
+rebuilds only those patients when it can (etl/pipeline/scope.py); either way the result
+equals a rebuild from a snapshot of the same state (tests/test_delta_loads.py).
 """
 
 from __future__ import annotations
@@ -37,6 +41,16 @@ from etl.sources.ehr import FileStats
 log = logging.getLogger(__name__)
 
 DELETED_RULE = "deleted_at_source"
+TOUCHED_PERSONS = "touched_persons.parquet"
+# shapes whose records belong to one patient, by that patient's key column(s)
+PERSON_COLUMNS = {
+    shape: ("person_key",)
+    for shape, schema in canonical.SHAPES.items()
+    if "person_key" in schema.names
+}
+PERSON_COLUMNS["person_merge"] = ("from_person_key", "into_person_key")
+# shapes of look-up records (no patient): a change to one affects every patient's rows
+REFERENCE_SHAPES = ("care_site", "provider", "payer")
 
 
 @dataclass
@@ -48,6 +62,8 @@ class DeltaSummary:
     replaced: dict[str, int] = field(default_factory=dict)
     deleted: dict[str, int] = field(default_factory=dict)
     carried: dict[str, int] = field(default_factory=dict)
+    persons_touched: int = 0
+    reference_touched: dict[str, int] = field(default_factory=dict)
 
     def as_json(self) -> dict:
         return asdict(self)
@@ -159,14 +175,19 @@ def consolidate(
             f"CREATE TEMP TABLE withdrawn AS SELECT DISTINCT shape, record_key"
             f" FROM read_parquet({_sql_path(delivery_dir / 'deletion.parquet')})"
         )
+        con.execute("CREATE TEMP TABLE touched_person (person_key VARCHAR)")
+        con.execute("CREATE TEMP TABLE touched_claim (claim_key VARCHAR)")
         for shape in canonical.SHAPES:
             target = out_dir / f"{shape}.parquet"
             delivered = delivery_dir / f"{shape}.parquet"
             base = base_dir / f"{shape}.parquet" if base_dir is not None else None
             key = canonical.RECORD_KEYS.get(shape)
             summary.delivered[shape] = pq.ParquetFile(delivered).metadata.num_rows
+            _touch(con, shape, f"read_parquet({_sql_path(delivered)})")
             if key is None or base is None or not base.is_file():
                 shutil.copyfile(delivered, target)
+                if shape in REFERENCE_SHAPES and summary.delivered[shape]:
+                    summary.reference_touched[shape] = summary.delivered[shape]
                 continue
             # the keys tonight touches (delivery-sized): replaced, or only withdrawn
             con.execute(
@@ -188,6 +209,15 @@ def consolidate(
             ).fetchone()
             summary.replaced[shape], summary.deleted[shape] = replaced, deleted
             summary.carried[shape] = carried
+            touched_rows = summary.delivered[shape] + replaced + deleted
+            if shape in REFERENCE_SHAPES and touched_rows:
+                summary.reference_touched[shape] = touched_rows
+            _touch(
+                con,
+                shape,
+                f"(SELECT b.* FROM read_parquet({_sql_path(base)}) b"
+                f" JOIN touched t ON t.k = b.{key})",
+            )
             con.execute(
                 f"""
                 COPY (
@@ -198,16 +228,43 @@ def consolidate(
                 ) TO {_sql_path(target)} (FORMAT parquet, COMPRESSION zstd)
                 """
             )
+        # a changed claim line touches its claim's patient (the claim: in the state or new)
+        claims = [
+            f"SELECT claim_key, person_key FROM read_parquet({_sql_path(p)})"
+            for p in (out_dir / "claim.parquet", base_dir and base_dir / "claim.parquet")
+            if p is not None and p.is_file()
+        ]
+        con.execute(
+            "INSERT INTO touched_person SELECT c.person_key FROM ("
+            + " UNION ALL ".join(claims)
+            + ") c WHERE c.claim_key IN (SELECT claim_key FROM touched_claim)"
+        )
+        summary.persons_touched = con.execute(
+            "SELECT count(DISTINCT person_key) FROM touched_person"
+        ).fetchone()[0]
+        con.execute(
+            "COPY (SELECT DISTINCT person_key FROM touched_person WHERE person_key IS NOT NULL"
+            f" ORDER BY 1) TO {_sql_path(out_dir / TOUCHED_PERSONS)} (FORMAT parquet)"
+        )
     finally:
         con.close()
     shutil.copyfile(delivery_dir / "files.json", out_dir / "files.json")
     log.info(
         "delta applied to the state of run %s: %d delivered, %d replaced, %d deleted,"
-        " %d carried over",
+        " %d carried over; %d patient(s) touched",
         base_run or "(none: first delivery)",
         sum(summary.delivered.values()),
         sum(summary.replaced.values()),
         sum(summary.deleted.values()),
         sum(summary.carried.values()),
+        summary.persons_touched,
     )
     return summary
+
+
+def _touch(con: duckdb.DuckDBPyConnection, shape: str, rows_sql: str) -> None:
+    """Record the patients (or, for claim lines, the claims) of `rows_sql`'s records."""
+    if shape == "cost_line":
+        con.execute(f"INSERT INTO touched_claim SELECT claim_key FROM {rows_sql}")
+    for column in PERSON_COLUMNS.get(shape, ()):
+        con.execute(f"INSERT INTO touched_person SELECT {column} FROM {rows_sql}")

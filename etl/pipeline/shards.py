@@ -150,8 +150,11 @@ def _clinical_tables() -> list[str]:
     return [t for t in cdm_tables() if t not in ATHENA_TABLES]
 
 
-def prepare_shard(g: Schemas, k: int, n: int, run_id: str) -> Schemas:
-    """Create shard k's stage: empty CDM tables, its persons' inputs, look-up views."""
+def prepare_shard(g: Schemas, k: int, n: int, run_id: str, *, scoped: bool = False) -> Schemas:
+    """Create shard k's stage: empty CDM tables, its persons' inputs, look-up views.
+
+    `scoped`: the shard's persons are the global stage's `build_scope` (a person-scoped
+    build, etl/pipeline/scope.py) instead of `mod(person_id, n) = k`."""
     if not 0 <= k < n:
         raise ShardError(f"shard {k} of {n}: out of range")
     sh = shard_stage(g, k)
@@ -161,6 +164,8 @@ def prepare_shard(g: Schemas, k: int, n: int, run_id: str) -> Schemas:
         wh.create_schema(conn, sh.stage)
     create_cdm(wh, sh.stage, indexes=False, tables=_clinical_tables(), constraints=False)
     mine = "coalesce(mod(p.id, {n}), 0) = {k}"
+    if scoped:  # records of unknown persons too, as shard 0 takes them
+        mine = "(p.id IS NULL OR p.id IN (SELECT person_id FROM {G}.build_scope))"
     with wh.begin() as conn:
         sh.run(conn, LINEAGE_DDL)
         sh.run(conn, DISPOSITION_DDL)
@@ -223,16 +228,18 @@ def build_shard(
     run_id: str,
     steps: list[tuple[str, Callable]],
     timed: Callable[[str], AbstractContextManager[None]] | None = None,
+    *,
+    scoped: bool = False,
 ) -> dict[str, int]:
     """Prepare shard k of n and run the per-shard `steps` in it; rows per CDM table.
 
     The shard's stage is stamped with the run id only once it is complete, so the merge
     never takes a half-built shard."""
     if timed is None:
-        sh = prepare_shard(g, k, n, run_id)
+        sh = prepare_shard(g, k, n, run_id, scoped=scoped)
     else:
         with timed("build.shard_stage"):
-            sh = prepare_shard(g, k, n, run_id)
+            sh = prepare_shard(g, k, n, run_id, scoped=scoped)
     with g.wh.begin() as conn:
         for name, fn in steps:
             if timed is None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import os
 import re
 import shutil
 import time
@@ -39,7 +40,9 @@ from etl.config import FeedConfig, SiteConfig
 from etl.mapping.local_maps import read_local_maps
 from etl.paths import MAPPINGS_DIR
 from etl.pipeline import report as reporting
+from etl.pipeline import scope
 from etl.pipeline.build import build_steps
+from etl.pipeline.delta import TOUCHED_PERSONS
 from etl.pipeline.land import Landing, read_file_stats, replay_into
 from etl.pipeline.lock import warehouse_lock
 from etl.pipeline.publish import publish, publish_lineage, published_counts, published_tables
@@ -343,14 +346,109 @@ class NightlyRun:
             landed = self._landed()
             with self.warehouse() as s:
                 self._stage(frag, s, landed)
-                with s.wh.begin() as conn:
-                    for name, fn in self._build_steps():
-                        with frag.step(f"build.{name}"):
-                            fn(s, conn)
+                fp = scope.fingerprint(s, self.cfg, self.cfg.mappings or MAPPINGS_DIR)
+                frag.state["fingerprint"] = fp
+                reason = self._full_build_reason(s, fp)
+                if reason is None:
+                    frag.report["build_scope"] = self._scoped_build(frag, s)
+                else:
+                    log.info("run %s: full build (%s)", self.run_id, reason)
+                    frag.report["build_scope"] = {"mode": "full", "reason": reason}
+                    with s.wh.begin() as conn:
+                        for name, fn in self._build_steps():
+                            with frag.step(f"build.{name}"):
+                                fn(s, conn)
                 errors = self._build_report(frag, s, landed)
             if errors:
                 frag.errors.extend(errors)
                 raise RunFailed("row accounting does not add up; nothing published")
+
+    # -- a person-scoped build (etl/pipeline/scope.py) ---------------------------------
+    def _full_build_reason(self, s: Schemas, fp: str) -> str | None:
+        """Why tonight's build must be a full one; None when only the patients the delta
+        deliveries touched need rebuilding."""
+        if os.environ.get(scope.SCOPE_ENV, "").strip().lower() == "full":
+            return f"{scope.SCOPE_ENV}=full"
+        if self.replay_of:
+            return f"a replay of run {self.replay_of}"
+        if self.meta.get("vocabulary_schema"):
+            return "a build against a staged vocabulary"
+        snapshots = [f for f in self.feeds if self._feed(f).delivery != "delta"]
+        if snapshots:
+            return f"snapshot feed(s): {', '.join(snapshots)}"
+        base = self.meta.get("delta_base_run")
+        if base is None:
+            return "no published state yet: the first delivery"
+        for feed in self.feeds:
+            frag = self.fragment(f"extract.{feed}") or {}
+            if frag.get("state", {}).get("delta_base") != base:
+                return f"feed {feed} was not applied to run {base}'s state"
+            touched = frag.get("report", {}).get("deltas", {}).get(feed, {})
+            if (
+                "reference_touched" not in touched
+                or not (self.landing_dir(feed) / TOUCHED_PERSONS).is_file()
+            ):
+                return f"feed {feed}'s extraction did not record the patients it touched"
+            if touched["reference_touched"]:
+                changed = ", ".join(sorted(touched["reference_touched"]))
+                return f"feed {feed} changed look-up records ({changed}) that every patient uses"
+        published = _published_run(s)
+        if published != base:
+            return f"run {published} has published since run {base}"
+        base_build = self.workdir / "runs" / base / "steps" / "build.json"
+        base_fp = (
+            json.loads(base_build.read_text(encoding="utf-8"))["state"].get("fingerprint")
+            if base_build.is_file()
+            else None
+        )
+        if base_fp != fp:
+            return (
+                f"the ETL code, local maps, feed settings or vocabulary differ from those"
+                f" of run {base}'s build"
+            )
+        with s.wh.begin() as conn:
+            unsplittable = scope.unsplittable_tables(s, conn)
+        if unsplittable:
+            return f"published table(s) {', '.join(unsplittable)} cannot be split by patient"
+        return None
+
+    def _scoped_build(self, frag: _Fragment, s: Schemas) -> dict[str, Any]:
+        """The global steps over every record, the per-person steps over the touched
+        patients, the other patients' rows copied from the warehouse; `build_scope`."""
+        from etl.pipeline import shards as sharding
+
+        global_steps, person_steps = sharding.split_steps(self._build_steps())
+        with s.wh.begin() as conn:
+            for name, fn in global_steps:
+                with frag.step(f"build.{name}"):
+                    fn(s, conn)
+            with frag.step("build.scope"):
+                touched = [self.landing_dir(f) / TOUCHED_PERSONS for f in self.feeds]
+                scoped, persons = scope.create_scope(s, conn, touched)
+            if scoped > scope.MAX_SCOPE_SHARE * persons:
+                reason = f"{scoped} of {persons} patients touched: more than half"
+                log.info("run %s: full build (%s)", self.run_id, reason)
+                for name, fn in person_steps:
+                    with frag.step(f"build.{name}"):
+                        fn(s, conn)
+                return {"mode": "full", "reason": reason}
+        log.info(
+            "run %s: rebuilding %d of %d patients; the others' rows come from the warehouse",
+            self.run_id,
+            scoped,
+            persons,
+        )
+        sharding.build_shard(s, 0, 1, self.run_id, person_steps, frag.step, scoped=True)
+        with frag.step("build.merge"), s.wh.begin() as conn:
+            sharding.merge_shards(s, conn, 1, self.run_id)
+        with frag.step("build.copy_untouched"), s.wh.begin() as conn:
+            copied = scope.splice_published(s, conn)
+        return {
+            "mode": "persons",
+            "persons": persons,
+            "persons_rebuilt": scoped,
+            "rows_copied": sum(copied.values()),
+        }
 
     # -- a person-sharded build: build_global -> build_shard(k) for each k -> merge_shards
     @property
@@ -378,6 +476,10 @@ class NightlyRun:
             global_steps, _ = sharding.split_steps(self._build_steps())
             with self.warehouse() as s:
                 self._stage(frag, s, landed)
+                frag.state["fingerprint"] = scope.fingerprint(
+                    s, self.cfg, self.cfg.mappings or MAPPINGS_DIR
+                )
+                frag.report["build_scope"] = {"mode": "full", "reason": "a person-sharded build"}
                 with s.wh.begin() as conn:
                     for name, fn in global_steps:
                         with frag.step(f"build.{name}"):
