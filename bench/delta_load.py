@@ -5,7 +5,8 @@
 Night 1 delivers the whole population to a `delivery: delta` EHR feed (the first
 delivery: no state yet). Night 2 delivers a delta: every row of `--percent` of the
 patients, re-sent as changed (what a change-data-capture extract sends for the patients
-touched that day), set-based in DuckDB. Night 3 delivers a full snapshot of the same
+touched that day), set-based in DuckDB; its build rebuilds only those patients
+(etl/pipeline/scope.py). Night 3 delivers a full snapshot of the same
 final state to the same warehouse with `delivery: snapshot` (a steady-state full
 rebuild). Prints per-step seconds of nights 2 and 3 and their ratio; figures also go to
 WORKDIR/delta_load.json. DuckDB only (the warehouse file lives in WORKDIR).
@@ -93,6 +94,8 @@ def _night(config: Path, workdir: Path) -> dict:
         **{k: round(v, 1) for k, v in coarse.items()},
         "records_in": result.report["feeds"]["ehr"]["records_in"],
         "deltas": result.report.get("deltas", {}),
+        "build_scope": result.report.get("build_scope"),
+        "timings": {k: round(v, 2) for k, v in timings.items()},
     }
 
 
@@ -126,7 +129,13 @@ def main() -> None:
             for name, n in nights.items()
         ],
     )  # fmt: skip
+    for name, n in nights.items():
+        print(f"night {name}: build {n['build_scope']}")
     two, three = list(nights.values())[1:]
+    slowest = sorted(
+        ((k, v) for k, v in two["timings"].items() if k.startswith("build.")), key=lambda kv: -kv[1]
+    )
+    print("delta night's slowest build steps:", ", ".join(f"{k} {v:.1f} s" for k, v in slowest[:8]))
     print(f"delta night / full rebuild: {two['seconds'] / three['seconds']:.2f}")
     print(f"peak RSS of this process: {peak_rss_mb():,.0f} MiB")
     out = {"patients": args.patients, "percent": args.percent, "nights": nights}
