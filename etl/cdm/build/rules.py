@@ -180,59 +180,73 @@ def apply_financial_rules(s: Schemas, conn: sa.Connection) -> None:
     Look-ups are LEFT JOINs on unique keys, never correlated subqueries, so PostgreSQL
     plans them as hash joins (a correlated NOT EXISTS per row would be quadratic).
     """
-    _first_per_key(s, conn, "src_payer_plan", "plan_key", "payer_plan_unique", "'payer_plans'")
-    _first_per_key(s, conn, "src_claim", "claim_key", "claim_unique", "'claims'")
-    _first_per_key(s, conn, "src_cost_line", "line_key", "cost_line_unique", "'cost_lines'")
-    _first_per_key(s, conn, "src_payer", "payer_key", "payer_unique", "'payers'")
     _set_aside(
         s,
         conn,
-        "payer_plan_unique",
+        "src_payer_plan",
         "payer_plan_ok",
         "payer_plans",
         "LEFT JOIN {S}.person_ok p ON p.person_key = t.person_key",
         "CASE WHEN p.person_key IS NULL THEN 'unknown_person' END",
+        key="plan_key",
     )
     _set_aside(
         s,
         conn,
-        "claim_unique",
+        "src_claim",
         "claim_ok",
         "claims",
         "LEFT JOIN {S}.person_ok p ON p.person_key = t.person_key"
         " LEFT JOIN {S}.visit_ok v ON v.visit_key = t.visit_key",
         "CASE WHEN p.person_key IS NULL THEN 'unknown_person'"
         " WHEN v.visit_key IS NULL THEN 'unknown_visit' END",
+        key="claim_key",
     )
     _set_aside(
         s,
         conn,
-        "cost_line_unique",
+        "src_cost_line",
         "cost_line_ok",
         "cost_lines",
         "LEFT JOIN {S}.claim_ok c ON c.claim_key = t.claim_key",
         "CASE WHEN c.claim_key IS NULL THEN 'unknown_claim' END",
+        key="line_key",
     )
     _set_aside(
-        s, conn, "payer_unique", "payer_ok", "payers",
+        s, conn, "src_payer", "payer_ok", "payers",
         "LEFT JOIN (SELECT DISTINCT payer_key FROM {S}.payer_plan_ok) u"
         " ON u.payer_key = t.payer_key",
         "CASE WHEN u.payer_key IS NULL THEN 'reference_not_used' END",
+        key="payer_key",
     )  # fmt: skip
 
 
 def _set_aside(
     s: Schemas, conn: sa.Connection, src: str, ok: str, record_set: str, joins: str,
-    rule_sql: str,
+    rule_sql: str, *, key: str | None = None,
 ) -> None:  # fmt: skip
-    """Split `src` into `ok` (rule is NULL) and disposition rows (quarantined or filtered)."""
+    """Split `src` into `ok` (rule is NULL) and disposition rows (quarantined or filtered).
+
+    With `key`, a record whose key an earlier record (in file order) already has is
+    quarantined as `duplicate_key` before any other rule, in the same pass over `src`:
+    one window and one copy of the table, not two of each (claim lines are the biggest
+    table of an EHR feed)."""
+    source = "{S}.{src}"
+    if key is not None:
+        source = (
+            "(SELECT x.*, row_number() OVER (PARTITION BY {key} ORDER BY source_file,"
+            " source_line) AS key_rank FROM {S}.{src} x)"
+        )
+        rule_sql = f"CASE WHEN t.key_rank > 1 THEN 'duplicate_key' ELSE {rule_sql} END"
     s.run(
         conn,
-        "CREATE TABLE {S}.{src}_checked AS SELECT t.*, {rule} AS rule FROM {S}.{src} t {joins}",
+        "CREATE TABLE {S}.{src}_checked AS SELECT t.*, {rule} AS rule FROM " + source
+        + " t {joins}",
         src=src,
+        key=key or "",
         rule=s.sql(rule_sql),
         joins=s.sql(joins),
-    )
+    )  # fmt: skip
     s.run(
         conn,
         "CREATE TABLE {S}.{ok} AS SELECT * FROM {S}.{src}_checked WHERE rule IS NULL",
