@@ -87,6 +87,19 @@ def test_scoped_delta_night_equals_a_full_build(
     wh, scoped, full = two_schemas
     _pacs_tree(tmp_path / "pacs1")
     night2 = Night2(tmp_path)
+    # inconsistent source data: a condition of tonight's changed patient recorded in
+    # another, untouched patient's encounter (a full build links it to that visit)
+    ehr1 = tmp_path / "ehr1"
+    shutil.copytree(DEMO_SYNTHEA, ehr1)
+    changed = rows(night2.delta / "patients.csv")[0]["Id"]
+    touched = {changed, night2.survivor, night2.merged, LAB_PATIENT}
+    for path in (night2.delta / "conditions.csv", night2.delta / "deleted" / "conditions.csv"):
+        touched |= {r["PATIENT"] for r in rows(path)}
+    conditions = rows(ehr1 / "conditions.csv")
+    elsewhere = next(c["ENCOUNTER"] for c in conditions if c["PATIENT"] not in touched)
+    i = next(i for i, c in enumerate(conditions) if c["PATIENT"] == changed)
+    conditions[i] = dict(conditions[i], ENCOUNTER=elsewhere)
+    write_rows(ehr1 / "conditions.csv", list(conditions[0]), conditions)
     lab2 = tmp_path / "lab2"
     lab2.mkdir()
     message = LAB_DELTA.format(patient=LAB_PATIENT, survivor=night2.survivor, merged=night2.merged)
@@ -94,7 +107,7 @@ def test_scoped_delta_night_equals_a_full_build(
     (tmp_path / "pacs2").mkdir()  # no new images tonight
 
     def night(n: int, schema: str) -> RunResult:
-        ehr = DEMO_SYNTHEA if n == 1 else night2.delta
+        ehr = ehr1 if n == 1 else night2.delta
         lab, pacs = (DEMO_LAB, tmp_path / "pacs1") if n == 1 else (lab2, tmp_path / "pacs2")
         config = _config(tmp_path, wh.url, schema, ehr, lab, pacs)
         return _run(config, tmp_path / f"work_{schema}")
@@ -114,6 +127,9 @@ def test_scoped_delta_night_equals_a_full_build(
     assert scope["rows_copied"] > 0
     assert two_full.report["build_scope"] == {"mode": "full", "reason": f"{SCOPE_ENV}=full"}
     assert "build.copy_untouched" in two.report["timings"]
+    page = (two.run_dir / "report.html").read_text(encoding="utf-8")
+    assert f"{scope['persons_rebuilt']} of {persons} patients rebuilt" in page
+    assert "<h2>Delta deliveries</h2>" in page and "Patient merges in force: 1" in page
 
     labels = {scoped: {}, full: {}}
     for schema, a, b in ((scoped, first[scoped], two), (full, first[full], two_full)):

@@ -140,6 +140,45 @@ def trace_samples(s: Schemas, conn: sa.Connection, per_table: int = 3) -> dict[s
     return out
 
 
+def _delta_parts(report: dict[str, Any]) -> list[str]:
+    """The delta deliveries, the patient merges and what the build rebuilt, when any."""
+    parts: list[str] = []
+    deltas = report.get("deltas") or {}
+    if deltas:
+        parts.append("<h2>Delta deliveries</h2>")
+        parts.append(
+            _table(
+                ["feed", "applied to run", "delivered", "replaced", "deleted", "carried over",
+                 "patients touched"],
+                [
+                    [feed, d.get("base_run") or "(none: first delivery)",
+                     *(sum(d.get(k, {}).values()) for k in
+                       ("delivered", "replaced", "deleted", "carried")),
+                     d.get("persons_touched", "")]
+                    for feed, d in deltas.items()
+                ],
+            )
+        )  # fmt: skip
+    merges = report.get("merges") or {}
+    if merges.get("in_force"):
+        parts.append(
+            f"<p>Patient merges in force: {merges['in_force']:,};"
+            f" person records merged: {merges.get('person_records_merged', 0):,}.</p>"
+        )
+    scope = report.get("build_scope")
+    if scope:
+        if scope.get("mode") == "persons":
+            text = (
+                f"Build: {scope['persons_rebuilt']:,} of {scope['persons']:,} patients"
+                f" rebuilt (touched by tonight's deliveries); {scope['rows_copied']:,} rows"
+                " of the others copied from the warehouse."
+            )
+        else:
+            text = f"Build: every patient rebuilt ({scope.get('reason', '')})."
+        parts.append(f"<p>{html.escape(text)}</p>")
+    return parts
+
+
 def write_reports(report: dict[str, Any], run_dir: Path) -> tuple[Path, Path]:
     run_dir.mkdir(parents=True, exist_ok=True)
     json_path = run_dir / "report.json"
@@ -277,6 +316,7 @@ def render_html(report: dict[str, Any]) -> str:
             ],
         )
     )
+    parts.extend(_delta_parts(report))
     parts.append("<h2>Quarantined, by reason</h2>")
     parts.append(
         _table(

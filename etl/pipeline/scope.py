@@ -15,7 +15,8 @@ the build is:
 1. the global steps over every staged record, as in any build (the rules, the code map,
    person, death, the health system, the financial rules: some look across patients);
 2. the per-person steps (visits, events, imaging, coverage, cost, observation periods,
-   eras) for the touched patients only: one shard of a person-sharded build
+   eras) for the touched patients only (and the patients whose encounters their records
+   name, or whose records name theirs): one shard of a person-sharded build
    (etl/pipeline/shards.py) whose persons are `build_scope`, merged into the stage with
    new ids numbered as a full build numbers them;
 3. every other patient's rows of those tables copied from the published warehouse into
@@ -131,10 +132,48 @@ def create_scope(s: Schemas, conn: sa.Connection, touched: list[Path]) -> tuple[
         ) x
         """,
     )
+    _close_over_shared_visits(s, conn)
     s.wh.analyze(conn, s.stage, "build_scope")
     scoped = s.run(conn, "SELECT count(*) FROM {S}.build_scope").scalar()
     persons = s.run(conn, "SELECT count(*) FROM {S}.ids_person").scalar()
     return int(scoped), int(persons)
+
+
+def _close_over_shared_visits(s: Schemas, conn: sa.Connection) -> None:
+    """Add to `build_scope` the persons linked to it through a record of one patient
+    that names another patient's encounter (inconsistent source data, which a full build
+    links all the same): both sides are rebuilt, so the link is the same."""
+    s.run(conn, "DROP TABLE IF EXISTS {S}.scope_link")
+    s.run(
+        conn,
+        """
+        CREATE TABLE {S}.scope_link AS
+        SELECT DISTINCT pr.id AS a, pv.id AS b FROM (
+            SELECT person_key, visit_key FROM {S}.event_ok WHERE visit_key IS NOT NULL
+            UNION ALL
+            SELECT person_key, visit_key FROM {S}.claim_ok WHERE visit_key IS NOT NULL
+        ) r
+        JOIN {S}.visit_ok v ON v.visit_key = r.visit_key AND v.person_key <> r.person_key
+        JOIN {S}.ids_person pr ON pr.natural_key = r.person_key
+        JOIN {S}.ids_person pv ON pv.natural_key = v.person_key
+        """,
+    )
+    for _ in range(10):  # chains of such links are rare and short
+        added = s.run(
+            conn,
+            """
+            INSERT INTO {S}.build_scope
+            SELECT DISTINCT x.id FROM (
+                SELECT b AS id FROM {S}.scope_link
+                WHERE a IN (SELECT person_id FROM {S}.build_scope)
+                UNION
+                SELECT a FROM {S}.scope_link WHERE b IN (SELECT person_id FROM {S}.build_scope)
+            ) x WHERE x.id NOT IN (SELECT person_id FROM {S}.build_scope)
+            """,
+        ).rowcount
+        if not added:
+            break
+    s.run(conn, "DROP TABLE {S}.scope_link")
 
 
 def splice_published(s: Schemas, conn: sa.Connection) -> dict[str, int]:
