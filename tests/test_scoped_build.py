@@ -173,3 +173,14 @@ def test_changed_look_up_records_take_a_full_build(duckdb_wh, tmp_path: Path) ->
     assert three.report["build_scope"]["mode"] == "persons"
     assert three.report["build_scope"]["persons_rebuilt"] == 0
     assert three.report["tables"] == two.report["tables"]
+    before = state(wh, schema)
+
+    # every patient re-sent unchanged: more than half touched, a full build is cheaper
+    shutil.copyfile(DEMO_SYNTHEA / "patients.csv", delta / "patients.csv")
+    four = _run(config, tmp_path / "work")
+    assert four.report["build_scope"]["mode"] == "full"
+    assert "more than half" in four.report["build_scope"]["reason"]
+    after = state(wh, schema)
+    for table in after:
+        if table not in ("lineage", "set_aside"):  # tonight's file names the patients now
+            assert after[table] == before[table], table
