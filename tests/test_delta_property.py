@@ -49,17 +49,19 @@ nights = st.lists(st.lists(ops, min_size=1, max_size=6), min_size=1, max_size=3)
 class Source:
     """The EHR's current rows, and what changed since the last delivery."""
 
-    def __init__(self) -> None:
+    def __init__(self, bystanders: int = 0) -> None:
+        """`bystanders`: more patients, whom only a stop or delete op may touch."""
+        self.everyone = [*PATIENTS, *(f"q{i}" for i in range(bystanders))]
         self.patients = {
             p: {"Id": p, "BIRTHDATE": "1950-01-01", "GENDER": "F", "RACE": "white",
                 "ETHNICITY": "nonhispanic", "STATE": "Massachusetts", "ZIP": "01001"}
-            for p in PATIENTS
+            for p in self.everyone
         }  # fmt: skip
         self.conditions: dict[tuple, dict[str, str]] = {}
         self.merges: dict[str, str] = {}
-        for i, p in enumerate(PATIENTS):
-            self._put(p, CODES[i % len(CODES)], 1 + i)
-        self.changed_patients: set[str] = set(PATIENTS)
+        for i, p in enumerate(self.everyone):
+            self._put(p, CODES[i % len(CODES)], 1 + i % 28)
+        self.changed_patients: set[str] = set(self.everyone)
         self.changed: set[tuple] = set(self.conditions)
         self.deleted: dict[tuple, dict[str, str]] = {}
         self.new_merges: dict[str, str] = {}
@@ -94,7 +96,8 @@ class Source:
 
     def write(self, folder: Path, *, delta: bool) -> None:
         folder.mkdir(parents=True)
-        patients = [self.patients[p] for p in sorted(self.changed_patients if delta else PATIENTS)]
+        chosen = self.changed_patients if delta else self.everyone
+        patients = [self.patients[p] for p in sorted(chosen)]
         conditions = sorted(self.changed if delta else self.conditions)
         write_rows(folder / "patients.csv", PATIENT_HEADER, patients)
         write_rows(
@@ -160,3 +163,59 @@ def test_delta_state_equals_snapshot(tmp_path_factory, nights) -> None:
     source.write(tmp / "final", delta=False)
     _land(tmp / "final", tmp / "snapshot", "snapshot")
     assert _content(state) == _content(tmp / "snapshot")
+
+
+def _deliver(source: Source, folder: Path, workdir: Path, url: str, delivery: str):
+    """One night of the pipeline over `folder` into the DuckDB warehouse at `url`."""
+    import yaml
+
+    from tests.conftest import DEMO_VOCAB, REPO
+    from tests.pipeline_helpers import run
+
+    cfg = {
+        "warehouse": url,
+        "vocabulary": str(DEMO_VOCAB),
+        "quality": str(REPO / "quality" / "demo"),
+        "feeds": [{"name": "ehr", "kind": "ehr_csv", "path": str(folder), "delivery": delivery}],
+    }
+    path = folder.with_suffix(".yaml")
+    path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
+    result = run(path, workdir)
+    assert result.status == "published", result.report["errors"]
+    return result
+
+
+@settings(
+    max_examples=3,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(nights=st.lists(st.lists(ops, min_size=1, max_size=4), min_size=2, max_size=2))
+def test_scoped_nights_equal_a_full_rebuild(tmp_path_factory, nights) -> None:
+    """End to end: the warehouse the delta nights publish (each built person-scoped when
+    it can) is what a full build from a snapshot of the final source publishes into it:
+    the same rows with the same ids."""
+    from etl.warehouse import open_warehouse
+    from tests.test_nightly_runs import snapshot
+
+    tmp = tmp_path_factory.mktemp("scoped")
+    url = f"duckdb:///{tmp / 'warehouse.duckdb'}"
+    source = Source(bystanders=15)
+    scopes = []
+    for n, night in enumerate([[], *nights]):
+        for op in night:
+            source.apply(op)
+        source.write(tmp / f"feed{n}", delta=True)
+        scopes.append(_deliver(source, tmp / f"feed{n}", tmp, url, "delta").report["build_scope"])
+    assert scopes[0]["mode"] == "full"  # the first delivery
+    assert scopes[1]["mode"] == "persons", scopes[1]  # 5 of the 20 patients at most
+    wh = open_warehouse(url)
+    try:
+        after_deltas = snapshot(wh, "main")
+        source.write(tmp / "final", delta=False)
+        full = _deliver(source, tmp / "final", tmp, url, "snapshot")
+        assert full.report["build_scope"]["mode"] == "full"
+        assert snapshot(wh, "main") == after_deltas
+    finally:
+        wh.close()
