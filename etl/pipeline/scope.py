@@ -86,7 +86,8 @@ def fingerprint(s: Schemas, cfg: SiteConfig, mappings: Path) -> str:
                 continue
             h.update(str(path.relative_to(root)).encode())
             h.update(path.read_bytes())
-    feeds = [f.model_dump(mode="json", exclude={"path"}) for f in cfg.feeds]
+    # where a feed is read from and how it is delivered do not change what is built
+    feeds = [f.model_dump(mode="json", exclude={"path", "delivery"}) for f in cfg.feeds]
     h.update(json.dumps(feeds, sort_keys=True).encode())
     with s.wh.begin() as conn:
         rows = s.run(
