@@ -24,7 +24,8 @@ the build is:
    records (`splice_published`).
 
 The gate and the publish then see complete tables, as after a full build, and the
-result is the same (tests/test_delta_loads.py compares it with a snapshot's full build).
+result is the same (tests/test_scoped_build.py compares the two builds of one night,
+tests/test_delta_property.py random nights with a full build of the final snapshot).
 Otherwise the build is a full one; report.json's `build_scope` says which and why.
 """
 
