@@ -40,6 +40,43 @@ def write_config(
     return path
 
 
+def write_feeds_config(
+    out: Path,
+    url: str,
+    schema: str,
+    *,
+    ehr: Path,
+    lab: Path | None = None,
+    pacs: Path | None = None,
+    delivery: str = "snapshot",
+) -> Path:
+    """A site config at `out` with the EHR feed and, when given, the lab and PACS feeds
+    (the EHR feed then excludes what they deliver, as the demo does); every feed with
+    `delivery`."""
+    exclude = (["laboratory_from_lab_feed"] if lab else []) + (
+        ["imaging_from_pacs_feed"] if pacs else []
+    )
+    feeds: list[dict[str, Any]] = [
+        {"name": "ehr", "kind": "ehr_csv", "profile": "synthea", "path": str(ehr),
+         "exclude": exclude}
+    ]  # fmt: skip
+    if lab is not None:
+        feeds.append({"name": "lab", "kind": "hl7v2", "path": str(lab)})
+    if pacs is not None:
+        feeds.append({"name": "pacs", "kind": "dicom", "path": str(pacs)})
+    for feed in feeds:
+        feed["delivery"] = delivery
+    cfg = {
+        "warehouse": url,
+        "cdm_schema": schema,
+        "vocabulary": str(DEMO_VOCAB),
+        "quality": str(REPO / "quality" / "demo"),
+        "feeds": feeds,
+    }
+    out.write_text(yaml.safe_dump(cfg), encoding="utf-8")
+    return out
+
+
 def run(config: Path, workdir: Path, **kwargs: Any) -> RunResult:
     return run_pipeline(load_config(config), workdir, **kwargs)
 

@@ -10,7 +10,6 @@ from typing import Any
 
 import pyarrow.parquet as pq
 import pydicom
-import yaml
 
 from etl.pseudonym import pseudonym
 from etl.sources.dicom.synth import (
@@ -22,9 +21,9 @@ from etl.sources.dicom.synth import (
     uid_from,
     write_instance,
 )
-from tests.conftest import DEMO_SYNTHEA, DEMO_VOCAB, REPO, TEST_KEY
+from tests.conftest import DEMO_SYNTHEA, TEST_KEY
 from tests.dicom_helpers import BAD_FILES, DEMO_PACS, headers, write_report, write_test_tree
-from tests.pipeline_helpers import query, run, scalar
+from tests.pipeline_helpers import query, run, scalar, write_feeds_config
 
 KEY = TEST_KEY.encode()
 PATIENT = "280ee8b5-6ebb-11cf-e4db-8cf101827ec7"
@@ -67,25 +66,7 @@ def _pacs_tree(root: Path) -> None:
 
 
 def _config(tmp: Path, wh: Any, schema: str, pacs: Path) -> Path:
-    cfg = {
-        "warehouse": wh.url,
-        "cdm_schema": schema,
-        "vocabulary": str(DEMO_VOCAB),
-        "quality": str(REPO / "quality" / "demo"),
-        "feeds": [
-            {
-                "name": "ehr",
-                "kind": "ehr_csv",
-                "profile": "synthea",
-                "path": str(DEMO_SYNTHEA),
-                "exclude": ["imaging_from_pacs_feed"],
-            },
-            {"name": "pacs", "kind": "dicom", "path": str(pacs)},
-        ],
-    }
-    path = tmp / "site.yaml"
-    path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
-    return path
+    return write_feeds_config(tmp / "site.yaml", wh.url, schema, ehr=DEMO_SYNTHEA, pacs=pacs)
 
 
 def _identifying_values() -> set[str]:

@@ -17,13 +17,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from etl.config import load_config
 from etl.pipeline.run import RunResult, run_pipeline
 from etl.pipeline.scope import SCOPE_ENV
-from tests.conftest import DEMO_SYNTHEA, DEMO_VOCAB, REPO
-from tests.pipeline_helpers import rows, write_rows
+from tests.conftest import DEMO_SYNTHEA, REPO
+from tests.pipeline_helpers import rows, write_feeds_config, write_rows
 from tests.test_delta_loads import LAB_DELTA, Night2
 from tests.test_dicom_pipeline import _pacs_tree
 from tests.test_shards import REPORT_KEYS, state
@@ -33,27 +32,8 @@ LAB_PATIENT = "6cf3d1b9-4d5e-8bb3-51f4-e047a6386c38"  # demo/lab oru_001's secon
 
 
 def _config(tmp: Path, url: str, schema: str, ehr: Path, lab: Path, pacs: Path) -> Path:
-    cfg = {
-        "warehouse": url,
-        "cdm_schema": schema,
-        "vocabulary": str(DEMO_VOCAB),
-        "quality": str(REPO / "quality" / "demo"),
-        "feeds": [
-            {
-                "name": "ehr",
-                "kind": "ehr_csv",
-                "profile": "synthea",
-                "path": str(ehr),
-                "exclude": ["laboratory_from_lab_feed", "imaging_from_pacs_feed"],
-                "delivery": "delta",
-            },
-            {"name": "lab", "kind": "hl7v2", "path": str(lab), "delivery": "delta"},
-            {"name": "pacs", "kind": "dicom", "path": str(pacs), "delivery": "delta"},
-        ],
-    }
-    path = tmp / f"{schema}_{ehr.name}.yaml"
-    path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
-    return path
+    return write_feeds_config(tmp / f"{schema}_{ehr.name}.yaml", url, schema, ehr=ehr, lab=lab,
+                              pacs=pacs, delivery="delta")  # fmt: skip
 
 
 def _run(config: Path, workdir: Path) -> RunResult:

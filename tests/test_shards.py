@@ -11,14 +11,13 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-import yaml
 
 from etl.config import load_config
 from etl.pipeline.build import build_steps
 from etl.pipeline.run import RunResult, run_pipeline
 from etl.pipeline.shards import ShardError, shard_count, split_steps
-from tests.conftest import DEMO_SYNTHEA, DEMO_VOCAB, REPO
-from tests.pipeline_helpers import rows, write_rows
+from tests.conftest import DEMO_SYNTHEA, REPO
+from tests.pipeline_helpers import rows, write_feeds_config, write_rows
 from tests.test_dicom_pipeline import _pacs_tree
 from tests.test_nightly_runs import snapshot
 
@@ -32,26 +31,8 @@ REPORT_KEYS = (
 
 
 def _config(tmp: Path, url: str, schema: str, ehr: Path, pacs: Path) -> Path:
-    cfg = {
-        "warehouse": url,
-        "cdm_schema": schema,
-        "vocabulary": str(DEMO_VOCAB),
-        "quality": str(REPO / "quality" / "demo"),
-        "feeds": [
-            {
-                "name": "ehr",
-                "kind": "ehr_csv",
-                "profile": "synthea",
-                "path": str(ehr),
-                "exclude": ["laboratory_from_lab_feed", "imaging_from_pacs_feed"],
-            },
-            {"name": "lab", "kind": "hl7v2", "path": str(DEMO_LAB)},
-            {"name": "pacs", "kind": "dicom", "path": str(pacs)},
-        ],
-    }
-    path = tmp / f"{schema}.yaml"
-    path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
-    return path
+    return write_feeds_config(tmp / f"{schema}.yaml", url, schema, ehr=ehr, lab=DEMO_LAB,
+                              pacs=pacs)  # fmt: skip
 
 
 def state(wh: Any, schema: str) -> dict[str, list[tuple]]:
