@@ -1,7 +1,8 @@
 """The benchmark: the whole nightly job on a scaled population, beside DuckDB's floor.
 
     python -m bench [--patients 1000,10000,100000,1000000] [--engines duckdb,postgresql]
-                    [--pg-max-patients 100000] [--memory-limit 6GB] [--threads 2]
+                    [--pg-max-patients 100000] [--billing-max-patients 100000]
+                    [--memory-limit 6GB] [--threads 2]
                     [--workdir bench/out] [--out bench/out] [--no-plot]
 
 For each N (patients): the demo population (demo/synthea27) scaled to N patients
@@ -14,6 +15,11 @@ DuckDB alone reading the same input files and writing as many rows to Parquet as
 run published. Prints per step seconds, rows/s and peak RSS, then a summary with the
 ratio pipeline / floor. Figures go to OUT/bench.json (merged with earlier sizes) and a
 plot of time and memory against N to OUT/bench.png.
+
+Above --billing-max-patients the EHR export is scaled without Synthea's billing files
+(claims, claims_transactions, payer_transitions: ~70% of the rows, ~80% of the bytes;
+~100 GB of CSV at a million patients), so that run has no payer_plan_period and no cost;
+its figures say `"billing": false`.
 
 --memory-limit and --threads go into the run's site config (`duckdb:` section) and to the
 floor; OMOP_ETL_DUCKDB_* variables still override them in the pipeline.
@@ -40,8 +46,10 @@ from bench.synthea_scaler import scale
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_PATIENTS = "1000,10000,100000,1000000"
 # disk a patient needs in WORKDIR: ~131 KB of Synthea CSV, its landed Parquet, the
-# warehouse file and DuckDB's spill (measured: 12.5 GB of CSV at 100,000 patients)
+# warehouse file and DuckDB's spill (measured: 12.5 GB of CSV at 100,000 patients);
+# without the billing files ~26 KB of CSV
 DISK_PER_PATIENT = 250_000
+DISK_PER_PATIENT_NO_BILLING = 70_000
 
 
 def _machine() -> dict[str, Any]:
@@ -70,10 +78,14 @@ def _machine() -> dict[str, Any]:
     }
 
 
-def _inputs(n: int, workdir: Path) -> dict[str, Any]:
+def _synthea_dir(n: int, billing: bool, workdir: Path) -> Path:
+    return workdir / (f"synthea_{n}" if billing else f"synthea_{n}_nobilling")
+
+
+def _inputs(n: int, billing: bool, workdir: Path) -> dict[str, Any]:
     """The three feeds for N patients (cached), with their sizes and generation time."""
     started = time.perf_counter()
-    synthea = scale(n, workdir / f"synthea_{n}")
+    synthea = scale(n, _synthea_dir(n, billing, workdir), billing=billing)
     lab_dir, pacs_dir = workdir / f"lab_{n}", workdir / f"pacs_{n}"
     lab = write_lab(synthea, lab_dir)
     pacs = write_pacs(synthea, pacs_dir)
@@ -85,6 +97,7 @@ def _inputs(n: int, workdir: Path) -> dict[str, Any]:
         "synthea": synthea,
         "lab": lab_dir,
         "pacs": pacs_dir,
+        "billing": billing,
         "generate_seconds": time.perf_counter() - started,
         "ehr_mb": mib(synthea, "*.csv"),
         "lab_messages": lab["messages"],
@@ -129,6 +142,7 @@ def _pipeline(
         "cdm_rows": sum(r["tables"].values()),
         "duckdb_settings": settings if engine == "duckdb" else {},
         "feed_set": args.feeds,
+        "billing": data["billing"],
         "extract_seconds": _extract_seconds(Path(r["run_dir"])),
     }
     fig["code_version"] = _code_version()
@@ -168,7 +182,7 @@ def _summary(runs: list[dict[str, Any]]) -> None:
             [
                 f"{r['patients']:,}",
                 r["engine"],
-                r.get("status", "?"),
+                r.get("status", "?") + ("" if r.get("billing", True) else ", no billing"),
                 f"{r.get('input_records', 0):,}",
                 f"{r.get('lab_messages', 0):,}" if r.get("feed_set") == "all" else "-",
                 f"{r.get('extract_seconds', {}).get('lab', 0):,.1f}",
@@ -238,6 +252,16 @@ def plot(runs: list[dict[str, Any]], path: Path) -> None:
         label = f"{engine}" + (" (3 feeds)" if feeds == "all" else " (EHR feed only)")
         ax_t.plot(ns, [r["wall_seconds"] for r in mine], "o-", label=label)
         ax_m.plot(ns, [r["peak_mb"] / 1024 for r in mine], "o-", label=label)
+        for r in mine:
+            if not r.get("billing", True):
+                for ax, y in ((ax_t, r["wall_seconds"]), (ax_m, r["peak_mb"] / 1024)):
+                    ax.annotate(
+                        "no billing",
+                        (r["patients"], y),
+                        fontsize=7,
+                        textcoords="offset points",
+                        xytext=(-40, 6),
+                    )
     for feeds in sorted({r.get("feed_set", "all") for r in done}):
         floors = {
             r["patients"]: r["floor"]
@@ -281,6 +305,12 @@ def main(argv: list[str] | None = None) -> None:
         "--pg-max-patients", type=int, default=100_000, help="skip larger N on PostgreSQL"
     )
     ap.add_argument(
+        "--billing-max-patients",
+        type=int,
+        default=100_000,
+        help="above it the EHR export has no billing files (no payer_plan_period, no cost)",
+    )
+    ap.add_argument(
         "--feeds",
         choices=["all", "ehr"],
         default="all",
@@ -304,19 +334,22 @@ def main(argv: list[str] | None = None) -> None:
     machine = _machine()
     runs: list[dict[str, Any]] = []
     for n in (int(x) for x in args.patients.split(",")):
+        billing = n <= args.billing_max_patients
         free = shutil.disk_usage(args.workdir).free
-        cached = (args.workdir / f"synthea_{n}" / ".scaled.json").is_file()
-        if not cached and n * DISK_PER_PATIENT > free:
+        cached = (_synthea_dir(n, billing, args.workdir) / ".scaled.json").is_file()
+        need = n * (DISK_PER_PATIENT if billing else DISK_PER_PATIENT_NO_BILLING)
+        if not cached and need > free:
             print(
-                f"\nN = {n:,} skipped: needs ~{n * DISK_PER_PATIENT / 2**30:,.0f} GiB free in"
+                f"\nN = {n:,} skipped: needs ~{need / 2**30:,.0f} GiB free in"
                 f" {args.workdir}, {free / 2**30:,.0f} GiB are (--workdir elsewhere?)"
             )
             continue
-        data = _inputs(n, args.workdir)
+        data = _inputs(n, billing, args.workdir)
         print(
             f"\nN = {n:,}: EHR {data['ehr_mb']:,.0f} MiB, lab {data['lab_messages']:,}"
             f" messages ({data['lab_mb']:,.0f} MiB), PACS {data['dicom_files']:,} files;"
-            f" ready in {data['generate_seconds']:.1f}s",
+            f" ready in {data['generate_seconds']:.1f}s"
+            + ("" if billing else "; no billing files (no payer_plan_period, no cost)"),
             flush=True,
         )
         inputs = {k: (str(v) if isinstance(v, Path) else v) for k, v in data.items()}
