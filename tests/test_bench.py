@@ -98,3 +98,19 @@ def test_the_generated_feeds_are_deterministic(bench_run: dict, tmp_path: Path) 
     first = sorted((work / f"lab_{PATIENTS}").glob("*.hl7"))
     second = sorted((tmp_path / "lab").glob("*.hl7"))
     assert [p.read_bytes() for p in first] == [p.read_bytes() for p in second]
+
+
+def test_above_the_billing_limit_the_export_has_no_billing_rows(tmp_path: Path) -> None:
+    """--billing-max-patients: a larger N is scaled without claims, claim lines and payer
+    transitions (their headers only), in its own folder, and its figures say so."""
+    from bench.__main__ import _inputs
+    from bench.synthea_scaler import count_rows
+
+    data = _inputs(30, False, tmp_path)
+    assert data["billing"] is False
+    assert data["synthea"] == tmp_path / "synthea_30_nobilling"
+    counts = count_rows(data["synthea"])
+    for name in ("claims.csv", "claims_transactions.csv", "payer_transitions.csv"):
+        assert counts[name] == 0
+    assert counts["patients.csv"] == 30 and counts["encounters.csv"] > 0
+    assert data["lab_messages"] > 0 and data["dicom_files"] > 0
