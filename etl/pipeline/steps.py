@@ -780,8 +780,11 @@ def _extract_deletions(
 def _dispatch(feed: FeedConfig, cfg: SiteConfig, key: bytes, landing: Landing) -> list[FileStats]:
     if feed.kind == "hl7v2":
         from etl.sources.hl7v2 import extract_hl7
+        from etl.warehouse.duckdb import connection_config
 
-        return extract_hl7(feed, key, landing)
+        # the site's DuckDB resources (memory_limit, threads, temp_directory) bound the
+        # status rules' DuckDB too; a PostgreSQL site's come from the environment
+        return extract_hl7(feed, key, landing, connection_config(cfg.warehouse)[1])
     if feed.kind == "dicom":
         from etl.sources.dicom import extract_dicom
 

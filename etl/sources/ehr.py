@@ -23,7 +23,6 @@ from etl import canonical
 from etl.pseudonym import duckdb_pseudonym_sql, install_duckdb_macro
 from etl.sources.delimited import LINE, count_data_lines, stream
 from etl.sources.plausible import EARLIEST, latest
-from etl.sources.prefetch import prefetched
 from etl.sources.profile import Coded, EventSpec, Profile, ProfileError
 
 log = logging.getLogger(__name__)
@@ -503,7 +502,7 @@ def extract_ehr(
             log.error("%s/%s: %s; %d record(s) quarantined", feed, file_name, reason, n)
             continue
         sql = q.sql("batch")
-        for batch in prefetched(batches):
+        for batch in batches:
             con.register("batch", batch)
             result = con.sql(sql).to_arrow_table()
             con.unregister("batch")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import tempfile
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -22,7 +23,7 @@ from typing import Any
 
 import duckdb
 import pyarrow as pa
-import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from etl import canonical
 from etl.config import FeedConfig
@@ -208,21 +209,33 @@ def _read_all(
         yield read_file(*job)
 
 
-def extract_hl7(feed: FeedConfig, key: bytes, sink: RecordSink) -> list[FileStats]:
-    """Read every HL7 file of the feed folder into `sink`; per-file accounting."""
+def extract_hl7(
+    feed: FeedConfig, key: bytes, sink: RecordSink, duckdb_config: dict[str, str] | None = None
+) -> list[FileStats]:
+    """Read every HL7 file of the feed folder into `sink`; per-file accounting.
+
+    Parsed results are spooled to a Parquet file, not held in memory, and the status
+    rules run in DuckDB over it with `duckdb_config` (the site's memory_limit, threads,
+    temp_directory), so memory stays bounded whatever the feed's size.
+    """
     root = Path(feed.path)
     files: list[FileStats] = []
-    tables: list[pa.Table] = []
     if not root.exists():
         log.error("%s: %s does not exist", feed.name, root)
         return files
-    for stats, table, quarantine in _read_all(feed.name, root, input_files(root)):
-        tables.append(table)
-        if quarantine.num_rows:
-            sink.write("quarantine", quarantine)
-        files.append(stats)
-    results = pa.concat_tables(tables) if tables else RESULT.empty_table()
-    _resolve(feed, key, results, files, sink)
+    config = dict(duckdb_config or {})
+    if config.get("temp_directory"):
+        Path(config["temp_directory"]).mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="hl7-", dir=config.get("temp_directory")) as tmp:
+        spool = Path(tmp) / "results.parquet"
+        with pq.ParquetWriter(spool, RESULT) as writer:
+            for stats, table, quarantine in _read_all(feed.name, root, input_files(root)):
+                writer.write_table(table)
+                if quarantine.num_rows:
+                    sink.write("quarantine", quarantine)
+                files.append(stats)
+        config.setdefault("temp_directory", str(Path(tmp) / "spill"))
+        _resolve(feed, key, spool, files, sink, config)
     for st in files:
         log.log(
             logging.WARNING if st.message else logging.INFO,
@@ -326,16 +339,28 @@ _DERIVED = """
 """
 
 
+_BATCH_ROWS = 500_000
+
+
+def _sql_text(value: str) -> str:
+    return value.replace("'", "''")
+
+
 def _resolve(
-    feed: FeedConfig, key: bytes, results: pa.Table, files: list[FileStats], sink: RecordSink
+    feed: FeedConfig,
+    key: bytes,
+    spool: Path,
+    files: list[FileStats],
+    sink: RecordSink,
+    config: dict[str, str],
 ) -> None:
     """Pseudonymise, apply the status rules, write events (and derived persons)."""
-    con = duckdb.connect()
+    con = duckdb.connect(config=config)
     try:
         install_duckdb_macro(con, key)
-        is_merge = pc.equal(results["kind"], "merge")
-        con.register("results", results.filter(pc.invert(is_merge)))
-        con.register("merges", results.filter(is_merge))
+        parsed = f"read_parquet('{_sql_text(str(spool))}')"
+        con.execute(f"CREATE TEMP VIEW results AS SELECT * FROM {parsed} WHERE kind <> 'merge'")
+        con.execute(f"CREATE TEMP TABLE merges AS SELECT * FROM {parsed} WHERE kind = 'merge'")
         con.execute(f"CREATE TEMP TABLE resolved AS {_RESOLVED}")
         for file_idx, n in con.execute(
             "SELECT file_idx, count(*) FROM merges GROUP BY ALL ORDER BY ALL"
@@ -355,8 +380,9 @@ def _resolve(
             "type_concept": LAB_TYPE_CONCEPT,
             "gender_vocabulary": GENDER_VOCABULARY,
         }
-        events = con.sql(_EVENTS.format(**params)).to_arrow_table()
-        sink.write("event", events.cast(canonical.EVENT))
+        events = con.sql(_EVENTS.format(**params)).fetch_record_batch(_BATCH_ROWS)
+        for batch in events:  # streamed: the feed's events are never all in memory
+            sink.write("event", pa.Table.from_batches([batch]).cast(canonical.EVENT))
         merges = con.sql(_MERGES.format(**params)).to_arrow_table()
         sink.write("person_merge", merges.cast(canonical.PERSON_MERGE))
         # a cancellation withdraws its result: in a delta feed, from the state as well
