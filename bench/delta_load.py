@@ -30,6 +30,7 @@ sys.path.insert(0, str(REPO))
 
 from bench.measure import peak_rss_mb, print_table  # noqa: E402
 from bench.synthea_scaler import scale  # noqa: E402
+from etl.sql_text import sql_literal  # noqa: E402
 
 KEY_ENV = "OMOP_ETL_PSEUDONYM_KEY"
 BENCH_KEY = "omop-etl-benchmark-key-not-a-secret-0123456789abcdef"
@@ -51,11 +52,10 @@ def make_delta(full: Path, out: Path, percent: float) -> dict[str, int]:
         )
         if column is None:
             continue
-        src = str(path).replace("'", "''")
-        dst = str(out / path.name).replace("'", "''")
+        src, dst = sql_literal(path), sql_literal(out / path.name)
         con.execute(
-            f"COPY (SELECT * FROM read_csv('{src}', header=true, all_varchar=true)"
-            f" WHERE hash(\"{column}\") % {modulo} = 0) TO '{dst}' (HEADER, DELIMITER ',')"
+            f"COPY (SELECT * FROM read_csv({src}, header=true, all_varchar=true)"
+            f" WHERE hash(\"{column}\") % {modulo} = 0) TO {dst} (HEADER, DELIMITER ',')"
         )
         counts[path.name] = con.execute(f"SELECT count(*) FROM read_csv('{dst}')").fetchone()[0]
     con.close()

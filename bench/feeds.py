@@ -23,15 +23,12 @@ import duckdb
 from etl.demo_lab import OUT as DEMO_LAB
 from etl.demo_lab import RANGES, oru_message
 from etl.sources.dicom.synth import demo_specs, write_tree
+from etl.sql_text import sql_literal
 
 MESSAGES_PER_FILE = 1000
 MARKER = ".feed.json"
 VERSION = 1  # bump when the output for a given population changes
 _LAB_COLUMNS = ("PATIENT", "ENCOUNTER", "DATE", "CODE", "DESCRIPTION", "VALUE", "UNITS", "TYPE")
-
-
-def _lit(value: str) -> str:
-    return "'" + value.replace("'", "''") + "'"
 
 
 def _cached(out: Path, wanted: dict[str, object], build: Callable[[Path], dict]) -> dict:
@@ -54,7 +51,7 @@ def _cached(out: Path, wanted: dict[str, object], build: Callable[[Path], dict])
 
 def _patients(con: duckdb.DuckDBPyConnection, synthea: Path) -> dict[str, dict[str, str]]:
     """Id -> the PID fields of every patient."""
-    pats = f"read_csv({_lit(str(synthea / 'patients.csv'))}, all_varchar = true)"
+    pats = f"read_csv({sql_literal(str(synthea / 'patients.csv'))}, all_varchar = true)"
     people = con.execute(
         f"SELECT Id, coalesce(BIRTHDATE, ''), coalesce(GENDER, '') FROM {pats}"
     ).fetchall()
@@ -64,7 +61,7 @@ def _patients(con: duckdb.DuckDBPyConnection, synthea: Path) -> dict[str, dict[s
 def _lab_rows(con: duckdb.DuckDBPyConnection, synthea: Path) -> Iterator[tuple[str, ...]]:
     """Laboratory rows in message order, streamed in blocks."""
     cols = ", ".join(f'o."{c}"' for c in _LAB_COLUMNS)
-    obs = f"read_csv({_lit(str(synthea / 'observations.csv'))}, all_varchar = true)"
+    obs = f"read_csv({sql_literal(str(synthea / 'observations.csv'))}, all_varchar = true)"
     cursor = con.execute(
         f"SELECT {cols} FROM {obs} o WHERE o.CATEGORY = 'laboratory'"
         " ORDER BY o.DATE, o.PATIENT, o.ENCOUNTER, o.CODE, o.VALUE"

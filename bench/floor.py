@@ -27,10 +27,7 @@ from typing import Any
 import duckdb
 
 from bench.measure import peak_rss_mb
-
-
-def _lit(value: str) -> str:
-    return "'" + value.replace("'", "''") + "'"
+from etl.sql_text import sql_literal
 
 
 def _value(datatype: str, k: int) -> str:
@@ -53,7 +50,7 @@ def read_input(
     csv_rows = 0
     for path in sorted(synthea.glob("*.csv")):
         csv_rows += con.execute(
-            f"SELECT count(*), sum(hash(t)) FROM read_csv({_lit(str(path))}, header = true) t"
+            f"SELECT count(*), sum(hash(t)) FROM read_csv({sql_literal(path)}, header = true) t"
         ).fetchone()[0]
     seen = {"csv_rows": int(csv_rows)}
     if lab is not None:
@@ -64,7 +61,7 @@ def read_input(
 
 
 def _read_hl7(con: duckdb.DuckDBPyConnection, lab: Path) -> dict[str, int]:
-    hl7 = _lit(str(lab / "*.hl7"))
+    hl7 = sql_literal(str(lab / "*.hl7"))
     segments, fields = con.execute(
         "SELECT count(*), sum(len(string_split(seg, '|'))) FROM ("
         f" SELECT unnest(string_split(replace(content, chr(10), chr(13)), chr(13))) AS seg"
@@ -74,7 +71,7 @@ def _read_hl7(con: duckdb.DuckDBPyConnection, lab: Path) -> dict[str, int]:
 
 
 def _read_dicom(con: duckdb.DuckDBPyConnection, pacs: Path) -> dict[str, int]:
-    dicom = _lit(str(pacs / "**" / "*.dcm"))
+    dicom = sql_literal(str(pacs / "**" / "*.dcm"))
     files, dicom_bytes = con.execute(
         f"SELECT count(*), coalesce(sum(octet_length(content)), 0) FROM read_blob({dicom})"
     ).fetchone()
@@ -94,7 +91,7 @@ def write_output(con: duckdb.DuckDBPyConnection, tables: dict[str, int], out: Pa
         cols = ", ".join(
             f'{_value(f.datatype, k)} AS "{f.name}"' for k, f in enumerate(spec[name].fields)
         )
-        target = _lit(str(out / f"{name}.parquet"))
+        target = sql_literal(str(out / f"{name}.parquet"))
         con.execute(
             f"COPY (SELECT {cols} FROM range({int(rows)}) r(i)) TO {target} (FORMAT parquet)"
         )

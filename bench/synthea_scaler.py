@@ -37,6 +37,8 @@ from pathlib import Path
 
 import duckdb
 
+from etl.sql_text import sql_identifier, sql_literal
+
 REPO = Path(__file__).resolve().parents[1]
 SOURCE = REPO / "demo" / "synthea27"
 MARKER = ".scaled.json"
@@ -97,14 +99,6 @@ PATIENT_FILES: dict[str, FileSpec] = {
 }
 
 
-def _q(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
-
-
-def _lit(value: str) -> str:
-    return "'" + value.replace("'", "''") + "'"
-
-
 def _new_id(expr: str) -> str:
     """SQL: the replica's UUID-shaped key for the id `expr` (NULL stays NULL)."""
     h = f"md5({expr} || '/' || CAST(rep.r AS VARCHAR))"
@@ -122,7 +116,7 @@ def _shifted(expr: str) -> str:
 
 def _patient_field(name: str) -> str | None:
     """SQL for a patient-identifying column of patients.csv, or None to keep it."""
-    col = f"t.{_q(name)}"
+    col = f"t.{sql_identifier(name)}"
     g = "rep.g"
     if name in ("FIRST", "LAST", "MAIDEN"):
         return f"{col} || CAST(rep.r AS VARCHAR)"
@@ -148,7 +142,7 @@ def _select(name: str, spec: FileSpec, columns: list[str]) -> str:
         raise ValueError(f"{name}: column(s) not in the header: {', '.join(missing)}")
     exprs = []
     for c in columns:
-        col = f"t.{_q(c)}"
+        col = f"t.{sql_identifier(c)}"
         if c in spec.ids:
             expr = _new_id(col)
         elif c in spec.dates:
@@ -159,10 +153,10 @@ def _select(name: str, spec: FileSpec, columns: list[str]) -> str:
             expr = _patient_field(c) or col
         else:
             expr = col
-        exprs.append(f"{expr} AS {_q(c)}")
+        exprs.append(f"{expr} AS {sql_identifier(c)}")
     return (
         f"SELECT {', '.join(exprs)} FROM src t"
-        f" JOIN replicas rep ON rep.patient = t.{_q(spec.patient)}"
+        f" JOIN replicas rep ON rep.patient = t.{sql_identifier(spec.patient)}"
         " ORDER BY rep.r, t._row"
     )
 
@@ -172,7 +166,7 @@ def _marker(n_patients: int, billing: bool) -> dict[str, object]:
 
 
 def _copy_csv(con: duckdb.DuckDBPyConnection, sql: str, path: Path) -> None:
-    con.execute(f"COPY ({sql}) TO {_lit(str(path))} (FORMAT csv, HEADER, DELIMITER ',')")
+    con.execute(f"COPY ({sql}) TO {sql_literal(path)} (FORMAT csv, HEADER, DELIMITER ',')")
 
 
 def _load_source(con: duckdb.DuckDBPyConnection, path: Path) -> list[str]:
@@ -180,7 +174,7 @@ def _load_source(con: duckdb.DuckDBPyConnection, path: Path) -> list[str]:
     con.execute("SET threads = 1")  # one reader thread: row_number() follows the file
     con.execute(
         "CREATE OR REPLACE TEMP TABLE src AS SELECT row_number() OVER () AS _row, *"
-        f" FROM read_csv({_lit(str(path))}, header = true, delim = ',', quote = '\"',"
+        f" FROM read_csv({sql_literal(path)}, header = true, delim = ',', quote = '\"',"
         " all_varchar = true)"
     )
     con.execute("RESET threads")
@@ -245,7 +239,7 @@ def count_rows(folder: Path) -> dict[str, int]:
     try:
         return {
             p.name: con.execute(
-                f"SELECT count(*) FROM read_csv({_lit(str(p))}, header = true, all_varchar = true)"
+                f"SELECT count(*) FROM read_csv({sql_literal(p)}, header=true, all_varchar=true)"
             ).fetchone()[0]
             for p in sorted(folder.glob("*.csv"))
         }

@@ -37,6 +37,7 @@ import pyarrow.parquet as pq
 
 from etl import canonical
 from etl.sources.ehr import FileStats
+from etl.sql_text import sql_literal
 
 log = logging.getLogger(__name__)
 
@@ -125,10 +126,6 @@ class DeletionSink:
         return out
 
 
-def _sql_path(path: Path) -> str:
-    return "'" + str(path).replace("'", "''") + "'"
-
-
 def _rewrite(src: Path, dst: Path, shape: str, prefix: str | None = None) -> None:
     """Stream `src` into `dst` batch by batch with the shape's canonical schema (DuckDB
     writes every column nullable), prefixing source_file when `prefix` is given."""
@@ -157,10 +154,6 @@ def prefix_source_files(delivery_dir: Path, prefix: str) -> list[FileStats]:
     return [FileStats(**s) for s in stats]
 
 
-def _lit(text: str) -> str:
-    return "'" + text.replace("'", "''") + "'"
-
-
 def consolidate(
     base_dir: Path | None, delivery_dir: Path, out_dir: Path, base_run: str | None
 ) -> DeltaSummary:
@@ -173,7 +166,7 @@ def consolidate(
     try:
         con.execute(
             f"CREATE TEMP TABLE withdrawn AS SELECT DISTINCT shape, record_key"
-            f" FROM read_parquet({_sql_path(delivery_dir / 'deletion.parquet')})"
+            f" FROM read_parquet({sql_literal(delivery_dir / 'deletion.parquet')})"
         )
         con.execute("CREATE TEMP TABLE touched_person (person_key VARCHAR)")
         con.execute("CREATE TEMP TABLE touched_claim (claim_key VARCHAR)")
@@ -183,7 +176,7 @@ def consolidate(
             base = base_dir / f"{shape}.parquet" if base_dir is not None else None
             key = canonical.RECORD_KEYS.get(shape)
             summary.delivered[shape] = pq.ParquetFile(delivered).metadata.num_rows
-            _touch(con, shape, f"read_parquet({_sql_path(delivered)})")
+            _touch(con, shape, f"read_parquet({sql_literal(delivered)})")
             if key is None or base is None or not base.is_file():
                 shutil.copyfile(delivered, target)
                 if shape in REFERENCE_SHAPES and summary.delivered[shape]:
@@ -194,7 +187,7 @@ def consolidate(
                 f"""
                 CREATE OR REPLACE TEMP TABLE touched AS
                 SELECT k, bool_or(replaced) AS replaced FROM (
-                    SELECT {key} AS k, TRUE AS replaced FROM read_parquet({_sql_path(delivered)})
+                    SELECT {key} AS k, TRUE AS replaced FROM read_parquet({sql_literal(delivered)})
                     UNION ALL
                     SELECT record_key, FALSE FROM withdrawn WHERE shape = '{shape}'
                 ) GROUP BY k
@@ -205,7 +198,7 @@ def consolidate(
             replaced, deleted, carried = con.execute(
                 f"SELECT count(*) FILTER (WHERE t.replaced),"
                 f" count(*) FILTER (WHERE NOT t.replaced), count(*) FILTER (WHERE t.k IS NULL)"
-                f" FROM read_parquet({_sql_path(base)}) b LEFT JOIN touched t ON t.k = b.{key}"
+                f" FROM read_parquet({sql_literal(base)}) b LEFT JOIN touched t ON t.k = b.{key}"
             ).fetchone()
             summary.replaced[shape], summary.deleted[shape] = replaced, deleted
             summary.carried[shape] = carried
@@ -215,22 +208,22 @@ def consolidate(
             _touch(
                 con,
                 shape,
-                f"(SELECT b.* FROM read_parquet({_sql_path(base)}) b"
+                f"(SELECT b.* FROM read_parquet({sql_literal(base)}) b"
                 f" JOIN touched t ON t.k = b.{key})",
             )
             con.execute(
                 f"""
                 COPY (
-                    SELECT b.* FROM read_parquet({_sql_path(base)}) b
+                    SELECT b.* FROM read_parquet({sql_literal(base)}) b
                     WHERE NOT EXISTS (SELECT 1 FROM touched t WHERE t.k = b.{key})
                     UNION ALL BY NAME
-                    SELECT * FROM read_parquet({_sql_path(delivered)})
-                ) TO {_sql_path(target)} (FORMAT parquet, COMPRESSION zstd)
+                    SELECT * FROM read_parquet({sql_literal(delivered)})
+                ) TO {sql_literal(target)} (FORMAT parquet, COMPRESSION zstd)
                 """
             )
         # a changed claim line touches its claim's patient (the claim: in the state or new)
         claims = [
-            f"SELECT claim_key, person_key FROM read_parquet({_sql_path(p)})"
+            f"SELECT claim_key, person_key FROM read_parquet({sql_literal(p)})"
             for p in (out_dir / "claim.parquet", base_dir and base_dir / "claim.parquet")
             if p is not None and p.is_file()
         ]
@@ -244,7 +237,7 @@ def consolidate(
         ).fetchone()[0]
         con.execute(
             "COPY (SELECT DISTINCT person_key FROM touched_person WHERE person_key IS NOT NULL"
-            f" ORDER BY 1) TO {_sql_path(out_dir / TOUCHED_PERSONS)} (FORMAT parquet)"
+            f" ORDER BY 1) TO {sql_literal(out_dir / TOUCHED_PERSONS)} (FORMAT parquet)"
         )
     finally:
         con.close()

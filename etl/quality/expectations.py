@@ -42,6 +42,7 @@ from great_expectations.data_context.types.base import ProgressBarsConfig
 from etl.cdm.spec import TableSpec, cdm_tables
 from etl.pipeline.schemas import Schemas
 from etl.quality.checks import Check
+from etl.sql_text import sql_literal
 
 log = logging.getLogger(__name__)
 logging.getLogger("great_expectations").setLevel(logging.WARNING)
@@ -260,11 +261,10 @@ def _partitions(
     spec = cdm_tables()[table]
     key = spec.primary_key[0] if len(spec.primary_key) == 1 else "rowid"
     with tempfile.TemporaryDirectory(prefix=f"ge-{table}-", dir=spill_dir) as tmp:
-        target = str(Path(tmp) / "parts").replace("'", "''")
         copy = s.sql(
             f"COPY (SELECT *, hash({key}) % {parts} AS {_PART} FROM {{S}}.{table})"
-            " TO '{target}' (FORMAT parquet, PARTITION_BY (" + _PART + "))",
-            target=target,
+            " TO {target} (FORMAT parquet, PARTITION_BY (" + _PART + "))",
+            target=sql_literal(Path(tmp) / "parts"),
         )
         with s.wh.begin() as conn:
             raw = conn.connection.driver_connection  # not sa.text: a path may hold ':'

@@ -24,6 +24,7 @@ from etl.pseudonym import duckdb_pseudonym_sql, install_duckdb_macro
 from etl.sources.delimited import LINE, count_data_lines, stream
 from etl.sources.plausible import EARLIEST, latest
 from etl.sources.profile import Coded, EventSpec, Profile, ProfileError
+from etl.sql_text import sql_identifier, sql_literal
 
 log = logging.getLogger(__name__)
 
@@ -88,14 +89,6 @@ class Extract:
         return pa.concat_tables([p.cast(schema) for p in parts])
 
 
-def _q(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
-
-
-def _lit(value: str) -> str:
-    return "'" + value.replace("'", "''") + "'"
-
-
 class _Query:
     """Builds the typed-and-checked SELECT for one record set over a decoded block."""
 
@@ -111,7 +104,7 @@ class _Query:
     def col(self, name: str) -> str:
         if name not in self.columns:
             self.columns.append(name)
-        return _q(name)
+        return sql_identifier(name)
 
     def required(self, name: str) -> str:
         expr = self.col(name)
@@ -122,7 +115,7 @@ class _Query:
         """A date column, parsed; unparsable or implausible dates are quarantined
         (etl/sources/plausible.py: before 1850, or in the future unless an end date)."""
         expr = self.col(name)
-        formats = "[" + ", ".join(_lit(f) for f in self.profile.date_formats) + "]"
+        formats = "[" + ", ".join(sql_literal(f) for f in self.profile.date_formats) + "]"
         parsed = f"try_strptime({expr}, {formats})"
         if required:
             self.checks.append((f"{expr} IS NULL", f"{name} is empty"))
@@ -163,10 +156,10 @@ class _Query:
     def coded(self, spec: Coded) -> tuple[str, str]:
         code = self.col(spec.column)
         if spec.vocabulary is not None:
-            return code, _lit(spec.vocabulary)
+            return code, sql_literal(spec.vocabulary)
         system = self.col(spec.vocabulary_column or "")
         cases = " ".join(
-            f"WHEN {_lit(src)} THEN {_lit(vocab)}"
+            f"WHEN {sql_literal(src)} THEN {sql_literal(vocab)}"
             for src, vocab in self.profile.code_systems.items()
         )
         return code, f"CASE {system} {cases} ELSE {system} END" if cases else system
@@ -174,25 +167,26 @@ class _Query:
     def sql(self, source: str) -> str:
         # Text is valid when it decodes and holds no NUL (PostgreSQL cannot store U+0000).
         def text(c: str) -> str:
-            return f"try(decode({_q(c)}))"
+            return f"try(decode({sql_identifier(c)}))"
 
         def invalid(c: str) -> str:
             return f"({text(c)} IS NULL OR strpos({text(c)}, chr(0)) > 0)"
 
         decoded = ", ".join(
-            f"CASE WHEN {invalid(c)} THEN NULL ELSE nullif(trim({text(c)}), '') END AS {_q(c)}"
+            f"CASE WHEN {invalid(c)} THEN NULL ELSE nullif(trim({text(c)}), '') END"
+            f" AS {sql_identifier(c)}"
             for c in self.columns
         )
         enc = ", ".join(
-            f"CASE WHEN {_q(c)} IS NOT NULL AND {invalid(c)} "
-            f"THEN {_lit(c + ' is not valid text in the declared encoding')} END"
+            f"CASE WHEN {sql_identifier(c)} IS NOT NULL AND {invalid(c)} "
+            f"THEN {sql_literal(c + ' is not valid text in the declared encoding')} END"
             for c in self.columns
         )
-        reason_cases = " ".join(f"WHEN {cond} THEN {_lit(r)}" for cond, r in self.checks)
+        reason_cases = " ".join(f"WHEN {cond} THEN {sql_literal(r)}" for cond, r in self.checks)
         reason = f"CASE {reason_cases} END" if reason_cases else "NULL"
-        excluded_cases = " ".join(f"WHEN {c} THEN {_lit(r)}" for c, r in self.exclusions)
+        excluded_cases = " ".join(f"WHEN {c} THEN {sql_literal(r)}" for c, r in self.exclusions)
         excluded = f"CASE {excluded_cases} END" if excluded_cases else "NULL"
-        body = ", ".join(f"{expr} AS {_q(name)}" for name, expr in self.select.items())
+        body = ", ".join(f"{expr} AS {sql_identifier(name)}" for name, expr in self.select.items())
         hashed = "".join(
             f""", _h{i} AS (
                 SELECT _pv, {duckdb_pseudonym_sql("_pv")} AS _pk
@@ -210,7 +204,7 @@ class _Query:
                 FROM {source}
             ){hashed}
             SELECT {body},
-                   {_lit(self.feed)} AS feed, {_lit(self.file)} AS source_file,
+                   {sql_literal(self.feed)} AS feed, {sql_literal(self.file)} AS source_file,
                    {LINE} AS source_line,
                    coalesce(_enc, {reason}) AS _reason,
                    CAST({excluded} AS VARCHAR) AS _excluded
@@ -221,7 +215,7 @@ class _Query:
 
 def _zip3(expr: str) -> str:
     digits = f"regexp_replace({expr}, '[^0-9]', '', 'g')"
-    restricted = ", ".join(_lit(z) for z in sorted(RESTRICTED_ZIP3))
+    restricted = ", ".join(sql_literal(z) for z in sorted(RESTRICTED_ZIP3))
     return (
         f"CASE WHEN length({digits}) >= 5 THEN CASE WHEN left({digits}, 3) IN ({restricted}) "
         f"THEN '000' ELSE left({digits}, 3) END END"
@@ -306,7 +300,9 @@ def _payers(q: _Query) -> str:
 
 def _record_key(q: _Query, name: str, columns: list[str]) -> str:
     parts = ", ".join(f"coalesce({q.col(c)}, '')" for c in columns)
-    return q.pseudonym(f"{_lit(name)} || '|' || concat_ws({_lit(KEY_SEPARATOR)}, {parts})")
+    return q.pseudonym(
+        f"{sql_literal(name)} || '|' || concat_ws({sql_literal(KEY_SEPARATOR)}, {parts})"
+    )
 
 
 def _payer_plans(q: _Query) -> str:
@@ -334,8 +330,8 @@ def _cost_lines(q: _Query) -> str:
     c = q.profile.cost_lines
     assert c is not None
     kind = q.col(c.kind)
-    charges = ", ".join(_lit(k) for k in c.charge_kinds)
-    payments = ", ".join(_lit(k) for k in c.payment_kinds)
+    charges = ", ".join(sql_literal(k) for k in c.charge_kinds)
+    payments = ", ".join(sql_literal(k) for k in c.payment_kinds)
     q.select["line_key"] = q.pseudonym(q.required(c.key))
     q.select["claim_key"] = q.pseudonym(q.required(c.claim), repeats=True)
     q.select["kind"] = (
@@ -356,14 +352,14 @@ def _event(spec: EventSpec) -> Callable[[_Query], str]:
     def build(q: _Query) -> str:
         person = q.required(spec.person)
         q.select["person_key"] = q.pseudonym(person, repeats=True)
-        q.select["record_set"] = _lit(spec.name)
+        q.select["record_set"] = sql_literal(spec.name)
         q.select["visit_key"] = (
             q.pseudonym(q.col(spec.visit), repeats=True) if spec.visit else "NULL"
         )
         code, vocab = q.coded(spec.code)
         q.required(spec.code.column)
         q.select["code"], q.select["vocabulary_id"] = code, vocab
-        q.select["default_domain"] = _lit(spec.domain)
+        q.select["default_domain"] = sql_literal(spec.domain)
         q.select["keep_domain"] = "TRUE" if spec.keep_domain else "FALSE"
         q.select["type_concept_id"] = f"CAST({spec.type_concept_id} AS INTEGER)"
         q.select["start_datetime"] = q.timestamp(spec.start, required=True)
@@ -376,7 +372,7 @@ def _event(spec: EventSpec) -> Callable[[_Query], str]:
             raw_value = q.col(v.column)
             must = None
             if v.numeric_when is not None:
-                must = f"{q.col(v.numeric_when.column)} = {_lit(v.numeric_when.equals)}"
+                must = f"{q.col(v.numeric_when.column)} = {sql_literal(v.numeric_when.equals)}"
                 value_number = f"CASE WHEN {must} THEN {q.number(v.column, must_parse=must)} END"
             elif v.coded is None:
                 value_number = f"try_cast({raw_value} AS DOUBLE)"
@@ -384,7 +380,7 @@ def _event(spec: EventSpec) -> Callable[[_Query], str]:
             if v.coded is not None:
                 value_code, value_vocab = q.coded(v.coded)
         if spec.identifying_value_codes:
-            listed = ", ".join(_lit(c) for c in spec.identifying_value_codes)
+            listed = ", ".join(sql_literal(c) for c in spec.identifying_value_codes)
             hide = f"{q.col(spec.code.column)} IN ({listed})"
             value_number, value_string, value_code = (
                 f"CASE WHEN {hide} THEN NULL ELSE {v} END"
@@ -394,7 +390,7 @@ def _event(spec: EventSpec) -> Callable[[_Query], str]:
         q.select["value_as_string"] = value_string
         q.select["value_code"], q.select["value_vocabulary"] = value_code, value_vocab
         q.select["unit_code"] = q.col(spec.unit) if spec.unit else "NULL"
-        q.select["unit_vocabulary"] = _lit(spec.unit_vocabulary) if spec.unit else "NULL"
+        q.select["unit_vocabulary"] = sql_literal(spec.unit_vocabulary) if spec.unit else "NULL"
         q.select["range_low"] = q.number(spec.range_low) if spec.range_low else "NULL"
         q.select["range_high"] = q.number(spec.range_high) if spec.range_high else "NULL"
         q.select["operator"] = q.select["qualifier"] = "NULL"
@@ -487,7 +483,7 @@ def extract_ehr(
                 if rule.column is None:
                     q.exclusions.append(("TRUE", name))
                 else:
-                    values = ", ".join(_lit(v) for v in rule.equals)
+                    values = ", ".join(sql_literal(v) for v in rule.equals)
                     q.exclusions.append((f"{q.col(rule.column)} IN ({values})", name))
         raw, batches = stream(
             path, delimiter=profile.delimiter, encoding=profile.encoding, fmt=profile.format

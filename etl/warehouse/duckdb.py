@@ -11,6 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import sqlalchemy as sa
 
+from etl.sql_text import sql_literal
 from etl.warehouse.base import Warehouse, _as_batches
 
 MEMORY_LIMIT_ENV = "OMOP_ETL_DUCKDB_MEMORY_LIMIT"
@@ -101,7 +102,7 @@ class DuckDBWarehouse(Warehouse):
             return 0
         raw = conn.connection.driver_connection
         cols = ", ".join(self.quote(n) for n in pq.ParquetFile(paths[0]).schema_arrow.names)
-        files = ", ".join("'" + str(p).replace("'", "''") + "'" for p in paths)
+        files = ", ".join(sql_literal(p) for p in paths)
         raw.execute(
             f"INSERT INTO {self.qualified(schema, table)} ({cols})"
             f" SELECT {cols} FROM read_parquet([{files}])"

@@ -12,6 +12,7 @@ import pyarrow as pa
 
 from etl import canonical
 from etl.pseudonym import duckdb_pseudonym_sql as pseudo
+from etl.sql_text import sql_literal
 
 INSTANCE_COLUMNS = {
     "file": pa.string(),
@@ -52,12 +53,8 @@ PROCEDURE_BY_MODALITY = "DICOM_MODALITY"  # local map: modality -> imaging proce
 BODY_PART_VOCABULARY = "DICOM_BODY_PART"  # BodyPartExamined defined terms
 
 
-def _lit(value: str) -> str:
-    return "'" + value.replace("'", "''") + "'"
-
-
 def _vocab(scheme: str) -> str:
-    cases = " ".join(f"WHEN {_lit(k)} THEN {_lit(v)}" for k, v in SCHEMES.items())
+    cases = " ".join(f"WHEN {sql_literal(k)} THEN {sql_literal(v)}" for k, v in SCHEMES.items())
     return f"CASE upper({scheme}) {cases} ELSE {scheme} END"
 
 
@@ -80,7 +77,7 @@ SELECT study_uid,
            AS procedure_scheme,
        coalesce(
            arg_min(modality, file) FILTER (
-               WHERE modality NOT IN ({", ".join(_lit(m) for m in NON_IMAGE_MODALITIES)})),
+               WHERE modality NOT IN ({", ".join(sql_literal(m) for m in NON_IMAGE_MODALITIES)})),
            arg_min(modality, file)) AS modality
 FROM inst GROUP BY study_uid;
 
@@ -107,12 +104,12 @@ SELECT {_study_key("s.study_uid")} AS event_key,
        CAST(NULL AS VARCHAR) AS visit_key,
        coalesce(s.procedure_code, s.modality) AS code,
        CASE WHEN s.procedure_code IS NOT NULL THEN {_vocab("s.procedure_scheme")}
-            ELSE {_lit(PROCEDURE_BY_MODALITY)} END AS vocabulary_id,
+            ELSE {sql_literal(PROCEDURE_BY_MODALITY)} END AS vocabulary_id,
        'Procedure' AS default_domain,
        FALSE AS keep_domain,
        CAST({TYPE_CONCEPT_EHR} AS INTEGER) AS type_concept_id,
        s.study_datetime AS start_datetime,
-       {_lit(feed)} AS feed, s.first_file AS source_file, CAST(1 AS BIGINT) AS source_line
+       {sql_literal(feed)} AS feed, s.first_file AS source_file, CAST(1 AS BIGINT) AS source_line
 FROM study s ORDER BY s.first_file
 """
 
@@ -135,17 +132,17 @@ SELECT {_series_key("s.series_uid")} AS image_key,
        {study_uid} AS study_uid,
        {series_uid} AS series_uid,
        s.modality AS modality_code,
-       {_lit(MODALITY_VOCABULARY)} AS modality_vocabulary,
+       {sql_literal(MODALITY_VOCABULARY)} AS modality_vocabulary,
        CASE WHEN s.site_code IS NOT NULL THEN s.site_code ELSE upper(s.body_part) END
            AS anatomic_site_code,
        CASE WHEN s.site_code IS NOT NULL THEN {_vocab("s.site_scheme")}
-            WHEN s.body_part IS NOT NULL THEN {_lit(BODY_PART_VOCABULARY)} END
+            WHEN s.body_part IS NOT NULL THEN {sql_literal(BODY_PART_VOCABULARY)} END
            AS anatomic_site_vocabulary,
        s.start_datetime,
        {folder} AS local_path,
        CAST(NULL AS VARCHAR) AS wadors_uri,
        row_number() OVER (PARTITION BY i.series_uid ORDER BY i.file) AS instance_number,
-       {_lit(feed)} AS feed, i.file AS source_file, CAST(1 AS BIGINT) AS source_line
+       {sql_literal(feed)} AS feed, i.file AS source_file, CAST(1 AS BIGINT) AS source_line
 FROM inst i JOIN series s ON s.series_uid = i.series_uid
 ORDER BY i.file
 """
@@ -172,7 +169,7 @@ SELECT feature_key AS event_key, 'image_features' AS record_set, person_key,
        value_code, CASE WHEN value_code IS NOT NULL THEN {_vocab("value_scheme")} END
            AS value_vocabulary,
        unit_code, CASE WHEN unit_code IS NOT NULL THEN 'UCUM' END AS unit_vocabulary,
-       {_lit(feed)} AS feed, file AS source_file, line AS source_line
+       {sql_literal(feed)} AS feed, file AS source_file, line AS source_line
 FROM feature_base ORDER BY file, line
 """
 
@@ -184,7 +181,7 @@ SELECT feature_key, image_key, person_key,
        CASE WHEN site_code IS NOT NULL THEN {_vocab("site_scheme")} END
            AS anatomic_site_vocabulary,
        alg_system, CAST(NULL AS TIMESTAMP) AS alg_datetime,
-       {_lit(feed)} AS feed, file AS source_file, line AS source_line
+       {sql_literal(feed)} AS feed, file AS source_file, line AS source_line
 FROM feature_base ORDER BY file, line
 """
 

@@ -32,6 +32,7 @@ from etl.pseudonym import install_duckdb_macro
 from etl.sources.ehr import FileStats, RecordSink
 from etl.sources.hl7v2.framing import split_messages
 from etl.sources.hl7v2.message import parse
+from etl.sql_text import sql_literal
 
 log = logging.getLogger(__name__)
 
@@ -342,10 +343,6 @@ _DERIVED = """
 _BATCH_ROWS = 500_000
 
 
-def _sql_text(value: str) -> str:
-    return value.replace("'", "''")
-
-
 def _resolve(
     feed: FeedConfig,
     key: bytes,
@@ -358,7 +355,7 @@ def _resolve(
     con = duckdb.connect(config=config)
     try:
         install_duckdb_macro(con, key)
-        parsed = f"read_parquet('{_sql_text(str(spool))}')"
+        parsed = f"read_parquet({sql_literal(spool)})"
         con.execute(f"CREATE TEMP VIEW results AS SELECT * FROM {parsed} WHERE kind <> 'merge'")
         con.execute(f"CREATE TEMP TABLE merges AS SELECT * FROM {parsed} WHERE kind = 'merge'")
         con.execute(f"CREATE TEMP TABLE resolved AS {_RESOLVED}")
