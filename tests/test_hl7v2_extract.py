@@ -251,3 +251,33 @@ def test_parsing_in_worker_processes_gives_the_same_extract(public, monkeypatch)
     assert files == public[0]
     for shape in ("event", "quarantine"):
         assert sink.table(shape).equals(public[1].table(shape))
+
+
+def test_a_parsed_row_without_a_kind_stays_a_result(monkeypatch) -> None:
+    """Only rows marked `merge` are patient merges: a row whose kind is missing is still
+    extracted as a result, never dropped from both results and merges."""
+    import pyarrow.compute as pc
+
+    from etl.sources.hl7v2 import extract as hl7_extract
+
+    real = hl7_extract.read_file
+
+    def without_kind(*job):  # type: ignore[no-untyped-def]
+        stats, table, quarantine = real(*job)
+        is_result = pc.equal(table["kind"], "result")
+        kind = pc.if_else(is_result, pa.scalar(None, pa.string()), table["kind"])
+        return (
+            stats,
+            table.set_column(table.schema.get_field_index("kind"), "kind", kind),
+            quarantine,
+        )
+
+    before_files, before = extract(DATA)
+    monkeypatch.setattr(hl7_extract, "read_file", without_kind)
+    after_files, after = extract(DATA)
+    assert len(rows(after)) == len(rows(before)) > 0
+    assert [(f.extracted, f.filtered) for f in after_files] == [
+        (f.extracted, f.filtered) for f in before_files
+    ]
+    measurements = [e for e in rows(after) if e["record_set"] == "lab_results"]
+    assert measurements, "results without a kind are extracted as results"

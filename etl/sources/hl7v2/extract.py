@@ -297,7 +297,7 @@ _EVENTS = """
     SELECT event_key, record_set, person_key, visit_key, code, vocabulary_id,
            CASE kind WHEN 'specimen' THEN 'Specimen' ELSE 'Measurement' END
                AS default_domain,
-           kind = 'specimen' AS keep_domain,
+           coalesce(kind = 'specimen', false) AS keep_domain,
            CAST({type_concept} AS INTEGER) AS type_concept_id, start_datetime,
            CAST(NULL AS TIMESTAMP) AS end_datetime, value_as_number, value_as_string,
            value_code, value_vocabulary, unit_code, unit_vocabulary, range_low, range_high,
@@ -356,7 +356,9 @@ def _resolve(
     try:
         install_duckdb_macro(con, key)
         parsed = f"read_parquet({sql_literal(spool)})"
-        con.execute(f"CREATE TEMP VIEW results AS SELECT * FROM {parsed} WHERE kind <> 'merge'")
+        # IS DISTINCT FROM: a row without a kind stays a result rather than vanishing
+        results = f"SELECT * FROM {parsed} WHERE kind IS DISTINCT FROM 'merge'"
+        con.execute(f"CREATE TEMP VIEW results AS {results}")
         con.execute(f"CREATE TEMP TABLE merges AS SELECT * FROM {parsed} WHERE kind = 'merge'")
         con.execute(f"CREATE TEMP TABLE resolved AS {_RESOLVED}")
         for file_idx, n in con.execute(
