@@ -252,16 +252,28 @@ def extract_hl7(
 
 
 _SET = f"CASE kind WHEN 'specimen' THEN '{SPECIMEN_SET}' ELSE '{RECORD_SET}' END"
+# A patient's and a visit's id repeat on every result: each distinct id is hashed once
+# and joined back (the HMAC is most of this step's CPU); a result's own key is unique.
 _KEYED = f"""
+    WITH patients AS (
+        SELECT id, {pseudo("id")} AS pseudonym
+        FROM (SELECT DISTINCT patient_id AS id FROM results) WHERE id IS NOT NULL
+    ),
+    visits AS (
+        SELECT id, {pseudo("id")} AS pseudonym
+        FROM (SELECT DISTINCT visit_id AS id FROM results) WHERE id IS NOT NULL
+    )
     SELECT r.*,
-           {pseudo("patient_id")} AS person_key,
-           {pseudo("visit_id")} AS visit_key,
+           patients.pseudonym AS person_key,
+           visits.pseudonym AS visit_key,
            {_SET} AS record_set,
            {pseudo(f"{_SET} || '|' || order_id || '|' || code || '|' || coalesce(sub_id, '')")}
                AS event_key,
            dense_rank() OVER (ORDER BY msg_ts NULLS FIRST, file_idx, message) AS mpos,
            coalesce(status IN ('F', 'C', 'U'), TRUE) AS final
     FROM results r
+    LEFT JOIN patients ON patients.id = r.patient_id
+    LEFT JOIN visits ON visits.id = r.visit_id
 """
 
 # The status rules, set-based over messages (results with the same key in one message
