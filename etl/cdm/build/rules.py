@@ -51,36 +51,55 @@ CREATE TABLE IF NOT EXISTS {S}.disposition (
 """
 
 
-def _first_per_key(s: Schemas, conn: sa.Connection, src: str, key: str, ok: str, rs: str) -> None:
+def _key_ranked(s: Schemas, conn: sa.Connection, src: str, key: str, name: str) -> str:
+    """SQL of every row of `src` (a table or a subquery) with `key_rank`: its place among
+    the rows of its `key` in file order (source_file, source_line), 1 for a key that does
+    not repeat.
+
+    Only the keys that repeat (stage table `<name>_repeated`, usually few) are ranked by a
+    window: ranking every row would sort the whole, wide table, which at a million
+    patients spilled over 100 M event rows to disk; a unique key is only hashed. Rows
+    without a key rank among themselves, as one partition, as a window over all would."""
+    repeated = f"{name}_repeated"
+    s.run(conn, "DROP TABLE IF EXISTS {S}.{t}", t=repeated)
     s.run(
         conn,
-        """
-        CREATE TABLE {S}.{ok} AS
-        SELECT * FROM (
-            SELECT t.*, row_number() OVER (PARTITION BY {key} ORDER BY source_file, source_line)
-                   AS key_rank
-            FROM {S}.{src} t
-        ) x WHERE key_rank = 1
-        """,
-        ok=ok,
+        "CREATE TABLE {S}.{t} AS SELECT {key} AS repeated_key FROM {src} x"
+        " WHERE {key} IS NOT NULL GROUP BY {key} HAVING count(*) > 1",
+        t=repeated,
         key=key,
-        src=src,
+        src=s.sql(src),
     )
+    order = "ORDER BY t.source_file, t.source_line"
+    return s.sql(
+        f"""(
+        SELECT t.*, CAST(1 AS BIGINT) AS key_rank FROM {{src}} t
+        LEFT JOIN {{S}}.{repeated} r ON r.repeated_key = t.{key}
+        WHERE r.repeated_key IS NULL AND t.{key} IS NOT NULL
+        UNION ALL
+        SELECT t.*, row_number() OVER (PARTITION BY t.{key} {order}) AS key_rank
+        FROM {{src}} t JOIN {{S}}.{repeated} r ON r.repeated_key = t.{key}
+        UNION ALL
+        SELECT t.*, row_number() OVER ({order}) AS key_rank
+        FROM {{src}} t WHERE t.{key} IS NULL
+    )""",
+        src=s.sql(src),
+    )
+
+
+def _first_per_key(s: Schemas, conn: sa.Connection, src: str, key: str, ok: str, rs: str) -> None:
+    ranked = _key_ranked(s, conn, "{S}." + src, key, ok)
+    s.run(conn, "CREATE TABLE {S}.{ok} AS SELECT * FROM {ranked} x WHERE key_rank = 1",
+          ok=ok, ranked=ranked)  # fmt: skip
     s.run(
         conn,
         """
         INSERT INTO {S}.disposition
-        SELECT feed, source_file, source_line, record_set, 'quarantined', 'duplicate_key'
-        FROM (
-            SELECT t.*, {rs} AS record_set,
-                   row_number() OVER (PARTITION BY {key} ORDER BY source_file, source_line)
-                   AS key_rank
-            FROM {S}.{src} t
-        ) x WHERE key_rank > 1
+        SELECT feed, source_file, source_line, {rs}, 'quarantined', 'duplicate_key'
+        FROM {ranked} x WHERE key_rank > 1
         """,
         rs=rs,
-        key=key,
-        src=src,
+        ranked=ranked,
     )
 
 
@@ -133,15 +152,14 @@ def apply_rules(s: Schemas, conn: sa.Connection) -> None:
     _checked(s, conn, "src_event", "event_checked", "record_set")
     # Records with the same natural key in one file are distinct records: number them in
     # file order so each keeps its own stable key.
+    kept = "(SELECT * FROM {S}.event_checked WHERE rule IS NULL)"
+    ranked = _key_ranked(s, conn, kept, "event_key", "event_ok")
     s.run(
         conn,
-        """
-        CREATE TABLE {S}.event_ok AS
-        SELECT e.*, e.event_key || '#' || CAST(row_number() OVER (
-                   PARTITION BY e.event_key ORDER BY e.source_file, e.source_line) AS VARCHAR)
-               AS record_key
-        FROM {S}.event_checked e WHERE e.rule IS NULL
-        """,
+        "CREATE TABLE {S}.event_ok AS"
+        " SELECT e.*, e.event_key || '#' || CAST(e.key_rank AS VARCHAR) AS record_key"
+        " FROM {ranked} e",
+        ranked=ranked,
     )
 
 
@@ -229,24 +247,20 @@ def _set_aside(
 
     With `key`, a record whose key an earlier record (in file order) already has is
     quarantined as `duplicate_key` before any other rule, in the same pass over `src`:
-    one window and one copy of the table, not two of each (claim lines are the biggest
-    table of an EHR feed)."""
-    source = "{S}.{src}"
+    one copy of the table, not two (claim lines are the biggest table of an EHR feed),
+    and only repeated keys are ranked (`_key_ranked`)."""
+    source = s.sql("{S}.{src}", src=src)
     if key is not None:
-        source = (
-            "(SELECT x.*, row_number() OVER (PARTITION BY {key} ORDER BY source_file,"
-            " source_line) AS key_rank FROM {S}.{src} x)"
-        )
+        source = _key_ranked(s, conn, "{S}." + src, key, ok)
         rule_sql = f"CASE WHEN t.key_rank > 1 THEN 'duplicate_key' ELSE {rule_sql} END"
     s.run(
         conn,
-        "CREATE TABLE {S}.{src}_checked AS SELECT t.*, {rule} AS rule FROM " + source
-        + " t {joins}",
+        "CREATE TABLE {S}.{src}_checked AS SELECT t.*, {rule} AS rule FROM {source} t {joins}",
         src=src,
-        key=key or "",
+        source=source,
         rule=s.sql(rule_sql),
         joins=s.sql(joins),
-    )  # fmt: skip
+    )
     s.run(
         conn,
         "CREATE TABLE {S}.{ok} AS SELECT * FROM {S}.{src}_checked WHERE rule IS NULL",
