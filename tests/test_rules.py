@@ -1,0 +1,61 @@
+"""The record rules' duplicate-key ranking, on both engines: the first record of a key in
+file order is kept, every later one is quarantined as duplicate_key; only repeated keys
+are ranked, and rows without a key rank among themselves."""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+
+from etl.cdm.build.rules import DISPOSITION_DDL, _first_per_key
+from etl.pipeline.schemas import Schemas
+
+# (key, source_file, source_line): 'a' repeats across two files, out of line order
+ROWS = [
+    ("a", "f2.csv", 1),
+    ("b", "f1.csv", 7),
+    ("a", "f1.csv", 9),
+    ("c", "f1.csv", 2),
+    ("a", "f1.csv", 3),
+    (None, "f1.csv", 5),
+    (None, "f1.csv", 4),
+]
+
+
+def test_first_record_of_a_key_in_file_order_is_kept(warehouse) -> None:
+    wh, cdm = warehouse
+    s = Schemas(wh, cdm)
+    with wh.begin() as conn:
+        wh.create_schema(conn, s.stage)
+        s.run(conn, DISPOSITION_DDL)
+        s.run(
+            conn,
+            "CREATE TABLE {S}.src_thing (thing_key TEXT, feed TEXT, source_file TEXT,"
+            " source_line BIGINT)",
+        )
+        for key, file, line in ROWS:
+            conn.execute(
+                sa.text(s.sql("INSERT INTO {S}.src_thing VALUES (:k, 'ehr', :f, :l)")),
+                {"k": key, "f": file, "l": line},
+            )
+        _first_per_key(s, conn, "src_thing", "thing_key", "thing_ok", "'things'")
+        kept = conn.execute(
+            sa.text(s.sql("SELECT thing_key, source_file, source_line, key_rank FROM {S}.thing_ok"))
+        ).all()
+        set_aside = conn.execute(
+            sa.text(s.sql("SELECT source_file, source_line, record_set, status, rule"
+                          " FROM {S}.disposition"))
+        ).all()  # fmt: skip
+        repeated = conn.execute(sa.text(s.sql("SELECT repeated_key FROM {S}.thing_ok_repeated")))
+        repeated_keys = sorted(r[0] for r in repeated)
+    assert sorted(kept, key=str) == sorted(
+        [("a", "f1.csv", 3, 1), ("b", "f1.csv", 7, 1), ("c", "f1.csv", 2, 1),
+         (None, "f1.csv", 4, 1)],
+        key=str,
+    )  # fmt: skip
+    assert sorted(set_aside) == [
+        ("f1.csv", 5, "things", "quarantined", "duplicate_key"),
+        ("f1.csv", 9, "things", "quarantined", "duplicate_key"),
+        ("f2.csv", 1, "things", "quarantined", "duplicate_key"),
+    ]
+    # only the repeated key was ranked by the window
+    assert repeated_keys == ["a"]
