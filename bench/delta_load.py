@@ -57,7 +57,7 @@ def make_delta(full: Path, out: Path, percent: float) -> dict[str, int]:
             f"COPY (SELECT * FROM read_csv({src}, header=true, all_varchar=true)"
             f" WHERE hash(\"{column}\") % {modulo} = 0) TO {dst} (HEADER, DELIMITER ',')"
         )
-        counts[path.name] = con.execute(f"SELECT count(*) FROM read_csv('{dst}')").fetchone()[0]
+        counts[path.name] = con.execute(f"SELECT count(*) FROM read_csv({dst})").fetchone()[0]
     con.close()
     return counts
 

@@ -51,7 +51,7 @@ def _cached(out: Path, wanted: dict[str, object], build: Callable[[Path], dict])
 
 def _patients(con: duckdb.DuckDBPyConnection, synthea: Path) -> dict[str, dict[str, str]]:
     """Id -> the PID fields of every patient."""
-    pats = f"read_csv({sql_literal(str(synthea / 'patients.csv'))}, all_varchar = true)"
+    pats = f"read_csv({sql_literal(synthea / 'patients.csv')}, all_varchar = true)"
     people = con.execute(
         f"SELECT Id, coalesce(BIRTHDATE, ''), coalesce(GENDER, '') FROM {pats}"
     ).fetchall()
@@ -61,7 +61,7 @@ def _patients(con: duckdb.DuckDBPyConnection, synthea: Path) -> dict[str, dict[s
 def _lab_rows(con: duckdb.DuckDBPyConnection, synthea: Path) -> Iterator[tuple[str, ...]]:
     """Laboratory rows in message order, streamed in blocks."""
     cols = ", ".join(f'o."{c}"' for c in _LAB_COLUMNS)
-    obs = f"read_csv({sql_literal(str(synthea / 'observations.csv'))}, all_varchar = true)"
+    obs = f"read_csv({sql_literal(synthea / 'observations.csv')}, all_varchar = true)"
     cursor = con.execute(
         f"SELECT {cols} FROM {obs} o WHERE o.CATEGORY = 'laboratory'"
         " ORDER BY o.DATE, o.PATIENT, o.ENCOUNTER, o.CODE, o.VALUE"

@@ -61,7 +61,7 @@ def read_input(
 
 
 def _read_hl7(con: duckdb.DuckDBPyConnection, lab: Path) -> dict[str, int]:
-    hl7 = sql_literal(str(lab / "*.hl7"))
+    hl7 = sql_literal(lab / "*.hl7")
     segments, fields = con.execute(
         "SELECT count(*), sum(len(string_split(seg, '|'))) FROM ("
         f" SELECT unnest(string_split(replace(content, chr(10), chr(13)), chr(13))) AS seg"
@@ -71,7 +71,7 @@ def _read_hl7(con: duckdb.DuckDBPyConnection, lab: Path) -> dict[str, int]:
 
 
 def _read_dicom(con: duckdb.DuckDBPyConnection, pacs: Path) -> dict[str, int]:
-    dicom = sql_literal(str(pacs / "**" / "*.dcm"))
+    dicom = sql_literal(pacs / "**" / "*.dcm")
     files, dicom_bytes = con.execute(
         f"SELECT count(*), coalesce(sum(octet_length(content)), 0) FROM read_blob({dicom})"
     ).fetchone()
@@ -91,7 +91,7 @@ def write_output(con: duckdb.DuckDBPyConnection, tables: dict[str, int], out: Pa
         cols = ", ".join(
             f'{_value(f.datatype, k)} AS "{f.name}"' for k, f in enumerate(spec[name].fields)
         )
-        target = sql_literal(str(out / f"{name}.parquet"))
+        target = sql_literal(out / f"{name}.parquet")
         con.execute(
             f"COPY (SELECT {cols} FROM range({int(rows)}) r(i)) TO {target} (FORMAT parquet)"
         )

@@ -32,11 +32,10 @@ def test_first_record_of_a_key_in_file_order_is_kept(warehouse) -> None:
             "CREATE TABLE {S}.src_thing (thing_key TEXT, feed TEXT, source_file TEXT,"
             " source_line BIGINT)",
         )
-        for key, file, line in ROWS:
-            conn.execute(
-                sa.text(s.sql("INSERT INTO {S}.src_thing VALUES (:k, 'ehr', :f, :l)")),
-                {"k": key, "f": file, "l": line},
-            )
+        conn.execute(
+            sa.text(s.sql("INSERT INTO {S}.src_thing VALUES (:k, 'ehr', :f, :l)")),
+            [{"k": key, "f": file, "l": line} for key, file, line in ROWS],
+        )
         _first_per_key(s, conn, "src_thing", "thing_key", "thing_ok", "'things'")
         kept = conn.execute(
             sa.text(s.sql("SELECT thing_key, source_file, source_line, key_rank FROM {S}.thing_ok"))
