@@ -82,3 +82,22 @@ def test_repeated_keys_get_each_rows_own_pseudonym() -> None:
         pc.equal(sink.table("event")["source_file"], "observations.csv")
     )["visit_key"]
     assert visit_keys.null_count > 0  # observations outside an encounter: NULL stays NULL
+
+
+def test_many_small_blocks_give_the_same_records_as_one(monkeypatch) -> None:
+    """Blocks are parsed ahead in a thread, gathered into queries of QUERY_ROWS rows and
+    written behind in another: with tiny blocks and queries the records, their order and
+    their line numbers are the same as with the defaults."""
+    from etl.sources import delimited
+
+    whole = Extract()
+    whole_files = extract_ehr("ehr", DEMO_SYNTHEA, load_profile("synthea"), KEY, whole)
+    monkeypatch.setattr(delimited, "_BLOCK_SIZE", 4096)
+    monkeypatch.setattr(delimited, "QUERY_ROWS", 50)
+    small = Extract()
+    small_files = extract_ehr("ehr", DEMO_SYNTHEA, load_profile("synthea"), KEY, small)
+
+    assert len(small.tables["event"]) > 20  # many queries, each written on its own
+    assert [vars(f) for f in small_files] == [vars(f) for f in whole_files]
+    for shape in ("person", "visit", "event", "claim", "cost_line", "quarantine"):
+        assert small.table(shape).equals(whole.table(shape)), shape

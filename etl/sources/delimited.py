@@ -23,6 +23,9 @@ import pyarrow.parquet as pq
 
 LINE = "_line"
 _BLOCK_SIZE = 16 << 20
+# rows handed to one query: DuckDB spreads a table of several blocks over its threads and
+# pays its per-query set-up once; one 16 MiB block alone keeps a query on one core
+QUERY_ROWS = 250_000
 
 
 @dataclass
@@ -40,7 +43,7 @@ class RawFile:
 
 def line_numbers(first: int, n: int, skipped: list[int]) -> pa.Array:
     """Line numbers of the next `n` parsed rows, stepping over lines skipped as malformed."""
-    candidates = pa.array(range(first, first + n + len(skipped)), pa.int64())
+    candidates = pa.array(np.arange(first, first + n + len(skipped), dtype=np.int64))
     if skipped:
         keep = pc.invert(pc.is_in(candidates, value_set=pa.array(skipped, pa.int64())))
         candidates = pc.filter(candidates, keep)
@@ -88,6 +91,22 @@ def stream(
     return raw, _csv_batches(raw, delimiter, encoding)
 
 
+def grouped(batches: Iterator[pa.RecordBatch], rows: int | None = None) -> Iterator[pa.Table]:
+    """Consecutive batches gathered into tables of at least `rows` (default QUERY_ROWS)
+    rows, the last one smaller, in order."""
+    rows = rows or QUERY_ROWS
+    held: list[pa.RecordBatch] = []
+    count = 0
+    for batch in batches:
+        held.append(batch)
+        count += batch.num_rows
+        if count >= rows:
+            yield pa.Table.from_batches(held)
+            held, count = [], 0
+    if held:
+        yield pa.Table.from_batches(held)
+
+
 def _parquet_batches(pf: pq.ParquetFile) -> Iterator[pa.RecordBatch]:
     row = 1
     for batch in pf.iter_batches(batch_size=200_000):
@@ -95,6 +114,13 @@ def _parquet_batches(pf: pq.ParquetFile) -> Iterator[pa.RecordBatch]:
         lines = pa.array(range(row, row + batch.num_rows), pa.int64())
         row += batch.num_rows
         yield pa.RecordBatch.from_arrays([*cols, lines], names=[*batch.schema.names, LINE])
+
+
+def _holds_newline(col: pa.Array) -> bool:
+    """Whether any value of a binary column may hold a line break: one vectorised scan of
+    the column's data buffer (bytes outside the array's slice can only say yes)."""
+    data = col.buffers()[2]
+    return data is not None and bool(np.any(np.frombuffer(data, np.uint8) == 10))
 
 
 class _PhysicalLines:
@@ -119,6 +145,8 @@ class _PhysicalLines:
     def add_batch(self, ordinals: pa.Array, columns: list[pa.Array]) -> None:
         extra = None
         for col in columns:
+            if not _holds_newline(col):
+                continue  # nearly every column: one scan of its bytes, no per-row count
             n = pc.fill_null(pc.count_substring(col, "\n"), 0)
             extra = n if extra is None else pc.add(extra, n)
         if extra is None or not pc.any(pc.greater(extra, 0)).as_py():
@@ -177,11 +205,8 @@ def _csv_batches(raw: RawFile, delimiter: str, encoding: str) -> Iterator[pa.Rec
             physical.add_batch(ordinals, batch.columns)
             lines = physical.lines(ordinals)
             # a blank line arrives as a row of empty values: it is not a record
-            blank = None
-            for col in batch.columns:
-                empty = pc.equal(pc.binary_length(col), 0)
-                blank = empty if blank is None else pc.and_(blank, empty)
-            if blank is not None and pc.any(blank).as_py():
+            blank = _blank_rows(batch)
+            if blank is not None:
                 raw.blank_lines += pc.sum(blank).as_py()
                 keep = pc.invert(blank)
                 batch, lines = batch.filter(keep), lines.filter(keep)
@@ -197,6 +222,19 @@ def _csv_batches(raw: RawFile, delimiter: str, encoding: str) -> Iterator[pa.Rec
         raw.malformed.extend(
             (physical.line(o) if o is not None else None, reason) for o, reason in bad
         )
+
+
+def _blank_rows(batch: pa.RecordBatch) -> pa.Array | None:
+    """A mask of the rows whose every value is empty, or None when there is none. Only the
+    rows whose first value is empty (rare) are looked at further."""
+    if batch.num_columns == 0:
+        return None
+    blank = pc.equal(pc.binary_length(batch.column(0)), 0)
+    if not pc.any(blank).as_py():
+        return None
+    for col in batch.columns[1:]:
+        blank = pc.and_(blank, pc.equal(pc.binary_length(col), 0))
+    return blank if pc.any(blank).as_py() else None
 
 
 def _with_lines(batch: pa.RecordBatch, lines: pa.Array) -> pa.RecordBatch:

@@ -13,7 +13,6 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
 
 import duckdb
 import pyarrow as pa
@@ -21,7 +20,8 @@ import pyarrow.compute as pc
 
 from etl import canonical
 from etl.pseudonym import duckdb_pseudonym_sql, install_duckdb_macro
-from etl.sources.delimited import LINE, count_data_lines, stream
+from etl.sources.background import RecordSink, WrittenBehind, prefetched
+from etl.sources.delimited import LINE, count_data_lines, grouped, stream
 from etl.sources.plausible import EARLIEST, latest
 from etl.sources.profile import Coded, EventSpec, Profile, ProfileError
 from etl.sql_text import sql_identifier, sql_literal
@@ -64,12 +64,6 @@ class FileStats:
     # records set aside at extraction by a named rule (rule -> count), e.g. a lab result
     # superseded by its correction; they count as filtered in the report
     filtered: dict[str, int] = field(default_factory=dict)
-
-
-class RecordSink(Protocol):
-    """Where extraction writes canonical records, shape by shape (the landing area)."""
-
-    def write(self, shape: str, table: pa.Table) -> None: ...
 
 
 @dataclass
@@ -467,6 +461,24 @@ def extract_ehr(
     con = duckdb.connect()
     install_duckdb_macro(con, key)
     con.register("us_states", _states_table())
+    behind = WrittenBehind(out)
+    try:
+        _extract_files(feed, folder, profile, behind, exclude, con, files)
+    finally:
+        con.close()
+        behind.close()
+    return files
+
+
+def _extract_files(
+    feed: str,
+    folder: Path,
+    profile: Profile,
+    out: RecordSink,
+    exclude: Sequence[str],
+    con: duckdb.DuckDBPyConnection,
+    files: list[FileStats],
+) -> None:
     for record_set, file_name, build in _record_sets(profile):
         path = folder / file_name
         stats = FileStats(record_set, file_name)
@@ -498,7 +510,7 @@ def extract_ehr(
             log.error("%s/%s: %s; %d record(s) quarantined", feed, file_name, reason, n)
             continue
         sql = q.sql("batch")
-        for batch in batches:
+        for batch in grouped(prefetched(batches)):
             con.register("batch", batch)
             result = con.sql(sql).to_arrow_table()
             con.unregister("batch")
@@ -533,8 +545,6 @@ def extract_ehr(
             stats.records_in,
             stats.quarantined,
         )
-    con.close()
-    return files
 
 
 def _count_excluded(stats: FileStats, excluded: pa.ChunkedArray) -> None:
