@@ -203,8 +203,8 @@ def prepare_shard(g: Schemas, k: int, n: int, run_id: str, *, scoped: bool = Fal
         # instance files the global steps already loaded or set aside
         sh.run(
             conn,
-            "CREATE TABLE {S}.event_checked AS SELECT t.* FROM {G}.event_checked t"
-            " WHERE t.event_key IN (SELECT procedure_event_key FROM {S}.src_image)",
+            "CREATE TABLE {S}.event_set_aside AS SELECT t.* FROM {G}.event_set_aside t"
+            " WHERE t.record_key IN (SELECT procedure_event_key FROM {S}.src_image)",
             G=_q(g),
         )
         for table in ("lineage", "disposition"):
@@ -216,7 +216,7 @@ def prepare_shard(g: Schemas, k: int, n: int, run_id: str, *, scoped: bool = Fal
                 t=table,
                 G=_q(g),
             )
-        for name in (*PERSON_KEYED, "claim_ok", "cost_line_ok", "event_checked"):
+        for name in (*PERSON_KEYED, "claim_ok", "cost_line_ok", "event_set_aside"):
             wh.analyze(conn, sh.stage, name)
     return sh
 

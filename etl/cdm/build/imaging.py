@@ -129,8 +129,8 @@ LEFT JOIN (
     GROUP BY e.record_key
 ) pr ON pr.record_key = i.procedure_event_key || '#1'
 LEFT JOIN {S}.procedure_occurrence po ON po.procedure_occurrence_id = pr.procedure_occurrence_id
-LEFT JOIN (SELECT event_key, min(rule) AS rule FROM {S}.event_checked GROUP BY event_key) ec
-       ON ec.event_key = i.procedure_event_key
+LEFT JOIN (SELECT record_key, min(rule) AS rule FROM {S}.event_set_aside GROUP BY record_key) ec
+       ON ec.record_key = i.procedure_event_key
 """
 
 IMAGE_COLUMNS = {
