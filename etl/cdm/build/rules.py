@@ -261,34 +261,33 @@ def _set_aside(
     """Split `src` into `ok` (rule is NULL) and disposition rows (quarantined or filtered).
 
     With `key`, a record whose key an earlier record (in file order) already has is
-    quarantined as `duplicate_key` before any other rule, in the same pass over `src`:
-    one copy of the table, not two (claim lines are the biggest table of an EHR feed),
-    and only repeated keys are ranked (`_key_ranked`)."""
+    quarantined as `duplicate_key` before any other rule, and only repeated keys are
+    ranked (`_key_ranked`). The rule is evaluated twice, once for the kept records and
+    once for those set aside, rather than written with a copy of the whole table: claim
+    lines are the biggest table of an EHR feed, and writing it costs more than the join."""
     source = s.sql("{S}.{src}", src=src)
     if key is not None:
         source = _key_ranked(s, conn, "{S}." + src, key, ok)
         rule_sql = f"CASE WHEN t.key_rank > 1 THEN 'duplicate_key' ELSE {rule_sql} END"
+    rule, joins = s.sql(rule_sql), s.sql(joins)
     s.run(
         conn,
-        "CREATE TABLE {S}.{src}_checked AS SELECT t.*, {rule} AS rule FROM {source} t {joins}",
-        src=src,
-        source=source,
-        rule=s.sql(rule_sql),
-        joins=s.sql(joins),
-    )
-    s.run(
-        conn,
-        "CREATE TABLE {S}.{ok} AS SELECT * FROM {S}.{src}_checked WHERE rule IS NULL",
+        "CREATE TABLE {S}.{ok} AS SELECT t.* FROM {source} t {joins} WHERE ({rule}) IS NULL",
         ok=ok,
-        src=src,
+        source=source,
+        rule=rule,
+        joins=joins,
     )
     statuses = " ".join(f"WHEN '{r}' THEN 'filtered'" for r in FILTER_RULES)
     s.run(
         conn,
         "INSERT INTO {S}.disposition SELECT feed, source_file, source_line, :rs,"
         " CASE rule {statuses} ELSE 'quarantined' END, rule"
-        " FROM {S}.{src}_checked WHERE rule IS NOT NULL",
+        " FROM (SELECT t.feed, t.source_file, t.source_line, {rule} AS rule"
+        " FROM {source} t {joins}) x WHERE rule IS NOT NULL",
         {"rs": record_set},
-        src=src,
         statuses=statuses,
+        source=source,
+        rule=rule,
+        joins=joins,
     )
