@@ -114,3 +114,27 @@ def test_above_the_billing_limit_the_export_has_no_billing_rows(tmp_path: Path) 
         assert counts[name] == 0
     assert counts["patients.csv"] == 30 and counts["encounters.csv"] > 0
     assert data["lab_messages"] > 0 and data["dicom_files"] > 0
+
+
+def test_the_delta_benchmark_resends_every_row_of_the_chosen_patients(tmp_path: Path) -> None:
+    """bench/delta_load.py's night 2: every row of about 1 in `100 / percent` patients,
+    chosen by a hash of the id, in every file that names a patient, and nothing else."""
+    import csv
+
+    from bench.delta_load import make_delta
+    from tests.conftest import DEMO_SYNTHEA
+
+    counts = make_delta(DEMO_SYNTHEA, tmp_path / "delta", percent=25)
+
+    with (tmp_path / "delta" / "patients.csv").open(encoding="utf-8", newline="") as fh:
+        chosen = {r["Id"] for r in csv.DictReader(fh)}
+    with (DEMO_SYNTHEA / "patients.csv").open(encoding="utf-8", newline="") as fh:
+        everyone = {r["Id"] for r in csv.DictReader(fh)}
+    assert chosen and chosen < everyone
+    assert counts["patients.csv"] == len(chosen)
+    assert "organizations.csv" not in counts  # no patient column: not re-sent
+    with (DEMO_SYNTHEA / "conditions.csv").open(encoding="utf-8", newline="") as fh:
+        expected = [r for r in csv.DictReader(fh) if r["PATIENT"] in chosen]
+    with (tmp_path / "delta" / "conditions.csv").open(encoding="utf-8", newline="") as fh:
+        assert list(csv.DictReader(fh)) == expected
+    assert counts["conditions.csv"] == len(expected) > 0
