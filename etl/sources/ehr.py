@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -510,33 +511,35 @@ def _extract_files(
             log.error("%s/%s: %s; %d record(s) quarantined", feed, file_name, reason, n)
             continue
         sql = q.sql("batch")
-        for batch in grouped(prefetched(batches)):
-            con.register("batch", batch)
-            result = con.sql(sql).to_arrow_table()
-            con.unregister("batch")
-            stats.records_in += result.num_rows
-            if q.exclusions:
-                _count_excluded(stats, result["_excluded"])
-                result = result.filter(result["_excluded"].is_null())
-            result = result.drop_columns(["_excluded"])
-            bad = result.filter(result["_reason"].is_valid())
-            good = result.filter(result["_reason"].is_null()).drop_columns(["_reason"])
-            stats.quarantined += bad.num_rows
-            stats.extracted += good.num_rows
-            out.write(shape, good.select(canonical.SHAPES[shape].names))
-            if bad.num_rows:
-                out.write(
-                    "quarantine",
-                    pa.table(
-                        {
-                            "record_set": _repeat(record_set, bad.num_rows),
-                            "reason": bad["_reason"],
-                            "feed": bad["feed"],
-                            "source_file": bad["source_file"],
-                            "source_line": bad["source_line"],
-                        }
-                    ),
-                )
+        # parsed ahead in a thread; closed on the way out, so an error here stops it at once
+        with closing(prefetched(batches)) as ahead:
+            for batch in grouped(ahead):
+                con.register("batch", batch)
+                result = con.sql(sql).to_arrow_table()
+                con.unregister("batch")
+                stats.records_in += result.num_rows
+                if q.exclusions:
+                    _count_excluded(stats, result["_excluded"])
+                    result = result.filter(result["_excluded"].is_null())
+                result = result.drop_columns(["_excluded"])
+                bad = result.filter(result["_reason"].is_valid())
+                good = result.filter(result["_reason"].is_null()).drop_columns(["_reason"])
+                stats.quarantined += bad.num_rows
+                stats.extracted += good.num_rows
+                out.write(shape, good.select(canonical.SHAPES[shape].names))
+                if bad.num_rows:
+                    out.write(
+                        "quarantine",
+                        pa.table(
+                            {
+                                "record_set": _repeat(record_set, bad.num_rows),
+                                "reason": bad["_reason"],
+                                "feed": bad["feed"],
+                                "source_file": bad["source_file"],
+                                "source_line": bad["source_line"],
+                            }
+                        ),
+                    )
         _account_unparsed_rows(out, stats, raw, record_set, feed, file_name)
         log.info(
             "%s/%s: %d record(s), %d quarantined",
