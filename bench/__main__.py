@@ -279,9 +279,11 @@ def plot(runs: list[dict[str, Any]], path: Path) -> None:
                         xytext=(-40, 6),
                     )
     for feeds in sorted({r.get("feed_set", "all") for r in done}):
+        # one floor per N: the DuckDB run's where there is one (runs of other sessions,
+        # merged into the same JSON, may carry a floor measured on another day)
         floors = {
             r["patients"]: r["floor"]
-            for r in done
+            for r in sorted(done, key=lambda r: r["engine"] == "duckdb")
             if r.get("floor") and r.get("feed_set", "all") == feeds
         }
         ns = sorted(floors)
