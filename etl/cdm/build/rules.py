@@ -121,8 +121,9 @@ def _checked(
 ) -> str:
     """Apply the person-level rules to `src` (a table with person_key, start_datetime).
 
-    Only the records a rule sets aside are written: to `set_aside` (their `key` and rule,
-    for the imaging step) and to disposition. Returns the SQL of the kept records, with
+    Only the records a rule sets aside are written: to `set_aside` (file, line, record
+    set, rule, and as `record_key` their source `key`, e.g. event_key, which the imaging
+    step looks its studies up by) and to disposition. Returns the SQL of the kept records, with
     the same join, for the caller to read: copying the whole table with a rule column
     that is nearly always NULL cost more than evaluating the join again (at a million
     patients, 100 M event rows written once more)."""
