@@ -458,17 +458,15 @@ def extract_ehr(
             f"profile {profile.name} defines no exclusion {', '.join(unknown)}"
             f" (it has: {', '.join(sorted(profile.exclusions)) or 'none'})"
         )
-    files: list[FileStats] = []
     con = duckdb.connect()
     install_duckdb_macro(con, key)
     con.register("us_states", _states_table())
     behind = WrittenBehind(out)
     try:
-        _extract_files(feed, folder, profile, behind, exclude, con, files)
+        return _extract_files(feed, folder, profile, behind, exclude, con)
     finally:
         con.close()
         behind.close()
-    return files
 
 
 def _extract_files(
@@ -478,8 +476,8 @@ def _extract_files(
     out: RecordSink,
     exclude: Sequence[str],
     con: duckdb.DuckDBPyConnection,
-    files: list[FileStats],
-) -> None:
+) -> list[FileStats]:
+    files: list[FileStats] = []
     for record_set, file_name, build in _record_sets(profile):
         path = folder / file_name
         stats = FileStats(record_set, file_name)
@@ -548,6 +546,7 @@ def _extract_files(
             stats.records_in,
             stats.quarantined,
         )
+    return files
 
 
 def _count_excluded(stats: FileStats, excluded: pa.ChunkedArray) -> None:

@@ -103,15 +103,14 @@ def _first_per_key(s: Schemas, conn: sa.Connection, src: str, key: str, ok: str,
     )
 
 
-def _person_rule(p: str = "p", t: str = "t") -> str:
-    """The person-level rule a record of `t` breaks (NULL: none), its person `p` joined."""
-    return f"""CASE
-        WHEN {p}.person_key IS NULL THEN 'unknown_person'
-        WHEN CAST({t}.start_datetime AS DATE) < CAST({p}.birth_datetime AS DATE)
+# The person-level rule a record `t` breaks (NULL: none), its person `p` joined.
+_PERSON_RULE = f"""CASE
+        WHEN p.person_key IS NULL THEN 'unknown_person'
+        WHEN CAST(t.start_datetime AS DATE) < CAST(p.birth_datetime AS DATE)
             THEN 'event_before_birth'
-        WHEN {p}.death_datetime IS NOT NULL
-             AND CAST({t}.start_datetime AS DATE)
-                 > CAST({p}.death_datetime AS DATE) + {DEATH_ALLOWANCE_DAYS}
+        WHEN p.death_datetime IS NOT NULL
+             AND CAST(t.start_datetime AS DATE)
+                 > CAST(p.death_datetime AS DATE) + {DEATH_ALLOWANCE_DAYS}
             THEN 'event_after_death'
     END"""
 
@@ -134,7 +133,7 @@ def _checked(
         CREATE TABLE {{S}}.{{out}} AS
         SELECT * FROM (
             SELECT t.feed, t.source_file, t.source_line, {{rs}} AS record_set,
-                   t.{{key}} AS record_key, {_person_rule()} AS rule
+                   t.{{key}} AS record_key, {_PERSON_RULE} AS rule
             FROM {joined}
         ) x WHERE rule IS NOT NULL
         """,
@@ -153,7 +152,7 @@ def _checked(
         """,
         out=set_aside,
     )
-    return s.sql(f"(SELECT t.* FROM {joined} WHERE ({_person_rule()}) IS NULL)", src=src)
+    return s.sql(f"(SELECT t.* FROM {joined} WHERE ({_PERSON_RULE}) IS NULL)", src=src)
 
 
 def apply_rules(s: Schemas, conn: sa.Connection) -> None:
