@@ -101,3 +101,28 @@ def test_many_small_blocks_give_the_same_records_as_one(monkeypatch) -> None:
     assert [vars(f) for f in small_files] == [vars(f) for f in whole_files]
     for shape in ("person", "visit", "event", "claim", "cost_line", "quarantine"):
         assert small.table(shape).equals(whole.table(shape)), shape
+
+
+def test_reading_only_the_queried_columns_gives_the_same_records(monkeypatch) -> None:
+    """Files whose lines are all records are parsed for the queried columns only; the
+    records, their line numbers and the accounting are those of parsing every column."""
+    from etl.sources import delimited
+
+    calls: list[Path] = []
+    real = delimited.lines_are_records
+
+    def spy(path: Path, encoding: str) -> bool:
+        calls.append(path)
+        return real(path, encoding)
+
+    monkeypatch.setattr(delimited, "lines_are_records", spy)
+    subset = Extract()
+    subset_files = extract_ehr("ehr", DEMO_SYNTHEA, load_profile("synthea"), KEY, subset)
+    assert {p.name for p in calls} >= {"conditions.csv", "claims_transactions.csv"}
+    monkeypatch.setattr(delimited, "lines_are_records", lambda path, encoding: False)
+    every = Extract()
+    every_files = extract_ehr("ehr", DEMO_SYNTHEA, load_profile("synthea"), KEY, every)
+
+    assert [vars(f) for f in subset_files] == [vars(f) for f in every_files]
+    for shape in ("person", "visit", "event", "claim", "cost_line", "quarantine"):
+        assert subset.table(shape).equals(every.table(shape)), shape

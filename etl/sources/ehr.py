@@ -497,7 +497,11 @@ def _extract_files(
                     values = ", ".join(sql_literal(v) for v in rule.equals)
                     q.exclusions.append((f"{q.col(rule.column)} IN ({values})", name))
         raw, batches = stream(
-            path, delimiter=profile.delimiter, encoding=profile.encoding, fmt=profile.format
+            path,
+            delimiter=profile.delimiter,
+            encoding=profile.encoding,
+            fmt=profile.format,
+            columns=q.columns,
         )
         missing = [c for c in q.columns if c not in raw.header]
         if raw.problem or missing:

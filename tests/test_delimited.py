@@ -1,0 +1,85 @@
+"""Streaming a delimited extract: which columns are parsed, and physical line numbers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from etl.sources import delimited
+from etl.sources.delimited import LINE, lines_are_records, stream
+
+HEADER = b"ID,CODE,DESCRIPTION,START\n"
+
+
+def _write(tmp_path: Path, body: bytes, name: str = "f.csv") -> Path:
+    path = tmp_path / name
+    path.write_bytes(HEADER + body)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        (b'1,A,"plain, quoted",2020-01-01\n2,B,x,2020-01-02\n', True),
+        (b"1,A,x,2020-01-01\n2,B,x,2020-01-02", True),  # no line end at the end
+        (b'1,A,"with ""escaped"" quotes",2020-01-01\n', True),
+        (b'1,A,"spans\ntwo lines",2020-01-01\n2,B,x,2020-01-02\n', False),
+        (b"1,A,x,2020-01-01\n\n2,B,x,2020-01-02\n", False),  # a blank line
+        (b"1,A,x,2020-01-01\r\n\r\n2,B,x,2020-01-02\r\n", False),  # a blank CRLF line
+        (b"\n1,A,x,2020-01-01\n", False),  # a blank line right after the header
+        (b'1,A,"never closed,2020-01-01\n2,B,x,2020-01-02\n', False),
+    ],
+)
+def test_lines_are_records(tmp_path: Path, body: bytes, expected: bool) -> None:
+    assert lines_are_records(_write(tmp_path, body), "utf-8") is expected
+
+
+def test_lines_are_records_across_chunk_boundaries(tmp_path: Path, monkeypatch) -> None:
+    """The scan reads in chunks: a quote opened in one chunk and a blank line split
+    between two are still seen."""
+    monkeypatch.setattr(delimited, "_BLOCK_SIZE", 8)
+    quoted = _write(tmp_path, b'1,A,"a long value\nacross chunks",2020-01-01\n', "q.csv")
+    assert lines_are_records(quoted, "utf-8") is False
+    for split in range(1, 12):  # the blank line at every offset of a chunk
+        body = b"1,A,x" + b"y" * split + b",2020-01-01\n\n2,B,x,2020-01-02\n"
+        assert lines_are_records(_write(tmp_path, body, f"b{split}.csv"), "utf-8") is False
+    clean = _write(tmp_path, b'1,A,"x, y",2020-01-01\n2,"B",z,2020-01-02\n' * 5, "c.csv")
+    assert lines_are_records(clean, "utf-8") is True
+
+
+def test_lines_are_records_is_false_for_utf16(tmp_path: Path) -> None:
+    path = tmp_path / "u.csv"
+    path.write_bytes("ID,CODE\n1,A\n".encode("utf-16"))
+    assert lines_are_records(path, "utf-16") is False
+
+
+def _rows(path: Path, columns: list[str] | None) -> tuple[list[str], list[dict]]:
+    _raw, batches = stream(path, columns=columns)
+    out: list[dict] = []
+    names: list[str] = []
+    for batch in batches:
+        names = batch.schema.names
+        out.extend(batch.to_pylist())
+    return names, out
+
+
+def test_only_the_asked_columns_are_parsed_when_lines_are_records(tmp_path: Path) -> None:
+    path = _write(tmp_path, b'1,A,"x, y",2020-01-01\n,,only the description,\n2,B,z,\n')
+    names, rows = _rows(path, ["START", "ID"])
+    assert names == ["ID", "START", LINE]  # the file's order
+    # a row whose asked columns are all empty is still a record, on its own line
+    assert [(r["ID"], r["START"], r[LINE]) for r in rows] == [
+        (b"1", b"2020-01-01", 2),
+        (b"", b"", 3),
+        (b"2", b"", 4),
+    ]
+
+
+def test_every_column_is_parsed_when_an_unread_value_spans_lines(tmp_path: Path) -> None:
+    """A line break inside a column nobody reads still moves the following records down
+    a line: the whole file is parsed so that their line numbers stay physical."""
+    path = _write(tmp_path, b'1,A,"two\nlines",2020-01-01\n2,B,x,2020-01-02\n\n3,C,y,\n')
+    names, rows = _rows(path, ["ID"])
+    assert names == ["ID", "CODE", "DESCRIPTION", "START", LINE]
+    assert [(r["ID"], r[LINE]) for r in rows] == [(b"1", 2), (b"2", 4), (b"3", 6)]
