@@ -2,7 +2,7 @@
 
     python -m bench [--patients 1000,10000,100000,1000000] [--engines duckdb,postgresql]
                     [--pg-max-patients 100000] [--billing-max-patients 100000]
-                    [--memory-limit 6GB] [--threads 2]
+                    [--memory-limit 6GB|none] [--threads 2]
                     [--workdir bench/out] [--out bench/out] [--no-plot]
 
 For each N (patients): the demo population (demo/synthea27) scaled to N patients
@@ -21,8 +21,9 @@ Above --billing-max-patients the EHR export is scaled without Synthea's billing 
 ~100 GB of CSV at a million patients), so that run has no payer_plan_period and no cost;
 its figures say `"billing": false`.
 
---memory-limit and --threads go into the run's site config (`duckdb:` section) and to the
-floor; OMOP_ETL_DUCKDB_* variables still override them in the pipeline.
+--memory-limit (default 6GB) and --threads go into the run's site config (`duckdb:`
+section) and to the floor; OMOP_ETL_DUCKDB_* variables still override them in the
+pipeline.
 """
 
 from __future__ import annotations
@@ -45,6 +46,10 @@ from bench.synthea_scaler import scale
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_PATIENTS = "1000,10000,100000,1000000"
+# the figures' DuckDB buffer pool: the goal is a peak under 8 GiB, and without a limit
+# DuckDB takes up to 80% of RAM before it spills (a 100,000-patient run peaked at 8.3 GiB
+# on 24 GiB without one, 6.5 GiB with this)
+DEFAULT_MEMORY_LIMIT = "6GB"
 # disk a patient needs in WORKDIR: ~131 KB of Synthea CSV, its landed Parquet, the
 # warehouse file and DuckDB's spill (measured: 12.5 GB of CSV at 100,000 patients);
 # without the billing files ~26 KB of CSV, and ~75 GB in all at a million patients
@@ -334,7 +339,12 @@ def main(argv: list[str] | None = None) -> None:
         default="all",
         help="all: EHR, lab and PACS as in the demo; ehr: the EHR feed alone (no exclusions)",
     )
-    ap.add_argument("--memory-limit", help="DuckDB memory_limit, e.g. 6GB (site config)")
+    ap.add_argument(
+        "--memory-limit",
+        default=DEFAULT_MEMORY_LIMIT,
+        help=f"DuckDB memory_limit (site config; default {DEFAULT_MEMORY_LIMIT}; 'none': DuckDB's"
+        " own default, 80%% of RAM)",
+    )
     ap.add_argument("--threads", type=int, help="DuckDB threads (site config)")
     ap.add_argument("--workdir", type=Path, default=REPO / "bench" / "out", help="data, runs")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "out", help="JSON and PNG")
@@ -342,6 +352,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-rss-gib", type=float, default=18, help="kill a run above it")
     ap.add_argument("--no-plot", dest="plot", action="store_false")
     args = ap.parse_args(argv)
+    if args.memory_limit and args.memory_limit.lower() == "none":
+        args.memory_limit = None
     args.workdir, args.out = args.workdir.resolve(), args.out.resolve()
     args.workdir.mkdir(parents=True, exist_ok=True)
     args.out.mkdir(parents=True, exist_ok=True)

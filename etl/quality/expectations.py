@@ -48,7 +48,10 @@ log = logging.getLogger(__name__)
 logging.getLogger("great_expectations").setLevel(logging.WARNING)
 
 ENGINE = "great_expectations"
-CHUNK_ROWS = 250_000
+# rows per validated partition: each validation costs GE about 0.2 s whatever its size
+# (2.1 M rows: 13.5 s in 50,000-row partitions, 7.8 s in 250,000, 6.9 s in 1 M), and a
+# pandas partition of 500,000 CDM rows takes about 0.5 GiB
+CHUNK_ROWS = 500_000
 STAGE_URL_ENV = "OMOP_ETL_GX_STAGE_URL"  # the stage's URL, for GE, in this process only
 _PART = "_ge_partition"  # the hash partition's column in the spilled Parquet
 _FLUSH_ROWS = 10_000  # rows DuckDB buffers per partitioned write before flushing
@@ -181,9 +184,11 @@ def run_expectations(
         source = ctx.data_sources.add_or_update_pandas("stage")
     result = SuiteResult()
     for table, table_exps in by_table.items():
-        suite = ctx.suites.add_or_update(gx.ExpectationSuite(name=f"cdm.{table}"))
-        for e in table_exps:
-            suite.add_expectation(e.build())
+        # the suite whole, saved once: adding expectations one by one to a saved suite
+        # rewrites it (and rereads the context's config) at every expectation
+        suite = ctx.suites.add_or_update(
+            gx.ExpectationSuite(name=f"cdm.{table}", expectations=[e.build() for e in table_exps])
+        )
         totals: dict[tuple[str, str | None], list[int]] = {}
         for index, run in enumerate(
             _runs(s, ctx, source, suite, table, row_counts[table], chunk_rows, run_dir)
