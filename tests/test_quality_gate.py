@@ -325,3 +325,40 @@ def test_great_expectations_suites_count_every_row_across_partitions(warehouse, 
     assert result.docs is not None and result.docs.is_file()
     # the partitions' Parquet spill (DuckDB) is gone once the suite has run
     assert not list(tmp_path.glob("ge-*"))
+
+
+def test_checks_run_in_batches_and_a_broken_check_fails_alone(warehouse, monkeypatch) -> None:
+    """Checks run as UNION ALL batches; a batch holding a check that errors, or that
+    returns no row, is run again check by check: the others keep their own counts and
+    only the broken ones fail, with their error."""
+    from etl.pipeline.schemas import Schemas
+    from etl.quality import gate
+    from etl.quality.checks import Check
+
+    wh, schema = warehouse
+    s = Schemas(wh, schema)
+    with wh.begin() as conn:
+        conn.execute(sa.text(f'CREATE SCHEMA IF NOT EXISTS "{s.stage}"'))
+        conn.execute(sa.text(s.sql("CREATE TABLE {S}.t AS SELECT 1 AS x UNION ALL SELECT 2")))
+
+    def check(name: str, sql: str) -> Check:
+        return Check(name, "t", "x", sql, threshold_pct=0, severity="fatal", category="c")
+
+    good = [
+        check(f"over_{k}", f"SELECT count(*) FILTER (WHERE x > {k}), count(*) FROM {{S}}.t")
+        for k in range(3)
+    ]
+    broken = check("broken", "SELECT count(*), count(*) FROM {S}.no_such_table")
+    empty = check("empty", "SELECT 1, 2 FROM {S}.t WHERE false")
+    monkeypatch.setattr(gate, "BATCH", 2)
+    result = gate.run_checks(s, [good[0], broken, good[1], good[2], empty])
+    counted = {c["name"]: (c["violating_rows"], c["total_rows"]) for c in result.checks}
+    assert [c["name"] for c in result.checks] == ["over_0", "broken", "over_1", "over_2", "empty"]
+    assert counted["over_0"] == (2, 2) and counted["over_1"] == (1, 2)
+    assert counted["over_2"] == (0, 2)
+    errors = {c["name"]: c.get("error") for c in result.checks if not c["passed"]}
+    assert set(errors) == {"over_0", "over_1", "broken", "empty"}
+    assert "no_such_table" in errors["broken"] and errors["empty"]
+    assert errors["over_0"] is None and errors["over_1"] is None
+    with wh.begin() as conn:
+        conn.execute(sa.text(s.sql("DROP TABLE {S}.t")))

@@ -3,6 +3,11 @@
 Every check is one set-based SQL query in the warehouse (DuckDB or PostgreSQL) returning
 (violating rows, denominator); nothing is pulled into Python but the two counts and, for
 a failed check, a few example row ids. A failed fatal check refuses the load.
+
+Checks run `BATCH` at a time as one UNION ALL statement (one round trip and transaction
+instead of one per check: the per-query overhead was half the gate's time with its ~2,300
+checks). A batch that errors, or does not return one row per check, is run again check
+by check, so a check that cannot run fails alone, with its own error.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from etl.quality.checks import Check
 
 log = logging.getLogger(__name__)
 EXAMPLES = 5
+BATCH = 50
 
 
 @dataclass
@@ -46,21 +52,16 @@ def _row_key(table: str) -> str | None:
 
 
 def run_checks(s: Schemas, checks: list[Check]) -> GateResult:
-    """Evaluate `checks` against the stage schema, each in its own read-only transaction
-    (a check that errors cannot spoil the others)."""
+    """Evaluate `checks` against the stage schema, in batches (a check that errors cannot
+    spoil the others: its batch is run again check by check)."""
     started = time.perf_counter()
     result = GateResult()
-    for check in checks:
-        error = None
-        try:
-            with s.wh.begin() as conn:
-                violating, total = conn.execute(sa.text(s.sql(check.sql)), check.params).one()
-            violating, total = int(violating or 0), int(total or 0)
-        except sa.exc.DBAPIError as exc:
-            # a check that cannot run is a failed check, never a silent pass
-            error = str(exc.orig).splitlines()[0]
-            violating, total = 0, 0
-            log.error("check %s could not run: %s", check.key, error)
+    counts: list[tuple[int, int] | str] = []
+    for first in range(0, len(checks), BATCH):
+        counts.extend(_batch_counts(s, checks[first : first + BATCH]))
+    for check, counted in zip(checks, counts, strict=True):
+        error = counted if isinstance(counted, str) else None
+        violating, total = (0, 0) if isinstance(counted, str) else counted
         pct = 100.0 * violating / total if total else 0.0
         passed = error is None and pct <= check.threshold_pct
         entry: dict[str, Any] = {
@@ -90,6 +91,39 @@ def run_checks(s: Schemas, checks: list[Check]) -> GateResult:
             c["violating_pct"], c["threshold_pct"],
         )  # fmt: skip
     return result
+
+
+def _batch_counts(s: Schemas, batch: list[Check]) -> list[tuple[int, int] | str]:
+    """(violating, total) of each check of `batch`, or the error that kept it from
+    running: in one statement when it runs whole, else check by check."""
+    if len(batch) > 1 and not any(c.params for c in batch):
+        union = " UNION ALL ".join(
+            f"SELECT {i} AS _check, _c.* FROM ({s.sql(c.sql)}) AS _c" for i, c in enumerate(batch)
+        )
+        try:
+            with s.wh.begin() as conn:
+                rows = conn.execute(sa.text(union)).all()
+        except sa.exc.DBAPIError as exc:
+            log.debug("a batch of checks failed (%s); running them one by one", exc.orig)
+        else:
+            by_check = {int(i): (int(v or 0), int(t or 0)) for i, v, t in rows}
+            if len(rows) == len(batch) and len(by_check) == len(batch):
+                return [by_check[i] for i in range(len(batch))]
+    return [_counts(s, check) for check in batch]
+
+
+def _counts(s: Schemas, check: Check) -> tuple[int, int] | str:
+    """(violating, total) of one check in its own transaction, or why it could not run."""
+    try:
+        with s.wh.begin() as conn:
+            violating, total = conn.execute(sa.text(s.sql(check.sql)), check.params).one()
+        return int(violating or 0), int(total or 0)
+    except (sa.exc.DBAPIError, sa.exc.InvalidRequestError) as exc:
+        # a check that cannot run is a failed check, never a silent pass
+        orig = getattr(exc, "orig", None) or exc
+        error = str(orig).splitlines()[0]
+        log.error("check %s could not run: %s", check.key, error)
+        return error
 
 
 def _examples(s: Schemas, conn: sa.Connection, check: Check) -> list[Any]:
