@@ -103,10 +103,17 @@ class DuckDBWarehouse(Warehouse):
         raw = conn.connection.driver_connection
         cols = ", ".join(self.quote(n) for n in pq.ParquetFile(paths[0]).schema_arrow.names)
         files = ", ".join(sql_literal(p) for p in paths)
-        raw.execute(
-            f"INSERT INTO {self.qualified(schema, table)} ({cols})"
-            f" SELECT {cols} FROM read_parquet([{files}])"
-        )
+        # rows may land in any order (every reader of a staged table orders what it needs):
+        # DuckDB then inserts on all threads without reassembling the files' order (the
+        # 10,000-patient events and cost lines: 3.1 s -> 2.5 s)
+        raw.execute("SET preserve_insertion_order = false")
+        try:
+            raw.execute(
+                f"INSERT INTO {self.qualified(schema, table)} ({cols})"
+                f" SELECT {cols} FROM read_parquet([{files}])"
+            )
+        finally:
+            raw.execute("RESET preserve_insertion_order")
         return sum(pq.ParquetFile(p).metadata.num_rows for p in paths)
 
     def fetch_arrow(self, conn: sa.Connection, sql: str) -> pa.Table:
