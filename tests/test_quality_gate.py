@@ -351,7 +351,17 @@ def test_checks_run_in_batches_and_a_broken_check_fails_alone(warehouse, monkeyp
     broken = check("broken", "SELECT count(*), count(*) FROM {S}.no_such_table")
     empty = check("empty", "SELECT 1, 2 FROM {S}.t WHERE false")
     monkeypatch.setattr(gate, "BATCH", 2)
+    alone: list[str] = []  # the checks run on their own, not as part of a batch
+    one_by_one = gate._counts
+
+    def spy(s_: Schemas, c: Check) -> tuple[int, int] | str:
+        alone.append(c.name)
+        return one_by_one(s_, c)
+
+    monkeypatch.setattr(gate, "_counts", spy)
     result = gate.run_checks(s, [good[0], broken, good[1], good[2], empty])
+    # the batch of over_1 and over_2 ran whole; the others were re-run (or ran) alone
+    assert alone == ["over_0", "broken", "empty"]
     counted = {c["name"]: (c["violating_rows"], c["total_rows"]) for c in result.checks}
     assert [c["name"] for c in result.checks] == ["over_0", "broken", "over_1", "over_2", "empty"]
     assert counted["over_0"] == (2, 2) and counted["over_1"] == (1, 2)

@@ -37,6 +37,7 @@ def test_trace_samples_are_each_tables_smallest_distinct_ids(warehouse) -> None:
             "measurement": [3, 7, 12],
             "person": [2, 5],
         }
+        assert trace_samples(s, conn, per_table=0) == {}
         assert trace_samples(s, conn, per_table=1) == {
             "death": [8],
             "measurement": [3],
