@@ -5,10 +5,12 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import duckdb
+import pyarrow as pa
 import pyarrow.compute as pc
 
 from etl.pseudonym import pseudonym
-from etl.sources.ehr import Extract, extract_ehr
+from etl.sources.ehr import Extract, extract_ehr, trimmed
 from etl.sources.profile import load_profile
 from tests.conftest import DEMO_SYNTHEA
 from tests.pipeline_helpers import rows
@@ -126,3 +128,19 @@ def test_reading_only_the_queried_columns_gives_the_same_records(monkeypatch) ->
     assert [vars(f) for f in subset_files] == [vars(f) for f in every_files]
     for shape in ("person", "visit", "event", "claim", "cost_line", "quarantine"):
         assert subset.table(shape).equals(every.table(shape)), shape
+
+
+def test_trimmed_is_exactly_duckdbs_trim() -> None:
+    """The pre-checked trim gives trim()'s result for every kind of edge a value can have."""
+    values = [
+        "", " ", "   ", "a", " a", "a ", " a ", "a b", "\ta\t", "\na\r", "\u00a0a", "a\u00a0",
+        "\u3000\u65e5\u672c\u3000", "\u65e5\u672c", "\u2003x", "x\u202f", "\u200bx\u200b",
+        "\u1680x", "x\u205f", "caf\u00e9", "\u00e9", " \u00e9 ", "\x1fa", "a%", "%a",
+        "_", "12345678901234567890 ", " 12345678901234567890",
+    ]  # fmt: skip
+    con = duckdb.connect()
+    con.register("v", pa.table({"x": values}))
+    rows = con.sql(f"SELECT x, trim(x), {trimmed('x')} FROM v").fetchall()
+    assert len(rows) == len(values)
+    assert [r[2] for r in rows] == [r[1] for r in rows]
+    assert any(r[1] != r[0] for r in rows)  # the cases do exercise trimming
