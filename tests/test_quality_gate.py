@@ -136,6 +136,15 @@ def test_demo_passes_its_gate_with_every_check_type(published: Published) -> Non
     docs = result.run_dir / result.report["data_docs"]
     assert docs.is_file() and "cdm.person" in docs.read_text(encoding="utf-8")
     assert "Great Expectations Data Docs" in (result.run_dir / "report.html").read_text()
+    # GE's stored validation results: one per validated table, under its suite, without the
+    # per-batch data fingerprint GE would compute by hashing every value (turned off)
+    stored = [
+        json.loads(p.read_text(encoding="utf-8"))
+        for p in (result.run_dir / "gx" / "uncommitted" / "validations").rglob("*.json")
+    ]
+    suites = {r["suite_name"] for r in stored}
+    assert suites == {f"cdm.{t}" for t in {c["table"] for c in expectations}}
+    assert all("pandas_data_fingerprint" not in r["meta"]["batch_markers"] for r in stored)
     for c in checks:
         assert set(c) >= {"name", "table", "field", "passed", "violating_rows", "total_rows",
                           "threshold_pct", "severity", "category"}  # fmt: skip
