@@ -49,7 +49,7 @@ log = logging.getLogger(__name__)
 logging.getLogger("great_expectations").setLevel(logging.WARNING)
 # GE fingerprints every pandas batch under 1 GB (an MD5 over pandas' hash of every value,
 # kept as a batch marker): a quarter of the gate's GE time, for a marker nobody reads.
-# Partitions are identified by table and partition in the logs and results instead.
+# Each stored result still names its suite (cdm.<table>) and its validation time.
 gx_pandas_engine.HASH_THRESHOLD = 0
 
 ENGINE = "great_expectations"
