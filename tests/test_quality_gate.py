@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -10,10 +11,12 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+import yaml
 
 from etl.config import load_config
 from etl.pipeline.publish import published_tables
 from etl.pipeline.run import RunResult, run_pipeline
+from etl.quality import expectations as expectations_module
 from etl.quality.checks import check_types, generate_checks
 from etl.warehouse import Warehouse, open_warehouse
 from tests.conftest import DEMO_SYNTHEA, TEST_KEY
@@ -86,6 +89,7 @@ class Published:
     result: RunResult
     tables: dict[str, list[tuple]]
     key_map: int
+    ge_threads: list[str]  # the threads Great Expectations validated in
 
 
 @pytest.fixture(
@@ -97,14 +101,22 @@ def published(request, tmp_path_factory, pg_url) -> Iterator[Published]:
         wh, schema = open_warehouse(f"duckdb:///{workdir / 'warehouse.duckdb'}"), "main"
     else:
         wh, schema = open_warehouse(pg_url), f"t_{uuid.uuid4().hex[:10]}"
+    ge_threads: list[str] = []
+    validate = expectations_module.run_expectations
+
+    def spy(*args, **kwargs):  # type: ignore[no-untyped-def]
+        ge_threads.append(threading.current_thread().name)
+        return validate(*args, **kwargs)
+
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("OMOP_ETL_PSEUDONYM_KEY", TEST_KEY)
+        mp.setattr(expectations_module, "run_expectations", spy)
         config = write_config(workdir, wh, schema, DEMO_SYNTHEA)
         result = run(config, workdir)
     assert result.status == "published", result.report["errors"]
     with wh.engine.connect() as conn:
         key_map = conn.execute(sa.text(f'SELECT count(*) FROM "{schema}_etl".key_map')).scalar()
-    yield Published(wh, schema, config, workdir, result, snapshot(wh, schema), key_map)
+    yield Published(wh, schema, config, workdir, result, snapshot(wh, schema), key_map, ge_threads)
     if request.param == "postgresql":
         with wh.begin() as conn:
             for suffix in ("", "_vocab_stage", "_stage", "_etl"):
@@ -145,6 +157,14 @@ def test_demo_passes_its_gate_with_every_check_type(published: Published) -> Non
     suites = {r["suite_name"] for r in stored}
     assert suites == {f"cdm.{t}" for t in {c["table"] for c in expectations}}
     assert all("pandas_data_fingerprint" not in r["meta"]["batch_markers"] for r in stored)
+    # GE validated in its own thread, beside the DQD checks, not after them
+    assert len(published.ge_threads) == 1
+    assert published.ge_threads[0].startswith("great-expectations")
+    if published.wh.dialect == "duckdb":  # every partition through one dataframe asset
+        gx_config = yaml.safe_load((result.run_dir / "gx" / "great_expectations.yml").read_text())
+        assert list(gx_config["fluent_datasources"]["stage"]["assets"]) == [
+            published.schema + "_stage"
+        ]
     for c in checks:
         assert set(c) >= {"name", "table", "field", "passed", "violating_rows", "total_rows",
                           "threshold_pct", "severity", "category"}  # fmt: skip

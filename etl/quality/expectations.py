@@ -189,10 +189,8 @@ def run_expectations(
         # one dataframe asset for every table: GE rewrites its whole YAML config at every
         # asset and batch definition added (two per table cost 2 s a run); the
         # validation definition and the suite name the table (cdm.<table>)
-        source = ctx.data_sources.add_or_update_pandas("stage")
-        source = source.add_dataframe_asset(s.stage).add_batch_definition_whole_dataframe(
-            "partition"
-        )
+        asset = ctx.data_sources.add_or_update_pandas("stage").add_dataframe_asset(s.stage)
+        source = asset.add_batch_definition_whole_dataframe("partition")
     result = SuiteResult()
     for table, table_exps in by_table.items():
         # the suite whole, saved once: adding expectations one by one to a saved suite
