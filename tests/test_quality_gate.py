@@ -401,3 +401,52 @@ def test_checks_run_in_batches_and_a_broken_check_fails_alone(warehouse, monkeyp
     assert errors["over_0"] is None and errors["over_1"] is None
     with wh.begin() as conn:
         conn.execute(sa.text(s.sql("DROP TABLE {S}.t")))
+
+
+def test_catalogue_checks_answer_as_their_sql_does(warehouse, monkeypatch) -> None:
+    """cdmTable and cdmField checks are answered from one read of the catalogue, not one
+    information_schema query each: every answer equals the one the check's own SQL gives,
+    present or missing, and the results keep the checks' order."""
+    from etl.pipeline.schemas import Schemas
+    from etl.quality import gate
+
+    wh, schema = warehouse
+    s = Schemas(wh, schema)
+    tables = ["person", "note", "specimen"]
+    with wh.begin() as conn:
+        conn.execute(sa.text(f'CREATE SCHEMA IF NOT EXISTS "{s.stage}"'))
+        conn.execute(sa.text(s.sql("CREATE TABLE {S}.person (person_id BIGINT)")))
+        conn.execute(sa.text(s.sql("CREATE TABLE {S}.note (note_id BIGINT, note_text TEXT)")))
+    try:
+        checks = [
+            c for c in generate_checks(tables) if c.name in ("cdmTable", "cdmField", "isRequired")
+        ]
+        checks = [c for c in checks if c.name != "isRequired" or c.table != "specimen"]
+        catalogued = [c for c in checks if c.catalog is not None]
+        assert {c.name for c in catalogued} == {"cdmTable", "cdmField"}
+        assert len(catalogued) == len([c for c in checks if c.name.startswith("cdm")])
+        queried: list[str] = []
+        one_by_one = gate._counts
+
+        def spy(s_: Schemas, c) -> tuple[int, int] | str:
+            queried.append(c.name)
+            return one_by_one(s_, c)
+
+        monkeypatch.setattr(gate, "_counts", spy)
+        monkeypatch.setattr(gate, "BATCH", 1)  # every SQL-answered check goes through spy
+        result = gate.run_checks(s, checks)
+        assert "cdmField" not in queried and "cdmTable" not in queried
+        assert [c["key"] for c in result.checks] == [c.key for c in checks]
+        for check, entry in zip(checks, result.checks, strict=True):
+            if check.catalog is not None:
+                expected = one_by_one(s, check)  # the check's own information_schema query
+                assert (entry["violating_rows"], entry["total_rows"]) == expected, check.key
+        failed = {c["key"] for c in result.checks if not c["passed"]}
+        assert "cdmTable.specimen" in failed and "cdmTable.note" not in failed
+        assert "cdmField.note.note_title" in failed and "cdmField.note.note_text" not in failed
+        assert "cdmField.person.person_id" not in failed
+        assert "cdmField.person.gender_concept_id" in failed
+    finally:
+        with wh.begin() as conn:
+            conn.execute(sa.text(s.sql("DROP TABLE {S}.person")))
+            conn.execute(sa.text(s.sql("DROP TABLE {S}.note")))

@@ -52,6 +52,9 @@ class Check:
     description: str = ""
     examples_sql: str | None = None  # SELECT of a few violating rows' ids
     params: dict[str, object] = field(default_factory=dict)
+    # cdmTable / cdmField: the (table, column or None) the check looks up in the catalogue;
+    # the gate answers these from one read of the catalogue (etl/quality/gate.py)
+    catalog: tuple[str, str | None] | None = None
 
     @property
     def key(self) -> str:
@@ -145,6 +148,7 @@ def _field_checks(tables: set[str]) -> list[Check]:
                 _exists("columns", f"table_name = '{table}' AND column_name = '{fld}'"),
                 "0",
                 f"{table}.{fld} exists",
+                catalog=(table, fld),
             )
         )
         if r["isRequired"] == "Yes":
@@ -342,7 +346,7 @@ def _table_checks(tables: set[str]) -> list[Check]:
             continue
         out.append(_new(
             "cdmTable", table, None, _exists("tables", f"table_name = '{table}'"), "0",
-            f"{table} exists",
+            f"{table} exists", catalog=(table, None),
         ))  # fmt: skip
         if r["measurePersonCompleteness"] == "Yes":
             out.append(_new(

@@ -8,6 +8,11 @@ Checks run `BATCH` at a time as one UNION ALL statement (one round trip and tran
 instead of one per check: the per-query overhead was half the gate's time with its ~2,300
 checks). A batch that errors, or does not return one row per check, is run again check
 by check, so a check that cannot run fails alone, with its own error.
+
+The ~400 catalogue checks (cdmTable, cdmField: does the table, the column exist?) are
+answered from one read of the schema's catalogue instead of one information_schema query
+each: the same (0 or 1, 1) their SQL returns, for under 1% of what those queries cost
+(they were ~40% of the demo's gate).
 """
 
 from __future__ import annotations
@@ -56,9 +61,13 @@ def run_checks(s: Schemas, checks: list[Check]) -> GateResult:
     spoil the others: its batch is run again check by check)."""
     started = time.perf_counter()
     result = GateResult()
-    counts: list[tuple[int, int] | str] = []
-    for first in range(0, len(checks), BATCH):
-        counts.extend(_batch_counts(s, checks[first : first + BATCH]))
+    in_catalog = _catalog_counts(s, [c for c in checks if c.catalog is not None])
+    queried = [c for c in checks if c.catalog is None]
+    by_query: list[tuple[int, int] | str] = []
+    for first in range(0, len(queried), BATCH):
+        by_query.extend(_batch_counts(s, queried[first : first + BATCH]))
+    answers = iter(by_query)
+    counts = [in_catalog[id(c)] if c.catalog is not None else next(answers) for c in checks]
     for check, counted in zip(checks, counts, strict=True):
         error = counted if isinstance(counted, str) else None
         violating, total = (0, 0) if isinstance(counted, str) else counted
@@ -91,6 +100,44 @@ def run_checks(s: Schemas, checks: list[Check]) -> GateResult:
             c["violating_pct"], c["threshold_pct"],
         )  # fmt: skip
     return result
+
+
+def _catalog_counts(s: Schemas, checks: list[Check]) -> dict[int, tuple[int, int] | str]:
+    """(violating, total) of each catalogue check, keyed by id(check): (0, 1) when its table
+    (cdmTable) or column (cdmField) is in the stage schema's catalogue, else (1, 1)."""
+    if not checks:
+        return {}
+    try:
+        with s.wh.begin() as conn:
+            tables = {
+                r[0]
+                for r in conn.execute(
+                    sa.text(
+                        "SELECT table_name FROM information_schema.tables"
+                        " WHERE table_schema = :schema"
+                    ),
+                    {"schema": s.stage},
+                )
+            }
+            columns = set(
+                conn.execute(
+                    sa.text(
+                        "SELECT table_name, column_name FROM information_schema.columns"
+                        " WHERE table_schema = :schema"
+                    ),
+                    {"schema": s.stage},
+                ).tuples()
+            )
+    except sa.exc.DBAPIError:  # each check's own query then says what is wrong
+        log.debug("the catalogue could not be read at once; asking check by check")
+        return {id(c): _counts(s, c) for c in checks}
+    out: dict[int, tuple[int, int] | str] = {}
+    for c in checks:
+        assert c.catalog is not None
+        table, column = c.catalog
+        present = table in tables if column is None else (table, column) in columns
+        out[id(c)] = (0 if present else 1, 1)
+    return out
 
 
 def _batch_counts(s: Schemas, batch: list[Check]) -> list[tuple[int, int] | str]:
