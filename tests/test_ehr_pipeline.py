@@ -241,3 +241,47 @@ def test_parquet_extracts_read_like_csv(duckdb_wh, tmp_path: Path) -> None:
     for name in ALL_FILES:
         assert files[name]["records_in"] == len(rows(DEMO_SYNTHEA / name)), name
     assert result.report["tables"]["person"] == len(rows(DEMO_SYNTHEA / "patients.csv"))
+
+
+def test_published_tables_keep_the_specifications_keys_and_indexes(demo_run) -> None:
+    """Publish fills each table before building its primary key (and, on PostgreSQL, its
+    indexes): the published CDM still has every key and index of the specification's DDL,
+    and the keys are enforced."""
+    import sqlalchemy as sa
+
+    from etl.cdm.schema import build_metadata
+    from etl.pipeline.publish import published_tables
+
+    wh, schema, _ = demo_run
+    tables = published_tables()
+    md = build_metadata(schema, tables=tables, indexes=wh.dialect == "postgresql")
+    expected_keys = {(t.name, c.name) for t in md.tables.values() for c in t.primary_key.columns}
+    assert len(expected_keys) >= 20
+    with wh.begin() as conn:
+        keys = set(
+            conn.execute(
+                sa.text(
+                    "SELECT tc.table_name, k.column_name"
+                    " FROM information_schema.table_constraints tc"
+                    " JOIN information_schema.key_column_usage k"
+                    "   ON k.constraint_name = tc.constraint_name"
+                    "  AND k.table_schema = tc.table_schema AND k.table_name = tc.table_name"
+                    " WHERE tc.constraint_type = 'PRIMARY KEY' AND tc.table_schema = :s"
+                ),
+                {"s": schema},
+            ).tuples()
+        )
+        assert {k for k in keys if k[0] in tables} == expected_keys
+        if wh.dialect == "postgresql":
+            indexes = set(
+                conn.execute(
+                    sa.text("SELECT indexname FROM pg_indexes WHERE schemaname = :s"),
+                    {"s": schema},
+                ).scalars()
+            )
+            expected = {i.name for t in md.tables.values() for i in t.indexes}
+            assert len(expected) >= 50 and expected <= indexes
+    with pytest.raises(sa.exc.IntegrityError), wh.begin() as conn:
+        conn.execute(
+            sa.text(f"INSERT INTO {_t(schema, 'person')} SELECT * FROM {_t(schema, 'person')}")
+        )

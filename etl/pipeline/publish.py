@@ -1,5 +1,8 @@
 """Publish: the staged CDM tables replace the published ones in one transaction.
 
+Each table is created bare (types and NOT NULL), filled, then given the specification's
+primary key and, on PostgreSQL, its indexes: built over the loaded rows, not row by row.
+
 Researchers either see last night's warehouse or tonight's, never a mix: every published
 table is replaced, and the run's new keys join the persistent key map, inside a single
 transaction (PostgreSQL and DuckDB both have transactional DDL). A crash before the
@@ -67,6 +70,36 @@ def published_counts(s: Schemas, conn: sa.Connection) -> dict[str, int]:
     return {t: s.wh.count_rows(conn, s.cdm, t) for t in published_tables() if t in present}
 
 
+def _create_without_keys(conn: sa.Connection, table: sa.Table) -> None:
+    """`table` as the spec defines it (types, NOT NULL), without its primary key and
+    indexes: `_add_keys` builds those once the rows are in."""
+    bare = sa.Table(
+        table.name,
+        sa.MetaData(schema=table.schema),
+        *(sa.Column(c.name, c.type, nullable=c.nullable, autoincrement=False) for c in table.c),
+    )
+    bare.create(conn)
+
+
+def _add_keys(s: Schemas, conn: sa.Connection, table: sa.Table) -> None:
+    """The spec's primary key and (PostgreSQL) indexes of `table`, built over its loaded
+    rows: one bulk build instead of an index insert per row (half the key's cost on DuckDB,
+    the usual bulk-load order on PostgreSQL). A duplicate key still fails the publish."""
+    wh = s.wh
+    key = table.primary_key
+    if key.columns:
+        cols = ", ".join(wh.quote(c.name) for c in key.columns)
+        name = wh.quote(key.name or f"xpk_{table.name}")
+        conn.execute(
+            sa.text(
+                f"ALTER TABLE {wh.qualified(s.cdm, table.name)}"
+                f" ADD CONSTRAINT {name} PRIMARY KEY ({cols})"
+            )
+        )
+    for index in table.indexes:
+        index.create(conn)
+
+
 def publish(s: Schemas, conn: sa.Connection) -> dict[str, int]:
     """Swap every staged table into the CDM schema within `conn`'s transaction.
 
@@ -82,7 +115,7 @@ def publish(s: Schemas, conn: sa.Connection) -> dict[str, int]:
         # Drop and recreate from the spec rather than DELETE: no dead rows on PostgreSQL,
         # and DuckDB would re-check deleted keys against the new rows in one transaction.
         table.drop(conn, checkfirst=True)
-        table.create(conn)
+        _create_without_keys(conn, table)
         cols = ", ".join(wh.quote(c.name) for c in table.columns)
         conn.execute(
             sa.text(
@@ -90,6 +123,7 @@ def publish(s: Schemas, conn: sa.Connection) -> dict[str, int]:
                 f" SELECT {cols} FROM {wh.qualified(s.stage, name)}"
             )
         )
+        _add_keys(s, conn, table)
         counts[name] = wh.count_rows(conn, s.cdm, name)
     ids_tables = [
         t for t in sa.inspect(conn).get_table_names(schema=s.stage) if t.startswith("ids_")
