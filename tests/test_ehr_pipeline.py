@@ -285,3 +285,50 @@ def test_published_tables_keep_the_specifications_keys_and_indexes(demo_run) -> 
         conn.execute(
             sa.text(f"INSERT INTO {_t(schema, 'person')} SELECT * FROM {_t(schema, 'person')}")
         )
+
+
+@pytest.mark.postgres
+def test_postgres_stage_is_unlogged_and_published_tables_are_not(pg_wh, tmp_path: Path) -> None:
+    """On PostgreSQL the stage (rebuilt by every run) is written without WAL: every table
+    the stage step and the build create is UNLOGGED. What is published, the key map and
+    the lineage store stay logged; the published rows are the same."""
+    import sqlalchemy as sa
+
+    from etl.config import load_config
+    from etl.pipeline.steps import NightlyRun
+
+    wh, schema = pg_wh
+    cfg = load_config(write_config(tmp_path, wh, schema, DEMO_SYNTHEA))
+    night = NightlyRun.start(cfg, tmp_path)
+    for feed in night.feeds:
+        night.extract(feed)
+        night.land(feed)
+    night.build()
+
+    def persistence(schema_name: str) -> dict[str, str]:
+        with wh.begin() as conn:
+            return dict(
+                conn.execute(
+                    sa.text(
+                        "SELECT c.relname, c.relpersistence FROM pg_class c"
+                        " JOIN pg_namespace n ON n.oid = c.relnamespace"
+                        " WHERE n.nspname = :s AND c.relkind = 'r'"
+                    ),
+                    {"s": schema_name},
+                ).all()
+            )
+
+    staged = persistence(f"{schema}_stage")
+    # the source tables, the CDM tables, the build's own tables (rules, mapping, ids...)
+    assert {"src_event", "person", "measurement", "event_mapped", "lineage", "etl_run"} <= set(
+        staged
+    )
+    assert len(staged) > 60
+    assert {t for t, p in staged.items() if p != "u"} == set()
+    assert night.gate() and night.publish()
+    published = persistence(schema)
+    assert published["person"] == published["measurement"] == "p"
+    assert set(persistence(f"{schema}_etl").values()) == {"p"}  # key map, lineage store
+    assert scalar(wh, f"SELECT count(*) FROM {_t(schema, 'person')}") == len(
+        rows(DEMO_SYNTHEA / "patients.csv")
+    )

@@ -55,11 +55,13 @@ def build_metadata(
     foreign_keys: bool = False,
     indexes: bool = False,
     constraints: bool = True,
+    prefixes: list[str] | None = None,
 ) -> sa.MetaData:
     """SQLAlchemy metadata for the CDM (all 41 tables unless `tables` names some).
 
     Types, NOT NULL and primary keys always follow the specification; foreign keys and
-    indexes are optional, as in OHDSI's own DDL scripts.
+    indexes are optional, as in OHDSI's own DDL scripts. `prefixes` go between CREATE and
+    TABLE (UNLOGGED, for a PostgreSQL stage).
     """
     specs = cdm_tables()
     wanted = list(specs) if tables is None else list(tables)
@@ -83,7 +85,7 @@ def build_metadata(
                     autoincrement=False,
                 )
             )
-        table = sa.Table(name, md, *cols)
+        table = sa.Table(name, md, *cols, prefixes=prefixes or [])
         if spec.primary_key and constraints:
             table.primary_key.name = f"xpk_{name}"
         if indexes:
@@ -128,8 +130,12 @@ def create_cdm(
     indexes: bool | None = None,
     tables: Iterable[str] | None = None,
     constraints: bool = True,
+    unlogged: bool = False,
 ) -> list[str]:
     """Create the CDM tables missing from `schema` (all 41 by default), in one transaction.
+
+    `unlogged` (a stage schema): on PostgreSQL the tables are UNLOGGED, written without
+    write-ahead log; ignored on DuckDB.
 
     Indexes default to on for PostgreSQL and off for DuckDB (whose zone maps serve scans,
     and whose ART indexes would slow every bulk load). Foreign keys are PostgreSQL-only:
@@ -142,7 +148,12 @@ def create_cdm(
     if indexes is None:
         indexes = wh.dialect == "postgresql"
     md = build_metadata(
-        schema, tables=tables, foreign_keys=foreign_keys, indexes=indexes, constraints=constraints
+        schema,
+        tables=tables,
+        foreign_keys=foreign_keys,
+        indexes=indexes,
+        constraints=constraints,
+        prefixes=["UNLOGGED"] if unlogged and wh.dialect == "postgresql" else None,
     )
     with wh.begin() as conn:
         wh.create_schema(conn, schema)

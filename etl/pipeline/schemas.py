@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, replace
 
 import sqlalchemy as sa
 
 from etl.warehouse.base import Warehouse
+
+_STAGE_TABLE = re.compile(r"CREATE TABLE (IF NOT EXISTS )?\{S\}\.")
 
 
 @dataclass(frozen=True)
@@ -37,8 +40,11 @@ class Schemas:
     def sql(self, text: str, **extra: str) -> str:
         """Fill {C}, {S}, {E} (quoted cdm, stage and etl schema names) into `text`, and
         {SN}, the stage schema's bare name (for information_schema look-ups). A build reads
-        only vocabulary tables from {C}: it names `vocab` when that is set."""
+        only vocabulary tables from {C}: it names `vocab` when that is set. On PostgreSQL a
+        `CREATE TABLE {S}.` becomes `CREATE UNLOGGED TABLE {S}.` (see etl/pipeline/stage.py)."""
         q = self.wh.quote
+        if self.wh.dialect == "postgresql":  # the stage is rebuilt each run: no WAL for it
+            text = _STAGE_TABLE.sub(r"CREATE UNLOGGED TABLE \1{S}.", text)
         return text.format(
             C=q(self.vocab or self.cdm), S=q(self.stage), E=q(self.etl), SN=self.stage, **extra
         )

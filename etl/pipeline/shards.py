@@ -162,7 +162,9 @@ def prepare_shard(g: Schemas, k: int, n: int, run_id: str, *, scoped: bool = Fal
     with wh.begin() as conn:
         wh.drop_schema(conn, sh.stage)
         wh.create_schema(conn, sh.stage)
-    create_cdm(wh, sh.stage, indexes=False, tables=_clinical_tables(), constraints=False)
+    create_cdm(
+        wh, sh.stage, indexes=False, tables=_clinical_tables(), constraints=False, unlogged=True
+    )
     mine = "coalesce(mod(p.id, {n}), 0) = {k}"
     if scoped:  # records of unknown persons too, as shard 0 takes them
         mine = "(p.id IS NULL OR p.id IN (SELECT person_id FROM {G}.build_scope))"

@@ -1,4 +1,11 @@
-"""Stage: a fresh staging schema holding this run's canonical records and empty CDM tables."""
+"""Stage: a fresh staging schema holding this run's canonical records and empty CDM tables.
+
+On PostgreSQL every stage table is UNLOGGED (here and in the build's CREATE TABLE {S}.x,
+etl/pipeline/schemas.py): the stage is rebuilt by every run, so its rows need no
+write-ahead log. A server crash empties unlogged tables, the run's stamp with them, so a
+build interrupted that way is refused at the gate or publish and must run again; the
+published tables, the key map and the lineage store stay logged.
+"""
 
 from __future__ import annotations
 
@@ -41,8 +48,9 @@ SOURCE_TABLES = {
 }
 
 
-def _table_for(md: sa.MetaData, name: str, schema: pa.Schema) -> sa.Table:
-    return sa.Table(name, md, *(sa.Column(f.name, _ARROW_SQL[f.type]) for f in schema))
+def _table_for(md: sa.MetaData, name: str, schema: pa.Schema, prefixes: list[str]) -> sa.Table:
+    columns = (sa.Column(f.name, _ARROW_SQL[f.type]) for f in schema)
+    return sa.Table(name, md, *columns, prefixes=prefixes)
 
 
 def prepare(s: Schemas, landing_dirs: list[Path], local_map: pa.Table) -> None:
@@ -58,11 +66,12 @@ def prepare(s: Schemas, landing_dirs: list[Path], local_map: pa.Table) -> None:
     clinical = [t for t in _cdm_table_names() if t not in ATHENA_TABLES]
     # No NOT NULL or key constraints in the stage: the quality gate checks them and names
     # what is wrong; the published tables keep the specification's constraints.
-    create_cdm(wh, s.stage, indexes=False, tables=clinical, constraints=False)
+    create_cdm(wh, s.stage, indexes=False, tables=clinical, constraints=False, unlogged=True)
     md = sa.MetaData(schema=s.stage)
+    prefixes = ["UNLOGGED"] if wh.dialect == "postgresql" else []
     for name, shape in SOURCE_TABLES.items():
-        _table_for(md, name, canonical.SHAPES[shape])
-    _table_for(md, "local_map", LOCAL_MAP)
+        _table_for(md, name, canonical.SHAPES[shape], prefixes)
+    _table_for(md, "local_map", LOCAL_MAP, prefixes)
     with wh.begin() as conn:
         md.create_all(conn)
         s.run(conn, LINEAGE_DDL)
