@@ -2,8 +2,8 @@
 
 On PostgreSQL every stage table is UNLOGGED (here and in the build's CREATE TABLE {S}.x,
 etl/pipeline/schemas.py): the stage is rebuilt by every run, so its rows need no
-write-ahead log. A server crash empties unlogged tables, the run's stamp with them, so a
-build interrupted that way is refused at the gate or publish and must run again; the
+write-ahead log. A server crash empties unlogged tables, the run's stamp with them, so the
+gate or publish of such a run stops ("holds no build") and the run must build again; the
 published tables, the key map and the lineage store stay logged.
 """
 
