@@ -103,6 +103,24 @@ def scalar(wh: Warehouse, sql: str, **params: Any) -> Any:
     return query(wh, sql, **params)[0][0]
 
 
+def primary_keys(wh: Warehouse, schema: str) -> set[tuple[str, str]]:
+    """(table, column) of every primary-key column in `schema`, from information_schema."""
+    with wh.begin() as conn:
+        return set(
+            conn.execute(
+                sa.text(
+                    "SELECT tc.table_name, k.column_name"
+                    " FROM information_schema.table_constraints tc"
+                    " JOIN information_schema.key_column_usage k"
+                    "   ON k.constraint_name = tc.constraint_name"
+                    "  AND k.table_schema = tc.table_schema AND k.table_name = tc.table_name"
+                    " WHERE tc.constraint_type = 'PRIMARY KEY' AND tc.table_schema = :s"
+                ),
+                {"s": schema},
+            ).tuples()
+        )
+
+
 def columns(wh: Warehouse, schema: str, table: str) -> list[tuple[str, str]]:
     """(name, data_type) of a table's columns, in order (information_schema: both engines)."""
     return query(

@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 from etl.cdm.schema import create_cdm
 from etl.cli import app
 from tests.conftest import REPO
+from tests.pipeline_helpers import primary_keys
 
 SPEC_DIR = REPO / "etl" / "cdm" / "spec_data"
 
@@ -83,20 +84,7 @@ def test_created_schema_matches_specification(warehouse) -> None:
 def test_primary_keys_follow_specification(warehouse) -> None:
     wh, schema = warehouse
     create_cdm(wh, schema)
-    with wh.begin() as conn:
-        actual = set(
-            conn.execute(
-                sa.text(
-                    "SELECT tc.table_name, k.column_name"
-                    " FROM information_schema.table_constraints tc"
-                    " JOIN information_schema.key_column_usage k"
-                    "   ON k.constraint_name = tc.constraint_name"
-                    "  AND k.table_schema = tc.table_schema AND k.table_name = tc.table_name"
-                    " WHERE tc.constraint_type = 'PRIMARY KEY' AND tc.table_schema = :s"
-                ),
-                {"s": schema},
-            ).tuples()
-        )
+    actual = primary_keys(wh, schema)
     expected = {
         (r["cdmTableName"].lower(), r["cdmFieldName"].lower())
         for r in _spec_rows()

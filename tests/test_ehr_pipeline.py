@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.conftest import DEMO_SYNTHEA, REPO
-from tests.pipeline_helpers import query, rows, run, scalar, write_config
+from tests.pipeline_helpers import primary_keys, query, rows, run, scalar, write_config
 
 ALL_FILES = sorted(p.name for p in DEMO_SYNTHEA.glob("*.csv"))
 CLINICAL_FILES = [
@@ -257,30 +257,13 @@ def test_published_tables_keep_the_specifications_keys_and_indexes(demo_run) -> 
     md = build_metadata(schema, tables=tables, indexes=wh.dialect == "postgresql")
     expected_keys = {(t.name, c.name) for t in md.tables.values() for c in t.primary_key.columns}
     assert len(expected_keys) >= 20
-    with wh.begin() as conn:
-        keys = set(
-            conn.execute(
-                sa.text(
-                    "SELECT tc.table_name, k.column_name"
-                    " FROM information_schema.table_constraints tc"
-                    " JOIN information_schema.key_column_usage k"
-                    "   ON k.constraint_name = tc.constraint_name"
-                    "  AND k.table_schema = tc.table_schema AND k.table_name = tc.table_name"
-                    " WHERE tc.constraint_type = 'PRIMARY KEY' AND tc.table_schema = :s"
-                ),
-                {"s": schema},
-            ).tuples()
-        )
-        assert {k for k in keys if k[0] in tables} == expected_keys
-        if wh.dialect == "postgresql":
-            indexes = set(
-                conn.execute(
-                    sa.text("SELECT indexname FROM pg_indexes WHERE schemaname = :s"),
-                    {"s": schema},
-                ).scalars()
-            )
-            expected = {i.name for t in md.tables.values() for i in t.indexes}
-            assert len(expected) >= 50 and expected <= indexes
+    keys = primary_keys(wh, schema)
+    assert {k for k in keys if k[0] in tables} == expected_keys
+    if wh.dialect == "postgresql":
+        listed = query(wh, "SELECT indexname FROM pg_indexes WHERE schemaname = :s", s=schema)
+        indexes = {r[0] for r in listed}
+        expected = {i.name for t in md.tables.values() for i in t.indexes}
+        assert len(expected) >= 50 and expected <= indexes
     with pytest.raises(sa.exc.IntegrityError), wh.begin() as conn:
         conn.execute(
             sa.text(f"INSERT INTO {_t(schema, 'person')} SELECT * FROM {_t(schema, 'person')}")
