@@ -24,14 +24,20 @@ UNMAPPED_LIMIT = 500
 def accounting(
     s: Schemas, conn: sa.Connection, files: dict[str, list[FileStats]], quarantine_reasons: list
 ) -> tuple[dict[str, Any], list[dict], list[dict], list[str]]:
-    """Per feed and file: records_in = loaded + quarantined + filtered, checked."""
+    """Per feed and file: records_in = loaded + quarantined + filtered, checked.
+
+    A record is loaded when the lineage store traces a CDM row to it (one record may give
+    several rows). Its lines are counted distinct within each file's group rather than
+    deduplicated as (feed, file, line) triples over the whole store: the same counts, but
+    PostgreSQL then hashes integers per file instead of text triples (a 4.8 M-row store
+    like 10,000 patients': 8 s -> 4 s; DuckDB at 100,000 patients, 43.7 M rows: 5.5 s ->
+    5.1 s)."""
     loaded = {
         (f, sf): n
         for f, sf, n in s.run(
             conn,
-            "SELECT feed, source_file, count(*) FROM (SELECT DISTINCT feed, source_file,"
-            " source_line FROM {S}.lineage WHERE mapping_rule IS NULL"
-            " OR mapping_rule <> :derived) x GROUP BY feed, source_file",
+            "SELECT feed, source_file, count(DISTINCT source_line) FROM {S}.lineage"
+            " WHERE mapping_rule IS NULL OR mapping_rule <> :derived GROUP BY feed, source_file",
             {"derived": DERIVED_PERSON_RULE},
         ).all()
     }

@@ -537,10 +537,10 @@ def _extract_files(
                 stats.records_in += result.num_rows
                 if q.exclusions:
                     _count_excluded(stats, result["_excluded"])
-                    result = result.filter(result["_excluded"].is_null())
+                    result = _rows_where_null(result, "_excluded")
                 result = result.drop_columns(["_excluded"])
                 bad = result.filter(result["_reason"].is_valid())
-                good = result.filter(result["_reason"].is_null()).drop_columns(["_reason"])
+                good = _rows_where_null(result, "_reason").drop_columns(["_reason"])
                 stats.quarantined += bad.num_rows
                 stats.extracted += good.num_rows
                 out.write(shape, good.select(canonical.SHAPES[shape].names))
@@ -566,6 +566,16 @@ def _extract_files(
             stats.quarantined,
         )
     return files
+
+
+def _rows_where_null(table: pa.Table, column: str) -> pa.Table:
+    """The rows of `table` whose `column` is null; `table` itself when all are (nearly
+    every block: a filter would copy every value of it, about 2 s of CPU at 100,000
+    patients)."""
+    values = table[column]
+    if values.null_count == len(values):
+        return table
+    return table.filter(values.is_null())
 
 
 def _count_excluded(stats: FileStats, excluded: pa.ChunkedArray) -> None:
