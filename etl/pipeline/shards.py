@@ -54,7 +54,7 @@ GLOBAL_STEPS = (
     "person",
     "merge_records",
     "death",
-    "imaging_visits",  # updates event_ok: before the shards copy it
+    "imaging_visits",  # gives studies their visits in event_ok: before the shards copy it
     "financial_rules",  # deduplicates payers across persons
     "source_to_concept_map",
     "cdm_source",

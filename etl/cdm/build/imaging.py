@@ -47,22 +47,20 @@ def match_study_visits(s: Schemas, conn: sa.Connection) -> None:
     person takes the shortest visit (then the latest start).
     """
     s.run(conn, _VISIT_OF_STUDY)
-    s.run(
-        conn,
-        "UPDATE {S}.event_ok AS t SET visit_key = sv.visit_key FROM {S}.study_visit sv"
-        " WHERE t.event_key = sv.event_key AND t.visit_key IS NULL",
-    )
+    # event_ok is a view (etl/cdm/build/rules.py): these visits go to its `event_visit`,
+    # which it shows for events without a visit of their own; a study's visit first, then
+    # its findings' (one visit a finding: the least key, should its series span studies)
+    s.run(conn, "INSERT INTO {S}.event_visit SELECT event_key, visit_key FROM {S}.study_visit")
     s.run(
         conn,
         """
-        UPDATE {S}.event_ok AS t SET visit_key = fv.visit_key
-        FROM (
-            SELECT DISTINCT f.feature_key, sv.visit_key
-            FROM {S}.src_image_feature f
-            JOIN {S}.src_image i ON i.image_key = f.image_key AND i.instance_number = 1
-            JOIN {S}.study_visit sv ON sv.event_key = i.procedure_event_key
-        ) fv
-        WHERE t.event_key = fv.feature_key AND t.visit_key IS NULL
+        INSERT INTO {S}.event_visit
+        SELECT f.feature_key, min(sv.visit_key)
+        FROM {S}.src_image_feature f
+        JOIN {S}.src_image i ON i.image_key = f.image_key AND i.instance_number = 1
+        JOIN {S}.study_visit sv ON sv.event_key = i.procedure_event_key
+        WHERE f.feature_key NOT IN (SELECT event_key FROM {S}.study_visit)
+        GROUP BY f.feature_key
         """,
     )
 
