@@ -273,8 +273,9 @@ def apply_financial_rules(s: Schemas, conn: sa.Connection) -> None:
         "CASE WHEN c.claim_key IS NULL THEN 'unknown_claim' END",
         key="line_key",
         # a line's own key is read only to find duplicates: every later step reads its
-        # claim, kind and amount; not writing the 32-character key again is most of
-        # writing the biggest table of an EHR feed (19 M lines at 100,000 patients)
+        # claim, kind and amount; without the 32-character key the biggest table of an
+        # EHR feed is written in half the time (19.4 M lines at 100,000 patients: 7.3-8.2
+        # s -> 3.6-4.0 s)
         kept=[c for c in canonical.COST_LINE.names if c != "line_key"],
     )
     _set_aside(
