@@ -307,6 +307,8 @@ def test_postgres_stage_is_unlogged_and_published_tables_are_not(pg_wh, tmp_path
     assert {"src_event", "person", "measurement", "event_mapped", "lineage", "etl_run"} <= set(
         staged
     )
+    # the kept events: written (unlogged) on PostgreSQL, read through the event_ok view
+    assert "event_kept" in staged and "event_ok" not in staged
     assert len(staged) > 60
     assert {t for t, p in staged.items() if p != "u"} == set()
     # after a server crash, recovery empties every unlogged table: the run's stamp too, so

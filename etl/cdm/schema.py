@@ -122,6 +122,12 @@ def ddl_statements(md: sa.MetaData, dialect: Dialect) -> list[str]:
     return out
 
 
+def stage_prefixes(wh: Warehouse) -> list[str]:
+    """What goes between CREATE and TABLE for a stage table: UNLOGGED on PostgreSQL (a
+    stage is rebuilt by every run, so it needs no write-ahead log), nothing on DuckDB."""
+    return ["UNLOGGED"] if wh.dialect == "postgresql" else []
+
+
 def create_cdm(
     wh: Warehouse,
     schema: str | None = None,
@@ -153,7 +159,7 @@ def create_cdm(
         foreign_keys=foreign_keys,
         indexes=indexes,
         constraints=constraints,
-        prefixes=["UNLOGGED"] if unlogged and wh.dialect == "postgresql" else None,
+        prefixes=stage_prefixes(wh) if unlogged else None,
     )
     with wh.begin() as conn:
         wh.create_schema(conn, schema)

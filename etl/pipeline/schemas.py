@@ -7,6 +7,7 @@ from dataclasses import dataclass, replace
 
 import sqlalchemy as sa
 
+from etl.cdm.schema import stage_prefixes
 from etl.warehouse.base import Warehouse
 
 _STAGE_TABLE = re.compile(r"CREATE TABLE (IF NOT EXISTS )?\{S\}\.")
@@ -43,8 +44,8 @@ class Schemas:
         only vocabulary tables from {C}: it names `vocab` when that is set. On PostgreSQL a
         `CREATE TABLE {S}.` becomes `CREATE UNLOGGED TABLE {S}.` (see etl/pipeline/stage.py)."""
         q = self.wh.quote
-        if self.wh.dialect == "postgresql":  # the stage is rebuilt each run: no WAL for it
-            text = _STAGE_TABLE.sub(r"CREATE UNLOGGED TABLE \1{S}.", text)
+        if prefix := " ".join(stage_prefixes(self.wh)):  # UNLOGGED on PostgreSQL
+            text = _STAGE_TABLE.sub(rf"CREATE {prefix} TABLE \1{{S}}.", text)
         return text.format(
             C=q(self.vocab or self.cdm), S=q(self.stage), E=q(self.etl), SN=self.stage, **extra
         )

@@ -16,7 +16,7 @@ import sqlalchemy as sa
 
 from etl import canonical
 from etl.cdm.build.common import KEY_MAP_DDL, KEY_MAP_INDEX, LINEAGE_DDL
-from etl.cdm.schema import create_cdm
+from etl.cdm.schema import create_cdm, stage_prefixes
 from etl.cdm.spec import ATHENA_TABLES
 from etl.mapping.local_maps import LOCAL_MAP
 from etl.pipeline.schemas import Schemas
@@ -68,7 +68,7 @@ def prepare(s: Schemas, landing_dirs: list[Path], local_map: pa.Table) -> None:
     # what is wrong; the published tables keep the specification's constraints.
     create_cdm(wh, s.stage, indexes=False, tables=clinical, constraints=False, unlogged=True)
     md = sa.MetaData(schema=s.stage)
-    prefixes = ["UNLOGGED"] if wh.dialect == "postgresql" else []
+    prefixes = stage_prefixes(wh)
     for name, shape in SOURCE_TABLES.items():
         _table_for(md, name, canonical.SHAPES[shape], prefixes)
     _table_for(md, "local_map", LOCAL_MAP, prefixes)
