@@ -21,8 +21,9 @@ import pyarrow.compute as pc
 
 from etl import canonical
 from etl.pseudonym import duckdb_pseudonym_sql, install_duckdb_macro
-from etl.sources.background import RecordSink, WrittenBehind, prefetched
+from etl.sources.background import RecordSink, prefetched
 from etl.sources.delimited import LINE, count_data_lines, grouped, stream
+from etl.sources.lanes import DEFAULT_LANES, lanes_by_shape, run_lanes
 from etl.sources.plausible import EARLIEST, latest
 from etl.sources.profile import Coded, EventSpec, Profile, ProfileError
 from etl.sql_text import sql_identifier, sql_literal
@@ -94,6 +95,8 @@ class _Query:
         self.checks: list[tuple[str, str]] = []  # (condition that is bad, reason)
         self.exclusions: list[tuple[str, str]] = []  # (condition, exclusion rule name)
         self.repeated: list[str] = []  # key expressions hashed once per distinct value
+        # a look-up joined in (a state's name): DuckDB's join may reorder the rows
+        self.looks_up = False
         self.feed, self.file, self.record_set = feed, file, record_set
 
     def col(self, name: str) -> str:
@@ -204,7 +207,7 @@ class _Query:
                    coalesce(_enc, {reason}) AS _reason,
                    CAST({excluded} AS VARCHAR) AS _excluded
             FROM d {joins}
-            {"ORDER BY source_line" if self.repeated else ""}
+            {"ORDER BY source_line" if self.repeated or self.looks_up else ""}
         """
 
 
@@ -232,7 +235,8 @@ def _zip3(expr: str) -> str:
     )
 
 
-def _state(expr: str) -> str:
+def _state(q: _Query, expr: str) -> str:
+    q.looks_up = True
     by_name = f"(SELECT s.code FROM us_states s WHERE upper(s.name) = upper({expr}))"
     return f"coalesce({by_name}, CASE WHEN length({expr}) = 2 THEN upper({expr}) END)"
 
@@ -248,7 +252,7 @@ def _persons(q: _Query) -> str:
         spec = getattr(p, name)
         code, vocab = q.coded(spec) if spec else ("NULL", "NULL")
         q.select[f"{name}_code"], q.select[f"{name}_vocabulary"] = code, vocab
-    q.select["state"] = _state(q.col(p.state)) if p.state else "NULL"
+    q.select["state"] = _state(q, q.col(p.state)) if p.state else "NULL"
     q.select["zip3"] = _zip3(q.col(p.zip)) if p.zip else "NULL"
     q.select["care_site_key"] = (
         q.pseudonym(q.col(p.care_site), repeats=True) if p.care_site else "NULL"
@@ -281,7 +285,7 @@ def _care_sites(q: _Query) -> str:
     assert c is not None
     q.select["care_site_key"] = q.pseudonym(q.required(c.key))
     q.select["name"] = q.col(c.name) if c.name else "NULL"
-    q.select["state"] = _state(q.col(c.state)) if c.state else "NULL"
+    q.select["state"] = _state(q, q.col(c.state)) if c.state else "NULL"
     q.select["zip3"] = _zip3(q.col(c.zip)) if c.zip else "NULL"
     return "care_site"
 
@@ -460,12 +464,15 @@ def extract_ehr(
     out: RecordSink,
     *,
     exclude: Sequence[str] = (),
+    lanes: int = DEFAULT_LANES,
 ) -> list[FileStats]:
     """Read every file the profile names from `folder`, writing canonical records to `out`.
 
     Files are streamed block by block straight into the sink, so memory stays bounded by a
     block whatever the extract's size. `exclude` turns on exclusions the profile defines;
-    their rows are counted as filtered. Returns the accounting of every file.
+    their rows are counted as filtered. Up to `lanes` files are read at once
+    (etl/sources/lanes.py); what lands is the same for any number. Returns the accounting
+    of every file, in the profile's order.
     """
     unknown = sorted(set(exclude) - set(profile.exclusions))
     if unknown:
@@ -473,99 +480,127 @@ def extract_ehr(
             f"profile {profile.name} defines no exclusion {', '.join(unknown)}"
             f" (it has: {', '.join(sorted(profile.exclusions)) or 'none'})"
         )
-    con = duckdb.connect()
-    install_duckdb_macro(con, key)
-    con.register("us_states", _states_table())
-    behind = WrittenBehind(out)
-    try:
-        return _extract_files(feed, folder, profile, behind, exclude, con)
-    finally:
-        con.close()
-        behind.close()
+    plans = [
+        _plan(feed, folder, profile, exclude, record_set, file_name, build)
+        for record_set, file_name, build in _record_sets(profile)
+    ]
+    readable = [i for i, p in enumerate(plans) if p.query is not None]
+    groups = lanes_by_shape([(plans[i].shape, plans[i].path.stat().st_size) for i in readable])
+
+    def lane(indexes: list[int], sink_of: Callable[[int], RecordSink]) -> None:
+        con = duckdb.connect()
+        try:
+            install_duckdb_macro(con, key)
+            con.register("us_states", _states_table())
+            for i in indexes:
+                _extract_file(plans[readable[i]], sink_of(i), con)
+        finally:
+            con.close()
+
+    run_lanes(groups, lane, out, workers=lanes)
+    return [p.stats for p in plans]
 
 
-def _extract_files(
+@dataclass
+class _Plan:
+    """One record set's file and query, or why it is not read (`query` None)."""
+
+    feed: str
+    stats: FileStats
+    path: Path
+    profile: Profile
+    query: _Query | None = None
+    shape: str = ""
+
+
+def _plan(
     feed: str,
     folder: Path,
     profile: Profile,
-    out: RecordSink,
     exclude: Sequence[str],
-    con: duckdb.DuckDBPyConnection,
-) -> list[FileStats]:
-    files: list[FileStats] = []
-    for record_set, file_name, build in _record_sets(profile):
-        path = folder / file_name
-        stats = FileStats(record_set, file_name)
-        files.append(stats)
-        if not path.is_file():
-            stats.message = f"{file_name} not found in {folder.name}/: no {record_set} records"
-            log.warning("%s: %s", feed, stats.message)
-            continue
-        q = _Query(profile, feed, file_name, record_set)
-        shape = build(q)
-        for name in exclude:
-            rule = profile.exclusions[name]
-            if rule.record_set == record_set:
-                if rule.column is None:
-                    q.exclusions.append(("TRUE", name))
-                else:
-                    values = ", ".join(sql_literal(v) for v in rule.equals)
-                    q.exclusions.append((f"{q.col(rule.column)} IN ({values})", name))
-        raw, batches = stream(
-            path,
-            delimiter=profile.delimiter,
-            encoding=profile.encoding,
-            fmt=profile.format,
-            columns=q.columns,
-        )
-        missing = [c for c in q.columns if c not in raw.header]
-        if raw.problem or missing:
-            n = count_data_lines(path) if profile.format == "csv" else 0
-            reason = raw.problem or f"column(s) missing from the file: {', '.join(missing)}"
-            stats.records_in = stats.quarantined = n
-            stats.message = reason
-            out.write("quarantine", _whole_file_quarantine(record_set, reason, feed, file_name, n))
-            log.error("%s/%s: %s; %d record(s) quarantined", feed, file_name, reason, n)
-            continue
-        sql = q.sql("batch")
-        # parsed ahead in a thread; closed on the way out, so an error here stops it at once
-        with closing(prefetched(batches)) as ahead:
-            for batch in grouped(ahead):
-                con.register("batch", batch)
-                result = con.sql(sql).to_arrow_table()
-                con.unregister("batch")
-                stats.records_in += result.num_rows
-                if q.exclusions:
-                    _count_excluded(stats, result["_excluded"])
-                    result = _rows_where_null(result, "_excluded")
-                result = result.drop_columns(["_excluded"])
-                bad = result.filter(result["_reason"].is_valid())
-                good = _rows_where_null(result, "_reason").drop_columns(["_reason"])
-                stats.quarantined += bad.num_rows
-                stats.extracted += good.num_rows
-                out.write(shape, good.select(canonical.SHAPES[shape].names))
-                if bad.num_rows:
-                    out.write(
-                        "quarantine",
-                        pa.table(
-                            {
-                                "record_set": _repeat(record_set, bad.num_rows),
-                                "reason": bad["_reason"],
-                                "feed": bad["feed"],
-                                "source_file": bad["source_file"],
-                                "source_line": bad["source_line"],
-                            }
-                        ),
-                    )
-        _account_unparsed_rows(out, stats, raw, record_set, feed, file_name)
-        log.info(
-            "%s/%s: %d record(s), %d quarantined",
-            feed,
-            file_name,
-            stats.records_in,
-            stats.quarantined,
-        )
-    return files
+    record_set: str,
+    file_name: str,
+    build: Callable[[_Query], str],
+) -> _Plan:
+    path = folder / file_name
+    plan = _Plan(feed, FileStats(record_set, file_name), path, profile)
+    if not path.is_file():
+        plan.stats.message = f"{file_name} not found in {folder.name}/: no {record_set} records"
+        log.warning("%s: %s", feed, plan.stats.message)
+        return plan
+    q = _Query(profile, feed, file_name, record_set)
+    plan.shape = build(q)
+    for name in exclude:
+        rule = profile.exclusions[name]
+        if rule.record_set == record_set:
+            if rule.column is None:
+                q.exclusions.append(("TRUE", name))
+            else:
+                values = ", ".join(sql_literal(v) for v in rule.equals)
+                q.exclusions.append((f"{q.col(rule.column)} IN ({values})", name))
+    plan.query = q
+    return plan
+
+
+def _extract_file(plan: _Plan, out: RecordSink, con: duckdb.DuckDBPyConnection) -> None:
+    """Stream one file through its query into `out`, accounting in `plan.stats`."""
+    q, stats, profile, path = plan.query, plan.stats, plan.profile, plan.path
+    assert q is not None
+    feed, record_set, file_name, shape = plan.feed, stats.record_set, stats.file, plan.shape
+    raw, batches = stream(
+        path,
+        delimiter=profile.delimiter,
+        encoding=profile.encoding,
+        fmt=profile.format,
+        columns=q.columns,
+    )
+    missing = [c for c in q.columns if c not in raw.header]
+    if raw.problem or missing:
+        n = count_data_lines(path) if profile.format == "csv" else 0
+        reason = raw.problem or f"column(s) missing from the file: {', '.join(missing)}"
+        stats.records_in = stats.quarantined = n
+        stats.message = reason
+        out.write("quarantine", _whole_file_quarantine(record_set, reason, feed, file_name, n))
+        log.error("%s/%s: %s; %d record(s) quarantined", feed, file_name, reason, n)
+        return
+    sql = q.sql("batch")
+    # parsed ahead in a thread; closed on the way out, so an error here stops it at once
+    with closing(prefetched(batches)) as ahead:
+        for batch in grouped(ahead):
+            con.register("batch", batch)
+            result = con.sql(sql).to_arrow_table()
+            con.unregister("batch")
+            stats.records_in += result.num_rows
+            if q.exclusions:
+                _count_excluded(stats, result["_excluded"])
+                result = _rows_where_null(result, "_excluded")
+            result = result.drop_columns(["_excluded"])
+            bad = result.filter(result["_reason"].is_valid())
+            good = _rows_where_null(result, "_reason").drop_columns(["_reason"])
+            stats.quarantined += bad.num_rows
+            stats.extracted += good.num_rows
+            out.write(shape, good.select(canonical.SHAPES[shape].names))
+            if bad.num_rows:
+                out.write(
+                    "quarantine",
+                    pa.table(
+                        {
+                            "record_set": _repeat(record_set, bad.num_rows),
+                            "reason": bad["_reason"],
+                            "feed": bad["feed"],
+                            "source_file": bad["source_file"],
+                            "source_line": bad["source_line"],
+                        }
+                    ),
+                )
+    _account_unparsed_rows(out, stats, raw, record_set, feed, file_name)
+    log.info(
+        "%s/%s: %d record(s), %d quarantined",
+        feed,
+        file_name,
+        stats.records_in,
+        stats.quarantined,
+    )
 
 
 def _rows_where_null(table: pa.Table, column: str) -> pa.Table:

@@ -1,0 +1,117 @@
+"""Record sets extracted side by side that land exactly as if read one after another.
+
+One file's extraction keeps about one core busy: Arrow parses a block on one thread while
+DuckDB queries the one before, and each waits for the other much of the time. Two files
+at once fill those gaps (the EHR feed of 10,000 patients: 16.6 s -> 10 s on 2 vCPUs).
+
+What lands must not depend on which thread ran first, so record sets go in lanes: the
+sets that write one canonical shape (every event file, say) share a lane and run in it
+in the profile's order, so each shape's file is written by one lane, in the same order
+as a sequential run. Quarantine records, which every set may write, are spooled per set
+to a temporary Parquet file and appended to the sink in the profile's order once every
+lane is done. The landing is identical row for row to a one-lane run's.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from etl import canonical
+from etl.sources.background import RecordSink, WrittenBehind
+
+QUARANTINE = "quarantine"
+# lanes running at once: each runs its own DuckDB (on every core) and parser thread;
+# two already keep 2 vCPUs busy, and each more holds its blocks in memory too
+DEFAULT_LANES = 2
+
+
+class LaneStopped(RuntimeError):
+    """Another lane failed: this one stops at its next write."""
+
+
+def lanes_by_shape(sets: Sequence[tuple[str, int]]) -> list[list[int]]:
+    """Indexes of `sets` ((shape, weight) each, weight ~ input bytes) grouped into lanes:
+    one per shape, each in the given order; the heaviest lane first, so that it starts
+    first and the others fill the remaining worker."""
+    lanes: dict[str, list[int]] = {}
+    for i, (shape, _) in enumerate(sets):
+        lanes.setdefault(shape, []).append(i)
+    weight = {shape: sum(sets[i][1] for i in idx) for shape, idx in lanes.items()}
+    return [lanes[s] for s in sorted(lanes, key=lambda s: -weight[s])]
+
+
+class _Spool:
+    """One record set's quarantine records, in a Parquet file until they are replayed."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._writer: pq.ParquetWriter | None = None
+
+    def write(self, table: pa.Table) -> None:
+        schema = canonical.SHAPES[QUARANTINE]
+        if self._writer is None:
+            self._writer = pq.ParquetWriter(self.path, schema)
+        self._writer.write_table(table.select(schema.names).cast(schema))
+
+    def replay(self, out: RecordSink) -> None:
+        if self._writer is None:
+            return
+        self._writer.close()
+        for batch in pq.ParquetFile(self.path).iter_batches():
+            out.write(QUARANTINE, pa.Table.from_batches([batch]))
+
+
+class _SetSink:
+    """What one record set writes: its quarantine to its spool, the rest to its lane."""
+
+    def __init__(self, lane: RecordSink, spool: _Spool, stop: threading.Event) -> None:
+        self._lane, self._spool, self._stop = lane, spool, stop
+
+    def write(self, shape: str, table: pa.Table) -> None:
+        if self._stop.is_set():
+            raise LaneStopped("stopped: another record set's extraction failed")
+        if shape == QUARANTINE:
+            self._spool.write(table)
+        else:
+            self._lane.write(shape, table)
+
+
+def run_lanes(
+    lanes: list[list[int]],
+    work: Callable[[list[int], Callable[[int], RecordSink]], None],
+    out: RecordSink,
+    *,
+    workers: int = DEFAULT_LANES,
+) -> None:
+    """Run `work(lane, sink_of)` for every lane, `workers` at a time; `sink_of(i)` is the
+    sink record set `i` writes to. The first error stops the other lanes at their next
+    write and is raised once every lane has stopped; then nothing is replayed."""
+    stop = threading.Event()
+    with tempfile.TemporaryDirectory(prefix="omop-etl-quarantine-") as tmp:
+        spools = {i: _Spool(Path(tmp) / f"{i}.parquet") for lane in lanes for i in lane}
+
+        def run(lane: list[int]) -> None:
+            behind = WrittenBehind(out)
+            try:
+                work(lane, lambda i: _SetSink(behind, spools[i], stop))
+            except BaseException:
+                stop.set()
+                raise
+            finally:
+                behind.close()
+
+        with ThreadPoolExecutor(max(1, workers), thread_name_prefix="extract-lane") as pool:
+            futures = [pool.submit(run, lane) for lane in lanes]
+        errors = [e for f in futures if (e := f.exception()) is not None]
+        first = next((e for e in errors if not isinstance(e, LaneStopped)), None)
+        if first is not None or errors:
+            raise first or errors[0]
+        for i in sorted(spools):
+            spools[i].replay(out)
