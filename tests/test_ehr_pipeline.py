@@ -326,3 +326,42 @@ def test_postgres_stage_is_unlogged_and_published_tables_are_not(pg_wh, tmp_path
     assert scalar(wh, f"SELECT count(*) FROM {_t(schema, 'person')}") == len(
         rows(DEMO_SYNTHEA / "patients.csv")
     )
+
+
+def test_duckdb_stage_reads_claim_lines_where_they_landed(duckdb_wh, tmp_path: Path) -> None:
+    """DuckDB reads the landed claim lines through a view, not a copy: the financial rules
+    see every line (a duplicated line is still quarantined), and publishing drops it
+    with the stage."""
+    import shutil
+
+    from etl.config import load_config
+    from etl.pipeline.steps import NightlyRun
+
+    feed = tmp_path / "feed"
+    shutil.copytree(DEMO_SYNTHEA, feed)
+    lines = (feed / "claims_transactions.csv").read_text(encoding="utf-8").splitlines()
+    with (feed / "claims_transactions.csv").open("a", encoding="utf-8") as fh:
+        fh.write(lines[1] + "\n")  # the first line again: a duplicate key
+    wh, schema = duckdb_wh
+    cfg = load_config(write_config(tmp_path, wh, schema, feed))
+    night = NightlyRun.start(cfg, tmp_path)
+    for name in night.feeds:
+        night.extract(name)
+        night.land(name)
+    night.build()
+    stage = f"{schema}_stage"
+    views = query(wh, f"SELECT view_name FROM duckdb_views() WHERE schema_name = '{stage}'")
+    assert {"src_cost_line"} <= {r[0] for r in views}
+    landed = pq.read_table(night.landing_dir("ehr") / "cost_line.parquet").num_rows
+    assert landed == len(lines)  # the header less, the repeated line more
+    assert scalar(wh, f"SELECT count(*) FROM {_t(stage, 'src_cost_line')}") == landed
+    kept = scalar(wh, f"SELECT count(*) FROM {_t(stage, 'cost_line_ok')}")
+    disposed = query(
+        wh,
+        f"SELECT rule, count(*) FROM {_t(stage, 'disposition')}"
+        " WHERE record_set = 'cost_lines' GROUP BY rule",
+    )
+    assert dict(disposed).get("duplicate_key") == 1
+    assert kept + sum(n for _, n in disposed) == landed
+    assert night.gate() and night.publish()
+    assert scalar(wh, f"SELECT count(*) FROM duckdb_views() WHERE schema_name = '{stage}'") == 0

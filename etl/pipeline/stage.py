@@ -46,6 +46,12 @@ SOURCE_TABLES = {
     "src_image_feature": "image_feature",
     "src_person_merge": "person_merge",
 }
+# Source tables no build step changes and few statements read: where the engine can
+# (DuckDB), a view over the landed Parquet files, not a copy. Claim lines are the biggest
+# table of an EHR feed and are read only by the financial rules: at 100,000 patients
+# (19.4 M lines) loading them took 5.8 s, and the rules read the files 1.3 s more slowly
+# than the table; the stage file is 520 MB smaller.
+READ_IN_PLACE = {"src_cost_line"}
 
 
 def _table_for(md: sa.MetaData, name: str, schema: pa.Schema, prefixes: list[str]) -> sa.Table:
@@ -69,18 +75,27 @@ def prepare(s: Schemas, landing_dirs: list[Path], local_map: pa.Table) -> None:
     create_cdm(wh, s.stage, indexes=False, tables=clinical, constraints=False, unlogged=True)
     md = sa.MetaData(schema=s.stage)
     prefixes = stage_prefixes(wh)
-    for name, shape in SOURCE_TABLES.items():
-        _table_for(md, name, canonical.SHAPES[shape], prefixes)
-    _table_for(md, "local_map", LOCAL_MAP, prefixes)
+    landed = {
+        name: [p for d in landing_dirs if (p := d / f"{shape}.parquet").is_file()]
+        for name, shape in SOURCE_TABLES.items()
+    }
     with wh.begin() as conn:
+        views = {
+            name for name in READ_IN_PLACE if wh.view_parquet(conn, s.stage, name, landed[name])
+        }
+        for name, shape in SOURCE_TABLES.items():
+            if name not in views:
+                _table_for(md, name, canonical.SHAPES[shape], prefixes)
+        _table_for(md, "local_map", LOCAL_MAP, prefixes)
         md.create_all(conn)
         s.run(conn, LINEAGE_DDL)
-        for name, shape in SOURCE_TABLES.items():
-            paths = [d / f"{shape}.parquet" for d in landing_dirs]
-            wh.load_parquet(conn, s.stage, name, [p for p in paths if p.is_file()])
+        for name in SOURCE_TABLES:
+            if name not in views:
+                wh.load_parquet(conn, s.stage, name, landed[name])
         wh.bulk_insert(conn, s.stage, "local_map", local_map)
         for name in [*SOURCE_TABLES, "local_map"]:
-            wh.analyze(conn, s.stage, name)
+            if name not in views:
+                wh.analyze(conn, s.stage, name)
 
 
 def _cdm_table_names() -> list[str]:

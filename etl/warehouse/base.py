@@ -94,6 +94,13 @@ class Warehouse(ABC):
             total += self.bulk_insert(conn, schema, table, batches)
         return total
 
+    def view_parquet(
+        self, conn: sa.Connection, schema: str | None, table: str, paths: list[Path]
+    ) -> bool:
+        """Create `table` as a view reading the Parquet files in place, where the engine
+        can (True); False where it cannot, and the caller loads a table instead."""
+        return False
+
     @abstractmethod
     def fetch_arrow(self, conn: sa.Connection, sql: str) -> pa.Table:
         """The result of a SELECT as an Arrow table, through the engine's bulk path."""

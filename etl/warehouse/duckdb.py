@@ -116,5 +116,19 @@ class DuckDBWarehouse(Warehouse):
             raw.execute("RESET preserve_insertion_order")
         return sum(pq.ParquetFile(p).metadata.num_rows for p in paths)
 
+    def view_parquet(
+        self, conn: sa.Connection, schema: str | None, table: str, paths: list[Path]
+    ) -> bool:
+        """A view over the files, by absolute path: valid while they stay where they are."""
+        if not paths:
+            return False
+        cols = ", ".join(self.quote(n) for n in pq.ParquetFile(paths[0]).schema_arrow.names)
+        files = ", ".join(sql_literal(p.resolve()) for p in paths)
+        conn.connection.driver_connection.execute(
+            f"CREATE VIEW {self.qualified(schema, table)} AS"
+            f" SELECT {cols} FROM read_parquet([{files}])"
+        )
+        return True
+
     def fetch_arrow(self, conn: sa.Connection, sql: str) -> pa.Table:
         return conn.connection.driver_connection.sql(sql).to_arrow_table()
