@@ -45,7 +45,7 @@ def test_first_record_of_a_key_in_file_order_is_kept(warehouse) -> None:
                           " FROM {S}.disposition"))
         ).all()  # fmt: skip
         repeated = conn.execute(sa.text(s.sql("SELECT repeated_key FROM {S}.thing_ok_repeated")))
-        repeated_keys = sorted(r[0] for r in repeated)
+        repeated_keys = sorted(repeated, key=str)
     assert sorted(kept, key=str) == sorted(
         [("a", "f1.csv", 3, 1), ("b", "f1.csv", 7, 1), ("c", "f1.csv", 2, 1),
          (None, "f1.csv", 4, 1)],
@@ -56,5 +56,38 @@ def test_first_record_of_a_key_in_file_order_is_kept(warehouse) -> None:
         ("f1.csv", 9, "things", "quarantined", "duplicate_key"),
         ("f2.csv", 1, "things", "quarantined", "duplicate_key"),
     ]
-    # only the repeated key was ranked by the window
-    assert repeated_keys == ["a"]
+    # only the repeated key was ranked by the window; the rows without a key show as
+    # one NULL row (equality joins never match it)
+    assert [tuple(r) for r in repeated_keys] == [("a",), (None,)]
+
+
+def test_unique_keys_rank_one_without_a_window(warehouse) -> None:
+    """No key repeats and every row has one: every rank is 1, nothing is set aside, and
+    the ranked SQL reads the table once, without a window."""
+    from etl.cdm.build.rules import _key_ranked
+
+    wh, cdm = warehouse
+    s = Schemas(wh, cdm)
+    unique = [("b", "f1.csv", 7), ("c", "f1.csv", 2), ("a", "f1.csv", 3)]
+    with wh.begin() as conn:
+        wh.create_schema(conn, s.stage)
+        s.run(conn, DISPOSITION_DDL)
+        s.run(
+            conn,
+            "CREATE TABLE {S}.src_thing (thing_key TEXT, feed TEXT, source_file TEXT,"
+            " source_line BIGINT)",
+        )
+        conn.execute(
+            sa.text(s.sql("INSERT INTO {S}.src_thing VALUES (:k, 'ehr', :f, :l)")),
+            [{"k": key, "f": file, "l": line} for key, file, line in unique],
+        )
+        ranked = _key_ranked(s, conn, "{S}.src_thing", "thing_key", "thing_ok")
+        assert "row_number" not in ranked
+        ranks = conn.execute(sa.text(f"SELECT thing_key, key_rank FROM {ranked} x")).all()
+        _first_per_key(s, conn, "src_thing", "thing_key", "thing_ok", "'things'")
+        kept = conn.execute(sa.text(s.sql("SELECT count(*) FROM {S}.thing_ok"))).scalar_one()
+        set_aside = conn.execute(
+            sa.text(s.sql("SELECT count(*) FROM {S}.disposition"))
+        ).scalar_one()
+    assert sorted(ranks) == [("a", 1), ("b", 1), ("c", 1)]
+    assert (kept, set_aside) == (3, 0)

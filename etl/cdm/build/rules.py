@@ -59,17 +59,24 @@ def _key_ranked(s: Schemas, conn: sa.Connection, src: str, key: str, name: str) 
     Only the keys that repeat (stage table `<name>_repeated`, usually few) are ranked by a
     window: ranking every row would sort the whole, wide table, which at a million
     patients spilled over 100 M event rows to disk; a unique key is only hashed. Rows
-    without a key rank among themselves, as one partition, as a window over all would."""
+    without a key rank among themselves, as one partition, as a window over all would.
+
+    The table also gets one row with a NULL key when some row has no key (equality
+    joins never match it). When it is empty, as on most nights, every rank is 1 and the
+    SQL reads `src` once without its key: the claim lines' 32-character keys are then
+    read only by the GROUP BY."""
     repeated = f"{name}_repeated"
     s.run(conn, "DROP TABLE IF EXISTS {S}.{t}", t=repeated)
     s.run(
         conn,
         "CREATE TABLE {S}.{t} AS SELECT {key} AS repeated_key FROM {src} x"
-        " WHERE {key} IS NOT NULL GROUP BY {key} HAVING count(*) > 1",
+        " GROUP BY {key} HAVING count(*) > 1 OR {key} IS NULL",
         t=repeated,
         key=key,
         src=s.sql(src),
     )
+    if not s.run(conn, "SELECT count(*) FROM {S}.{t}", t=repeated).scalar_one():
+        return s.sql("(SELECT t.*, CAST(1 AS BIGINT) AS key_rank FROM {src} t)", src=s.sql(src))
     # the feed last: a total order, so a view over the ranks gives the same ranks each time
     order = "ORDER BY t.source_file, t.source_line, t.feed"
     return s.sql(
