@@ -61,10 +61,14 @@ class _Spool:
             self._writer = pq.ParquetWriter(self.path, schema)
         self._writer.write_table(table.select(schema.names).cast(schema))
 
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+
     def replay(self, out: RecordSink) -> None:
         if self._writer is None:
             return
-        self._writer.close()
+        self.close()
         for batch in pq.ParquetFile(self.path).iter_batches():
             out.write(QUARANTINE, pa.Table.from_batches([batch]))
 
@@ -111,8 +115,9 @@ def run_lanes(
         with ThreadPoolExecutor(max(1, workers), thread_name_prefix="extract-lane") as pool:
             futures = [pool.submit(run, lane) for lane in lanes]
         errors = [e for f in futures if (e := f.exception()) is not None]
-        first = next((e for e in errors if not isinstance(e, LaneStopped)), None)
-        if first is not None or errors:
-            raise first or errors[0]
+        if errors:
+            for spool in spools.values():
+                spool.close()  # before the folder goes
+            raise next((e for e in errors if not isinstance(e, LaneStopped)), errors[0])
         for i in sorted(spools):
             spools[i].replay(out)
