@@ -44,6 +44,18 @@ def demo_run(warehouse, tmp_path: Path):
     return wh, schema, result
 
 
+def _built(cfg, workdir: Path):  # type: ignore[no-untyped-def]
+    """A night that has extracted, landed and built every feed, not yet gated."""
+    from etl.pipeline.steps import NightlyRun
+
+    night = NightlyRun.start(cfg, workdir)
+    for feed in night.feeds:
+        night.extract(feed)
+        night.land(feed)
+    night.build()
+    return night
+
+
 def _t(schema: str, table: str) -> str:
     return f'"{schema}"."{table}"'
 
@@ -279,15 +291,11 @@ def test_postgres_stage_is_unlogged_and_published_tables_are_not(pg_wh, tmp_path
     import sqlalchemy as sa
 
     from etl.config import load_config
-    from etl.pipeline.steps import NightlyRun, RunFailed
+    from etl.pipeline.steps import RunFailed
 
     wh, schema = pg_wh
     cfg = load_config(write_config(tmp_path, wh, schema, DEMO_SYNTHEA))
-    night = NightlyRun.start(cfg, tmp_path)
-    for feed in night.feeds:
-        night.extract(feed)
-        night.land(feed)
-    night.build()
+    night = _built(cfg, tmp_path)
 
     def persistence(schema_name: str) -> dict[str, str]:
         with wh.begin() as conn:
@@ -335,7 +343,6 @@ def test_duckdb_stage_reads_claim_lines_where_they_landed(duckdb_wh, tmp_path: P
     import shutil
 
     from etl.config import load_config
-    from etl.pipeline.steps import NightlyRun
 
     feed = tmp_path / "feed"
     shutil.copytree(DEMO_SYNTHEA, feed)
@@ -344,11 +351,7 @@ def test_duckdb_stage_reads_claim_lines_where_they_landed(duckdb_wh, tmp_path: P
         fh.write(lines[1] + "\n")  # the first line again: a duplicate key
     wh, schema = duckdb_wh
     cfg = load_config(write_config(tmp_path, wh, schema, feed))
-    night = NightlyRun.start(cfg, tmp_path)
-    for name in night.feeds:
-        night.extract(name)
-        night.land(name)
-    night.build()
+    night = _built(cfg, tmp_path)
     stage = f"{schema}_stage"
     views = query(wh, f"SELECT view_name FROM duckdb_views() WHERE schema_name = '{stage}'")
     assert {"src_cost_line"} <= {r[0] for r in views}

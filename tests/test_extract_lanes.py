@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import threading
 from dataclasses import asdict
 from pathlib import Path
 
@@ -12,8 +13,8 @@ import pytest
 
 from etl import canonical
 from etl.pipeline.land import Landing
-from etl.sources.ehr import extract_ehr
-from etl.sources.lanes import lanes_by_shape
+from etl.sources.ehr import Extract, extract_ehr
+from etl.sources.lanes import lanes_by_shape, run_lanes
 from etl.sources.profile import load_profile
 from tests.conftest import DEMO_SYNTHEA
 from tests.pipeline_helpers import rows
@@ -91,3 +92,31 @@ def test_a_failed_lane_stops_the_extraction_with_its_own_error(tmp_path: Path) -
 def test_lanes_group_a_shapes_record_sets_in_order_heaviest_first() -> None:
     sets = [("person", 5), ("event", 10), ("cost_line", 100), ("event", 20), ("visit", 1)]
     assert lanes_by_shape(sets) == [[2], [1, 3], [0], [4]]
+
+
+def _work_meeting_at(barrier: threading.Barrier, met: list[int]):  # type: ignore[no-untyped-def]
+    """Lane work that waits for the other lane at `barrier`, then quarantines one row."""
+
+    def work(lane: list[int], sink_of) -> None:  # type: ignore[no-untyped-def]
+        barrier.wait()
+        met.extend(lane)
+        row = {"record_set": "r", "reason": "x", "feed": "f", "source_file": "s"}
+        sink_of(lane[0]).write(
+            "quarantine", pa.Table.from_pylist([{**row, "source_line": lane[0]}])
+        )
+
+    return work
+
+
+def test_lanes_run_side_by_side() -> None:
+    """Two lanes on two workers run at once: each waits for the other at a barrier, which
+    lanes run one after another never pass."""
+    met: list[int] = []
+    sink = Extract()
+    run_lanes([[0], [1]], _work_meeting_at(threading.Barrier(2, timeout=10), met), sink)
+    assert sorted(met) == [0, 1]
+    # the quarantine comes back in set order, whichever lane finished first
+    assert sink.table("quarantine")["source_line"].to_pylist() == [0, 1]
+    one_at_a_time = _work_meeting_at(threading.Barrier(2, timeout=1), [])
+    with pytest.raises(threading.BrokenBarrierError):
+        run_lanes([[0], [1]], one_at_a_time, Extract(), workers=1)

@@ -21,21 +21,26 @@ ROWS = [
 ]
 
 
+def _stage_things(s: Schemas, conn: sa.Connection, rows: list[tuple]) -> None:
+    """A stage with an empty disposition table and `src_thing` holding `rows`."""
+    s.wh.create_schema(conn, s.stage)
+    s.run(conn, DISPOSITION_DDL)
+    s.run(
+        conn,
+        "CREATE TABLE {S}.src_thing (thing_key TEXT, feed TEXT, source_file TEXT,"
+        " source_line BIGINT)",
+    )
+    conn.execute(
+        sa.text(s.sql("INSERT INTO {S}.src_thing VALUES (:k, 'ehr', :f, :l)")),
+        [{"k": key, "f": file, "l": line} for key, file, line in rows],
+    )
+
+
 def test_first_record_of_a_key_in_file_order_is_kept(warehouse) -> None:
     wh, cdm = warehouse
     s = Schemas(wh, cdm)
     with wh.begin() as conn:
-        wh.create_schema(conn, s.stage)
-        s.run(conn, DISPOSITION_DDL)
-        s.run(
-            conn,
-            "CREATE TABLE {S}.src_thing (thing_key TEXT, feed TEXT, source_file TEXT,"
-            " source_line BIGINT)",
-        )
-        conn.execute(
-            sa.text(s.sql("INSERT INTO {S}.src_thing VALUES (:k, 'ehr', :f, :l)")),
-            [{"k": key, "f": file, "l": line} for key, file, line in ROWS],
-        )
+        _stage_things(s, conn, ROWS)
         _first_per_key(s, conn, "src_thing", "thing_key", "thing_ok", "'things'")
         kept = conn.execute(
             sa.text(s.sql("SELECT thing_key, source_file, source_line, key_rank FROM {S}.thing_ok"))
@@ -70,17 +75,7 @@ def test_unique_keys_rank_one_without_a_window(warehouse) -> None:
     s = Schemas(wh, cdm)
     unique = [("b", "f1.csv", 7), ("c", "f1.csv", 2), ("a", "f1.csv", 3)]
     with wh.begin() as conn:
-        wh.create_schema(conn, s.stage)
-        s.run(conn, DISPOSITION_DDL)
-        s.run(
-            conn,
-            "CREATE TABLE {S}.src_thing (thing_key TEXT, feed TEXT, source_file TEXT,"
-            " source_line BIGINT)",
-        )
-        conn.execute(
-            sa.text(s.sql("INSERT INTO {S}.src_thing VALUES (:k, 'ehr', :f, :l)")),
-            [{"k": key, "f": file, "l": line} for key, file, line in unique],
-        )
+        _stage_things(s, conn, unique)
         ranked = _key_ranked(s, conn, "{S}.src_thing", "thing_key", "thing_ok")
         assert "row_number" not in ranked
         ranks = conn.execute(sa.text(f"SELECT thing_key, key_rank FROM {ranked} x")).all()
