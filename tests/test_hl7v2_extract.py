@@ -281,3 +281,75 @@ def test_a_parsed_row_without_a_kind_stays_a_result(monkeypatch) -> None:
     ]
     measurements = [e for e in rows(after) if e["record_set"] == "lab_results"]
     assert measurements, "results without a kind are extracted as results"
+
+
+# The status rules as first written: every window over every result. The narrow path
+# (windows over the results whose key repeats) must give each row the same rule.
+_RULES_OVER_ALL = """
+    WITH k AS (
+        SELECT *, dense_rank() OVER (ORDER BY msg_ts NULLS FIRST, file_idx, message) AS mpos,
+               coalesce(status IN ('F', 'C', 'U'), TRUE) AS final
+        FROM keyed
+    ),
+    c AS (
+        SELECT *, CASE WHEN mpos <= max(CASE WHEN status IN ('X', 'D', 'W') THEN mpos END)
+                       OVER (PARTITION BY event_key) THEN 'result_cancelled' END AS cancelled
+        FROM k
+    ),
+    w AS (
+        SELECT *, max(CASE WHEN cancelled IS NULL AND final THEN mpos END)
+                      OVER (PARTITION BY event_key) AS last_final,
+                  max(CASE WHEN cancelled IS NULL THEN mpos END)
+                      OVER (PARTITION BY event_key) AS last_any
+        FROM c
+    )
+    SELECT source_line, coalesce(cancelled, CASE
+               WHEN last_final IS NOT NULL AND (NOT final OR mpos <> last_final)
+                   THEN 'result_superseded'
+               WHEN last_final IS NULL AND mpos <> last_any THEN 'result_superseded'
+           END) AS rule
+    FROM w ORDER BY source_line
+"""
+
+
+def test_status_rules_over_repeated_keys_only_match_the_rules_over_all() -> None:
+    import random
+
+    import duckdb
+
+    from etl.sources.hl7v2.extract import _REPEATED_RULES, _RESOLVED
+
+    rng = random.Random(7)
+    n = 4000
+    statuses = ["F", "F", "F", "C", "P", "X", "D", "W", "U", None]
+    messages = [(rng.randrange(3), m) for m in range(600)]
+    stamps = {m: dt.datetime(2024, 1, 1) + dt.timedelta(hours=rng.randrange(200)) for m in messages}
+    stamps.update({m: None for m in rng.sample(messages, 40)})  # no MSH-7
+    chosen = [rng.choice(messages) for _ in range(n)]
+    keyed = pa.table(
+        {
+            "source_line": list(range(n)),
+            "file_idx": [f for f, _ in chosen],
+            "message": [m for _, m in chosen],
+            "msg_ts": [stamps[c] for c in chosen],
+            "status": [rng.choice(statuses) for _ in range(n)],
+            # about half the keys repeat; some results have none (no order or code)
+            "event_key": [
+                None if rng.random() < 0.02 else f"k{rng.randrange(n // 2)}" for _ in range(n)
+            ],
+        }
+    )
+    con = duckdb.connect()
+    con.register("arrow_keyed", keyed)
+    con.execute("CREATE TEMP TABLE keyed AS SELECT * FROM arrow_keyed")
+    con.execute(f"CREATE TEMP TABLE repeated_rules AS {_REPEATED_RULES}")
+    narrow = con.sql(f"SELECT source_line, rule FROM ({_RESOLVED}) ORDER BY source_line")
+    expected = con.sql(_RULES_OVER_ALL).fetchall()
+    got = narrow.fetchall()
+    assert got == expected
+    counts = {rule: sum(1 for _, r in got if r == rule) for rule in (None, *_RULE_NAMES)}
+    assert all(counts.values()), counts  # every outcome occurs
+    assert con.execute("SELECT count(*) FROM repeated_rules").fetchone()[0] < n  # not every row
+
+
+_RULE_NAMES = ("result_cancelled", "result_superseded")
