@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import datetime as dt
+import random
 from pathlib import Path
 
+import duckdb
 import pyarrow as pa
 import pytest
 
@@ -12,6 +14,7 @@ from etl.config import FeedConfig
 from etl.pseudonym import pseudonym
 from etl.sources.ehr import Extract, FileStats
 from etl.sources.hl7v2 import extract_hl7, input_files
+from etl.sources.hl7v2.extract import _REPEATED_RULES, _RESOLVED
 from etl.sources.hl7v2.values import reference_range, structured_numeric, timestamp, unescape
 from tests.conftest import REPO, TEST_KEY
 
@@ -313,12 +316,6 @@ _RULES_OVER_ALL = """
 
 
 def test_status_rules_over_repeated_keys_only_match_the_rules_over_all() -> None:
-    import random
-
-    import duckdb
-
-    from etl.sources.hl7v2.extract import _REPEATED_RULES, _RESOLVED
-
     rng = random.Random(7)
     n = 4000
     statuses = ["F", "F", "F", "C", "P", "X", "D", "W", "U", None]
@@ -333,7 +330,8 @@ def test_status_rules_over_repeated_keys_only_match_the_rules_over_all() -> None
             "message": [m for _, m in chosen],
             "msg_ts": [stamps[c] for c in chosen],
             "status": [rng.choice(statuses) for _ in range(n)],
-            # about half the keys repeat; some results have none (no order or code)
+            # most keys repeat, about one row in seven has a key of its own, and some
+            # results have none (no order or code)
             "event_key": [
                 None if rng.random() < 0.02 else f"k{rng.randrange(n // 2)}" for _ in range(n)
             ],
@@ -347,9 +345,7 @@ def test_status_rules_over_repeated_keys_only_match_the_rules_over_all() -> None
     expected = con.sql(_RULES_OVER_ALL).fetchall()
     got = narrow.fetchall()
     assert got == expected
-    counts = {rule: sum(1 for _, r in got if r == rule) for rule in (None, *_RULE_NAMES)}
+    outcomes = (None, "result_cancelled", "result_superseded")
+    counts = {rule: sum(1 for _, r in got if r == rule) for rule in outcomes}
     assert all(counts.values()), counts  # every outcome occurs
     assert con.execute("SELECT count(*) FROM repeated_rules").fetchone()[0] < n  # not every row
-
-
-_RULE_NAMES = ("result_cancelled", "result_superseded")
