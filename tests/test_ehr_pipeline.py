@@ -317,6 +317,8 @@ def test_postgres_stage_is_unlogged_and_published_tables_are_not(pg_wh, tmp_path
     )
     # the kept events: written (unlogged) on PostgreSQL, read through the event_ok view
     assert "event_kept" in staged and "event_ok" not in staged
+    # the visits' first record per key: a view the person rule reads, not a copy
+    assert "visit_ok" in staged and "visit_unique" not in staged
     assert len(staged) > 60
     assert {t for t, p in staged.items() if p != "u"} == set()
     # after a server crash, recovery empties every unlogged table: the run's stamp too, so
@@ -355,6 +357,7 @@ def test_duckdb_stage_reads_claim_lines_where_they_landed(duckdb_wh, tmp_path: P
     stage = f"{schema}_stage"
     views = query(wh, f"SELECT view_name FROM duckdb_views() WHERE schema_name = '{stage}'")
     assert {"src_cost_line"} <= {r[0] for r in views}
+    assert "visit_unique" in {r[0] for r in views}  # the visits' first per key, not a copy
     landed = pq.read_table(night.landing_dir("ehr") / "cost_line.parquet").num_rows
     assert landed == len(lines)  # the header less, the repeated line more
     assert scalar(wh, f"SELECT count(*) FROM {_t(stage, 'src_cost_line')}") == landed
