@@ -318,12 +318,26 @@ def test_quality_run_on_a_warehouse_built_elsewhere(warehouse, tmp_path: Path) -
     assert {"CheckResults", "Metadata", "Overview", "startTimestamp"} <= set(dqd)
 
 
-def test_great_expectations_suites_count_every_row_across_partitions(warehouse, tmp_path) -> None:
+def test_great_expectations_suites_count_every_row_across_partitions(
+    warehouse, tmp_path, monkeypatch
+) -> None:
     """On DuckDB the tables are validated in hash partitions of the primary key: a
-    duplicate key still lands in one partition and counts match the whole table's."""
+    duplicate key still lands in one partition and counts match the whole table's. A
+    partition is validated for success alone, and with counts only when it fails."""
+    import great_expectations as gx
+
     from etl.cdm.schema import create_cdm
     from etl.quality.expectations import generate_expectations, run_expectations
     from etl.quality.standalone import InPlace
+
+    formats: list[str] = []
+    validate = gx.ValidationDefinition.run
+
+    def spy(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        formats.append(kwargs["result_format"])
+        return validate(self, *args, **kwargs)
+
+    monkeypatch.setattr(gx.ValidationDefinition, "run", spy)
 
     wh, schema = warehouse
     long = wh.dialect == "duckdb"  # PostgreSQL itself refuses text longer than varchar(n)
@@ -352,6 +366,11 @@ def test_great_expectations_suites_count_every_row_across_partitions(warehouse, 
     assert columns["passed"]
     assert by_key["ge.expect_column_values_to_not_be_null.person.year_of_birth"]["passed"]
     assert result.docs is not None and result.docs.is_file()
+    if wh.dialect == "duckdb":  # passing partitions once; failing ones again, with counts
+        assert formats.count("BOOLEAN_ONLY") >= 2
+        assert 1 <= formats.count("BASIC") < formats.count("BOOLEAN_ONLY")
+    else:
+        assert formats == ["BASIC"]
     # the partitions' Parquet spill (DuckDB) is gone once the suite has run
     assert not list(tmp_path.glob("ge-*"))
 
@@ -450,3 +469,51 @@ def test_catalogue_checks_answer_as_their_sql_does(warehouse, monkeypatch) -> No
         with wh.begin() as conn:
             conn.execute(sa.text(s.sql("DROP TABLE {S}.person")))
             conn.execute(sa.text(s.sql("DROP TABLE {S}.note")))
+
+
+def test_checks_over_a_tables_rows_count_as_their_own_sql_does(
+    published: Published, monkeypatch
+) -> None:
+    """Foreign-key, concept and primary-key checks count their violations alone, each
+    table's rows counted once: every answer equals the check's own query's (findings
+    among them, from an orphan visit and a duplicate key added here), and none of them
+    runs alone."""
+    from etl.pipeline.schemas import Schemas
+    from etl.quality import gate
+    from etl.quality.checks import Check, OverRows
+
+    s = Schemas(published.wh, published.schema, stage_name=published.schema)
+    checks = [c for c in generate_checks(published_tables()) if c.over_rows is not None]
+    assert {c.name for c in checks} == {
+        "isForeignKey", "isStandardValidConcept", "fkDomain", "fkClass", "isPrimaryKey",
+    }  # fmt: skip
+    with published.wh.begin() as conn:  # a scratch table beside the published ones
+        conn.execute(sa.text(s.sql("CREATE TABLE {S}.scratch (k BIGINT, ref BIGINT)")))
+        conn.execute(sa.text(s.sql("INSERT INTO {S}.scratch VALUES (1, 1), (1, -5), (2, NULL)")))
+    try:
+        scratch = [
+            Check("dup", "scratch", "k", "", 0, "fatal", "c", over_rows=OverRows(
+                "{S}.scratch", "SELECT coalesce(sum(n), 0) FROM (SELECT count(*) AS n"
+                " FROM {S}.scratch GROUP BY k HAVING count(*) > 1) d")),
+            Check("orphan", "scratch", "ref", "", 0, "fatal", "c", over_rows=OverRows(
+                "{S}.scratch", "SELECT count(*) FROM {S}.scratch WHERE ref IS NOT NULL AND"
+                " NOT EXISTS (SELECT 1 FROM {S}.person p WHERE p.person_id = ref)")),
+        ]  # fmt: skip
+        for c in scratch:
+            c.sql = c.over_rows.sql() if c.over_rows else ""
+        alone: list[str] = []
+        one_by_one = gate._counts
+
+        def spy(s_: Schemas, c: Check) -> tuple[int, int] | str:
+            alone.append(c.key)
+            return one_by_one(s_, c)
+
+        monkeypatch.setattr(gate, "_counts", spy)
+        answered = gate._over_rows_counts(s, [*checks, *scratch])
+        assert set(answered) == {id(c) for c in [*checks, *scratch]} and not alone
+        for c in [*checks, *scratch]:
+            assert answered[id(c)] == one_by_one(s, c), c.key
+        assert answered[id(scratch[0])] == (2, 3) and answered[id(scratch[1])] == (1, 3)
+    finally:
+        with published.wh.begin() as conn:
+            conn.execute(sa.text(s.sql("DROP TABLE {S}.scratch")))

@@ -34,6 +34,19 @@ class CheckType:
     severity: str  # fatal | convention | characterization (DQD's)
 
 
+@dataclass(frozen=True)
+class OverRows:
+    """A check whose denominator is every row of `table`: the gate counts each table's
+    rows once and runs only `violating` (a SELECT of one count) per check, where the
+    check's own query counts the table again (a full scan each on PostgreSQL)."""
+
+    table: str  # e.g. '{S}.measurement'
+    violating: str  # SELECT <one count> ...
+
+    def sql(self) -> str:
+        return f"SELECT ({self.violating}), (SELECT count(*) FROM {self.table})"
+
+
 @dataclass
 class Check:
     """One generated check: a SQL query and how to judge its result."""
@@ -55,6 +68,9 @@ class Check:
     # cdmTable / cdmField: the (table, column or None) the check looks up in the catalogue;
     # the gate answers these from one read of the catalogue (etl/quality/gate.py)
     catalog: tuple[str, str | None] | None = None
+    # the violating count alone, the denominator being the table's rows (the gate counts
+    # each table once)
+    over_rows: OverRows | None = None
 
     @property
     def key(self) -> str:
@@ -75,11 +91,11 @@ def _exists(catalog: str, condition: str) -> str:
     )
 
 
-def _anti_join(table: str, bad: str, denominator: str = "count(*)") -> str:
-    """(violating, denominator) with the violation in a plain WHERE: PostgreSQL plans
+def _anti_join(table: str, bad: str) -> OverRows:
+    """(violating, rows of `table`) with the violation in a plain WHERE: PostgreSQL plans
     [NOT] EXISTS there as a (anti-)join, where inside count(*) FILTER it would run the
     subquery once per row."""
-    return f"SELECT (SELECT count(*) FROM {table} WHERE {bad}), (SELECT {denominator} FROM {table})"
+    return OverRows(table, f"SELECT count(*) FROM {table} WHERE {bad}")
 
 
 def _read(name: str) -> list[dict[str, str]]:
@@ -111,9 +127,11 @@ def _threshold(value: str | None) -> float:
         return 0.0
 
 
-def _new(name: str, table: str, fld: str | None, sql: str, threshold: str | None,
+def _new(name: str, table: str, fld: str | None, sql: str | OverRows, threshold: str | None,
          description: str, **extra: object) -> Check:  # fmt: skip
     t = check_types()[name]
+    if isinstance(sql, OverRows):
+        extra["over_rows"], sql = sql, sql.sql()
     return Check(
         name=name, table=table, field=fld, sql=sql, threshold_pct=_threshold(threshold),
         severity=_severity(name), category=t.category, subcategory=t.subcategory,
@@ -169,8 +187,11 @@ def _field_checks(tables: set[str]) -> list[Check]:
         if r["isPrimaryKey"] == "Yes":
             out.append(_new(
                 "isPrimaryKey", table, fld,
-                f"SELECT coalesce(sum(n), 0), (SELECT count(*) FROM {t}) FROM"
-                f" (SELECT count(*) AS n FROM {t} GROUP BY {f} HAVING count(*) > 1) d",
+                OverRows(
+                    t,
+                    f"SELECT coalesce(sum(n), 0) FROM"
+                    f" (SELECT count(*) AS n FROM {t} GROUP BY {f} HAVING count(*) > 1) d",
+                ),
                 r["isPrimaryKeyThreshold"], f"{table}.{fld} is unique",
                 examples_sql=f"WHERE {f} IN (SELECT {f} FROM {t} GROUP BY {f}"
                 f" HAVING count(*) > 1)",

@@ -199,7 +199,7 @@ def run_expectations(
             gx.ExpectationSuite(name=f"cdm.{table}", expectations=[e.build() for e in table_exps])
         )
         totals: dict[tuple[str, str | None], list[int]] = {}
-        for index, run in enumerate(
+        for index, (run, rows) in enumerate(
             _runs(s, ctx, source, suite, table, row_counts[table], chunk_rows, run_dir)
         ):
             for r in run.results:
@@ -211,7 +211,7 @@ def run_expectations(
                 cfg = r.expectation_config
                 acc = totals.setdefault((cfg.type, cfg.kwargs.get("column")), [0, 0])
                 acc[0] = -1 if acc[0] < 0 or unexpected < 0 else acc[0] + unexpected
-                acc[1] += int(r.result.get("element_count") or 0)
+                acc[1] += int(r.result.get("element_count") or rows or 0)
             log.debug("GE %s partition %d: success=%s", table, index, run.success)
         for e in table_exps:
             expectation_type = e.check.name.removeprefix("ge.")
@@ -240,23 +240,31 @@ def run_expectations(
 def _runs(
     s: Schemas, ctx, source, suite, table: str, rows: int, chunk_rows: int, spill_dir: Path
 ) -> Iterator:  # type: ignore[no-untyped-def]
-    """The validation results of `table`: one per partition (DuckDB) or one (PostgreSQL).
+    """(validation result, rows validated) of `table`: one per partition (DuckDB), or one
+    (PostgreSQL; rows None: GE counts them in the database).
 
     `source` is the stage's SQL datasource (PostgreSQL) or the dataframe batch definition
-    every partition is validated through (DuckDB)."""
+    every partition is validated through (DuckDB). A partition is validated for success
+    alone (GE's BOOLEAN_ONLY), and again with counts (BASIC) only if it fails: BASIC also
+    lists a few unexpected values, which costs pandas a filter of the whole partition per
+    expectation (GE on the 100,000-patient tables: 25.7-26.9 s -> 22.9-24.2 s)."""
     if s.wh.dialect == "postgresql":
         asset = source.add_table_asset(table, table_name=table, schema_name=s.stage)
         batch = asset.add_batch_definition_whole_table("stage")
         vd = ctx.validation_definitions.add_or_update(
             gx.ValidationDefinition(name=f"cdm.{table}", data=batch, suite=suite)
         )
-        yield vd.run(result_format="BASIC")
+        yield vd.run(result_format="BASIC"), None
         return
     vd = ctx.validation_definitions.add_or_update(
         gx.ValidationDefinition(name=f"cdm.{table}", data=source, suite=suite)
     )
     for frame in _partitions(s, table, rows, chunk_rows, spill_dir):
-        yield vd.run(batch_parameters={"dataframe": frame.to_pandas()}, result_format="BASIC")
+        batch = {"dataframe": frame.to_pandas()}
+        run = vd.run(batch_parameters=batch, result_format="BOOLEAN_ONLY")
+        if not run.success:  # the counts of what failed, for the report
+            run = vd.run(batch_parameters=batch, result_format="BASIC")
+        yield run, frame.num_rows
 
 
 def _partitions(
