@@ -517,3 +517,42 @@ def test_checks_over_a_tables_rows_count_as_their_own_sql_does(
     finally:
         with published.wh.begin() as conn:
             conn.execute(sa.text(s.sql("DROP TABLE {S}.scratch")))
+
+
+def test_a_violating_count_that_fails_leaves_its_checks_to_the_batches(
+    duckdb_wh, monkeypatch
+) -> None:
+    """A batch of violating counts that errors answers none of its checks: they run their
+    own queries in the batches (and then alone), so the good one keeps its counts and the
+    broken one fails with its own error."""
+    from etl.pipeline.schemas import Schemas
+    from etl.quality import gate
+    from etl.quality.checks import Check, OverRows
+
+    wh, schema = duckdb_wh
+    s = Schemas(wh, schema)
+    with wh.begin() as conn:
+        conn.execute(sa.text(f'CREATE SCHEMA IF NOT EXISTS "{s.stage}"'))
+        conn.execute(sa.text(s.sql("CREATE TABLE {S}.t AS SELECT 1 AS x UNION ALL SELECT 2")))
+
+    def check(name: str, violating: str) -> Check:
+        over = OverRows("{S}.t", violating)
+        return Check(name, "t", "x", over.sql(), 0, "fatal", "c", over_rows=over)
+
+    good = check("over_1", "SELECT count(*) FROM {S}.t WHERE x > 1")
+    broken = check("orphan", "SELECT count(*) FROM {S}.t WHERE x NOT IN (SELECT k FROM {S}.gone)")
+    alone: list[str] = []
+    one_by_one = gate._counts
+
+    def spy(s_: Schemas, c: Check) -> tuple[int, int] | str:
+        alone.append(c.name)
+        return one_by_one(s_, c)
+
+    monkeypatch.setattr(gate, "_counts", spy)
+    result = gate.run_checks(s, [good, broken])
+    assert alone == ["over_1", "orphan"]  # the batch of their own queries failed too
+    entries = {c["name"]: c for c in result.checks}
+    assert (entries["over_1"]["violating_rows"], entries["over_1"]["total_rows"]) == (1, 2)
+    assert entries["over_1"]["passed"] is False and "error" not in entries["over_1"]
+    assert not entries["orphan"]["passed"] and "gone" in entries["orphan"]["error"]
+    assert gate._over_rows_counts(s, [good]) == {id(good): (1, 2)}

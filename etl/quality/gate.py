@@ -183,7 +183,7 @@ def _over_rows_counts(s: Schemas, checks: list[Check]) -> dict[int, tuple[int, i
             with s.wh.begin() as conn:
                 answers = {int(i): int(v or 0) for i, v in conn.execute(sa.text(union))}
         except sa.exc.DBAPIError as exc:
-            log.debug("a batch of checks failed (%s); running them one by one", exc.orig)
+            log.debug("a batch of violating counts failed (%s); left to the batches", exc.orig)
             continue
         for i, c in enumerate(batch):
             if i in answers and c.over_rows is not None:
