@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +17,7 @@ from etl.config import load_config
 from etl.pipeline.publish import published_tables
 from etl.pipeline.run import RunResult, run_pipeline
 from etl.quality import expectations as expectations_module
-from etl.quality.checks import check_types, generate_checks
+from etl.quality.checks import Check, OverRows, check_types, generate_checks
 from etl.warehouse import Warehouse, open_warehouse
 from tests.conftest import DEMO_SYNTHEA, TEST_KEY
 from tests.pipeline_helpers import run, write_config
@@ -70,6 +70,28 @@ INJECTIONS = [
         ("plausibleValueHigh", "observation", "value_as_number"),
     ),
 ]
+
+
+def _checks_run_alone(monkeypatch: pytest.MonkeyPatch) -> tuple[list[Check], Callable]:
+    """Record every check the gate runs on its own (`gate._counts`), not in a batch or a
+    shared statement; returns the record and the unpatched `_counts`."""
+    from etl.quality import gate
+
+    alone: list[Check] = []
+    one_by_one = gate._counts
+
+    def spy(s_, c):  # type: ignore[no-untyped-def]
+        alone.append(c)
+        return one_by_one(s_, c)
+
+    monkeypatch.setattr(gate, "_counts", spy)
+    return alone, one_by_one
+
+
+def _over_rows_check(name: str, table: str, field: str, violating: str) -> Check:
+    """A check over `table`'s rows whose violating count is `violating` (SQL)."""
+    over = OverRows("{S}." + table, violating)
+    return Check(name, table, field, over.sql(), 0, "fatal", "c", over_rows=over)
 
 
 def test_every_dqd_check_type_is_generated() -> None:
@@ -381,7 +403,6 @@ def test_checks_run_in_batches_and_a_broken_check_fails_alone(warehouse, monkeyp
     only the broken ones fail, with their error."""
     from etl.pipeline.schemas import Schemas
     from etl.quality import gate
-    from etl.quality.checks import Check
 
     wh, schema = warehouse
     s = Schemas(wh, schema)
@@ -399,17 +420,10 @@ def test_checks_run_in_batches_and_a_broken_check_fails_alone(warehouse, monkeyp
     broken = check("broken", "SELECT count(*), count(*) FROM {S}.no_such_table")
     empty = check("empty", "SELECT 1, 2 FROM {S}.t WHERE false")
     monkeypatch.setattr(gate, "BATCH", 2)
-    alone: list[str] = []  # the checks run on their own, not as part of a batch
-    one_by_one = gate._counts
-
-    def spy(s_: Schemas, c: Check) -> tuple[int, int] | str:
-        alone.append(c.name)
-        return one_by_one(s_, c)
-
-    monkeypatch.setattr(gate, "_counts", spy)
+    alone, _ = _checks_run_alone(monkeypatch)  # on their own, not as part of a batch
     result = gate.run_checks(s, [good[0], broken, good[1], good[2], empty])
     # the batch of over_1 and over_2 ran whole; the others were re-run (or ran) alone
-    assert alone == ["over_0", "broken", "empty"]
+    assert [c.name for c in alone] == ["over_0", "broken", "empty"]
     counted = {c["name"]: (c["violating_rows"], c["total_rows"]) for c in result.checks}
     assert [c["name"] for c in result.checks] == ["over_0", "broken", "over_1", "over_2", "empty"]
     assert counted["over_0"] == (2, 2) and counted["over_1"] == (1, 2)
@@ -444,16 +458,10 @@ def test_catalogue_checks_answer_as_their_sql_does(warehouse, monkeypatch) -> No
         catalogued = [c for c in checks if c.catalog is not None]
         assert {c.name for c in catalogued} == {"cdmTable", "cdmField"}
         assert len(catalogued) == len([c for c in checks if c.name.startswith("cdm")])
-        queried: list[str] = []
-        one_by_one = gate._counts
-
-        def spy(s_: Schemas, c) -> tuple[int, int] | str:
-            queried.append(c.name)
-            return one_by_one(s_, c)
-
-        monkeypatch.setattr(gate, "_counts", spy)
+        alone, one_by_one = _checks_run_alone(monkeypatch)
         monkeypatch.setattr(gate, "BATCH", 1)  # every SQL-answered check goes through spy
         result = gate.run_checks(s, checks)
+        queried = [c.name for c in alone]
         assert "cdmField" not in queried and "cdmTable" not in queried
         assert [c["key"] for c in result.checks] == [c.key for c in checks]
         for check, entry in zip(checks, result.checks, strict=True):
@@ -480,7 +488,6 @@ def test_checks_over_a_tables_rows_count_as_their_own_sql_does(
     runs alone."""
     from etl.pipeline.schemas import Schemas
     from etl.quality import gate
-    from etl.quality.checks import Check, OverRows
 
     s = Schemas(published.wh, published.schema, stage_name=published.schema)
     checks = [c for c in generate_checks(published_tables()) if c.over_rows is not None]
@@ -492,28 +499,29 @@ def test_checks_over_a_tables_rows_count_as_their_own_sql_does(
         conn.execute(sa.text(s.sql("INSERT INTO {S}.scratch VALUES (1, 1), (1, -5), (2, NULL)")))
     try:
         scratch = [
-            Check("dup", "scratch", "k", "", 0, "fatal", "c", over_rows=OverRows(
-                "{S}.scratch", "SELECT coalesce(sum(n), 0) FROM (SELECT count(*) AS n"
-                " FROM {S}.scratch GROUP BY k HAVING count(*) > 1) d")),
-            Check("orphan", "scratch", "ref", "", 0, "fatal", "c", over_rows=OverRows(
-                "{S}.scratch", "SELECT count(*) FROM {S}.scratch WHERE ref IS NOT NULL AND"
-                " NOT EXISTS (SELECT 1 FROM {S}.person p WHERE p.person_id = ref)")),
+            _over_rows_check("dup", "scratch", "k", "SELECT coalesce(sum(n), 0) FROM (SELECT"
+                " count(*) AS n FROM {S}.scratch GROUP BY k HAVING count(*) > 1) d"),
+            _over_rows_check("orphan", "scratch", "ref", "SELECT count(*) FROM {S}.scratch"
+                " WHERE ref IS NOT NULL AND NOT EXISTS (SELECT 1 FROM {S}.person p"
+                " WHERE p.person_id = ref)"),
         ]  # fmt: skip
-        for c in scratch:
-            c.sql = c.over_rows.sql() if c.over_rows else ""
-        alone: list[str] = []
-        one_by_one = gate._counts
-
-        def spy(s_: Schemas, c: Check) -> tuple[int, int] | str:
-            alone.append(c.key)
-            return one_by_one(s_, c)
-
-        monkeypatch.setattr(gate, "_counts", spy)
+        alone, one_by_one = _checks_run_alone(monkeypatch)
         answered = gate._over_rows_counts(s, [*checks, *scratch])
         assert set(answered) == {id(c) for c in [*checks, *scratch]} and not alone
         for c in [*checks, *scratch]:
             assert answered[id(c)] == one_by_one(s, c), c.key
         assert answered[id(scratch[0])] == (2, 3) and answered[id(scratch[1])] == (1, 3)
+        # and the gate takes this path: none of them reaches the batches of own queries
+        batched: list = []
+        batch_counts = gate._batch_counts
+
+        def batches(s_: Schemas, batch: list) -> list:
+            batched.extend(batch)
+            return batch_counts(s_, batch)
+
+        monkeypatch.setattr(gate, "_batch_counts", batches)
+        result = gate.run_checks(s, [*checks, *scratch])
+        assert not batched and not alone and len(result.checks) == len(checks) + 2
     finally:
         with published.wh.begin() as conn:
             conn.execute(sa.text(s.sql("DROP TABLE {S}.scratch")))
@@ -527,7 +535,6 @@ def test_a_violating_count_that_fails_leaves_its_checks_to_the_batches(
     broken one fails with its own error."""
     from etl.pipeline.schemas import Schemas
     from etl.quality import gate
-    from etl.quality.checks import Check, OverRows
 
     wh, schema = duckdb_wh
     s = Schemas(wh, schema)
@@ -535,22 +542,16 @@ def test_a_violating_count_that_fails_leaves_its_checks_to_the_batches(
         conn.execute(sa.text(f'CREATE SCHEMA IF NOT EXISTS "{s.stage}"'))
         conn.execute(sa.text(s.sql("CREATE TABLE {S}.t AS SELECT 1 AS x UNION ALL SELECT 2")))
 
-    def check(name: str, violating: str) -> Check:
-        over = OverRows("{S}.t", violating)
-        return Check(name, "t", "x", over.sql(), 0, "fatal", "c", over_rows=over)
-
-    good = check("over_1", "SELECT count(*) FROM {S}.t WHERE x > 1")
-    broken = check("orphan", "SELECT count(*) FROM {S}.t WHERE x NOT IN (SELECT k FROM {S}.gone)")
-    alone: list[str] = []
-    one_by_one = gate._counts
-
-    def spy(s_: Schemas, c: Check) -> tuple[int, int] | str:
-        alone.append(c.name)
-        return one_by_one(s_, c)
-
-    monkeypatch.setattr(gate, "_counts", spy)
+    good = _over_rows_check("over_1", "t", "x", "SELECT count(*) FROM {S}.t WHERE x > 1")
+    broken = _over_rows_check(
+        "orphan", "t", "x", "SELECT count(*) FROM {S}.t WHERE x NOT IN (SELECT k FROM {S}.gone)"
+    )
+    alone, _ = _checks_run_alone(monkeypatch)
     result = gate.run_checks(s, [good, broken])
-    assert alone == ["over_1", "orphan"]  # the batch of their own queries failed too
+    assert [c.name for c in alone] == [
+        "over_1",
+        "orphan",
+    ]  # the batch of their own queries failed too
     entries = {c["name"]: c for c in result.checks}
     assert (entries["over_1"]["violating_rows"], entries["over_1"]["total_rows"]) == (1, 2)
     assert entries["over_1"]["passed"] is False and "error" not in entries["over_1"]

@@ -154,8 +154,8 @@ def _over_rows_counts(s: Schemas, checks: list[Check]) -> dict[int, tuple[int, i
     id(check): each table counted once, the violating counts `BATCH` to a statement. What
     errors (a table that is missing, a check that cannot run) is left to the batches,
     which run each such check's own query and name the one at fault."""
-    picked = [c for c in checks if c.over_rows is not None and not c.params]
-    tables = sorted({c.over_rows.table for c in picked if c.over_rows is not None})
+    picked = [(c, c.over_rows) for c in checks if c.over_rows is not None and not c.params]
+    tables = sorted({over.table for _, over in picked})
     if not tables:
         return {}
     try:
@@ -175,9 +175,8 @@ def _over_rows_counts(s: Schemas, checks: list[Check]) -> dict[int, tuple[int, i
     for first in range(0, len(picked), BATCH):
         batch = picked[first : first + BATCH]
         union = " UNION ALL ".join(
-            f"SELECT {i} AS _check, ({s.sql(c.over_rows.violating)}) AS _v"
-            for i, c in enumerate(batch)
-            if c.over_rows is not None
+            f"SELECT {i} AS _check, ({s.sql(over.violating)}) AS _v"
+            for i, (_, over) in enumerate(batch)
         )
         try:
             with s.wh.begin() as conn:
@@ -185,9 +184,9 @@ def _over_rows_counts(s: Schemas, checks: list[Check]) -> dict[int, tuple[int, i
         except sa.exc.DBAPIError as exc:
             log.debug("a batch of violating counts failed (%s); left to the batches", exc.orig)
             continue
-        for i, c in enumerate(batch):
-            if i in answers and c.over_rows is not None:
-                out[id(c)] = (answers[i], rows[c.over_rows.table])
+        for i, (c, over) in enumerate(batch):
+            if i in answers:
+                out[id(c)] = (answers[i], rows[over.table])
     return out
 
 
