@@ -22,6 +22,7 @@ import pyarrow.compute as pc
 from etl import canonical
 from etl.pseudonym import duckdb_pseudonym_sql, install_duckdb_macro
 from etl.sources.background import RecordSink, prefetched
+from etl.sources.dates import parse_any
 from etl.sources.delimited import LINE, count_data_lines, grouped, stream
 from etl.sources.lanes import DEFAULT_LANES, lanes_by_shape, run_lanes
 from etl.sources.plausible import EARLIEST, latest
@@ -113,8 +114,7 @@ class _Query:
         """A date column, parsed; unparsable or implausible dates are quarantined
         (etl/sources/plausible.py: before 1850, or in the future unless an end date)."""
         expr = self.col(name)
-        formats = "[" + ", ".join(sql_literal(f) for f in self.profile.date_formats) + "]"
-        parsed = f"try_strptime({expr}, {formats})"
+        parsed = parse_any(expr, self.profile.date_formats)
         if required:
             self.checks.append((f"{expr} IS NULL", f"{name} is empty"))
         self.checks.append(
