@@ -15,7 +15,13 @@ from etl.pseudonym import pseudonym
 from etl.sources.ehr import Extract, FileStats
 from etl.sources.hl7v2 import extract_hl7, input_files
 from etl.sources.hl7v2.extract import _REPEATED_RULES, _RESOLVED
-from etl.sources.hl7v2.values import reference_range, structured_numeric, timestamp, unescape
+from etl.sources.hl7v2.values import (
+    FieldError,
+    reference_range,
+    structured_numeric,
+    timestamp,
+    unescape,
+)
 from tests.conftest import REPO, TEST_KEY
 
 DATA = REPO / "tests" / "data" / "hl7v2"
@@ -351,3 +357,33 @@ def test_status_rules_over_repeated_keys_only_match_the_rules_over_all() -> None
     counts = {rule: sum(1 for _, r in got if r == rule) for rule in outcomes}
     assert all(counts.values()), counts  # every outcome occurs
     assert con.execute("SELECT count(*) FROM repeated_rules").fetchone()[0] < n  # not every row
+
+
+def test_timestamps_read_once_keep_each_fields_own_errors() -> None:
+    """The parsed-timestamp cache answers a repeated value as a first reading would: the
+    same datetime, and each field's own error for a bad or implausible value."""
+    for _ in range(2):
+        assert timestamp("20240102030405+0100", "OBX-14") == dt.datetime(2024, 1, 2, 2, 4, 5)
+        for value, field, reason in [
+            ("2024013", "OBX-14", "OBX-14 is not an HL7 datetime"),
+            ("2024013", "PID-7", "PID-7 is not an HL7 datetime"),
+            ("20240231", "OBR-7", "OBR-7 is not a valid date"),
+            ("18490101", "SPM-17", "SPM-17 is before 1850"),
+            ("29990101", "OBX-14", "OBX-14 is in the future"),
+        ]:
+            with pytest.raises(FieldError) as err:
+                timestamp(value, field)
+            assert str(err.value) == reason
+
+
+def test_future_dates_are_judged_against_todays_clock(monkeypatch) -> None:
+    """date_problem skips the clock for days before the last latest() it saw; a stale one
+    (a process started days ago) is refreshed before any day is called future."""
+    from etl.sources import plausible
+
+    today = dt.date.today()
+    monkeypatch.setattr(plausible, "_latest_seen", dt.date(2000, 1, 1))
+    assert plausible.date_problem("X", today) is None
+    assert plausible._latest_seen == plausible.latest()
+    assert plausible.date_problem("X", today + dt.timedelta(days=5)) == "X is in the future"
+    assert plausible.date_problem("X", today + dt.timedelta(days=5), end=True) is None

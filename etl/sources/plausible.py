@@ -18,6 +18,11 @@ def latest() -> dt.date:
     return dt.date.today() + dt.timedelta(days=2)
 
 
+# latest() as last computed: it only moves forward, so a day before it is before today's
+# latest() too, without asking the clock (the lab feed checks every timestamp it reads)
+_latest_seen = latest()
+
+
 def date_problem(
     name: str, value: dt.date | dt.datetime | None, *, end: bool = False
 ) -> str | None:
@@ -27,6 +32,12 @@ def date_problem(
     day = value.date() if isinstance(value, dt.datetime) else value
     if day < EARLIEST:
         return f"{name} is before {EARLIEST.year}"
-    if not end and day >= latest():
+    if not end and day >= _latest_seen and day >= _refreshed_latest():
         return f"{name} is in the future"
     return None
+
+
+def _refreshed_latest() -> dt.date:
+    global _latest_seen
+    _latest_seen = latest()
+    return _latest_seen

@@ -54,9 +54,31 @@ def timestamp(value: str | None, field: str) -> dt.datetime | None:
     """
     if value is None or not value.strip():
         return None
-    m = _TS.match(value.strip())
+    out = _parsed.get(value)
+    if out is None:
+        out = _parse_timestamp(value.strip())
+        if len(_parsed) >= _PARSED_MAX:
+            _parsed.clear()
+        _parsed[value] = out
+    if isinstance(out, str):
+        raise FieldError(f"{field} {out}")
+    problem = date_problem(field, out)  # before 1850, or in the future
+    if problem:
+        raise FieldError(problem)
+    return out
+
+
+# parsed timestamps by their text: the results of one order share theirs, and every
+# result of a patient repeats the birth date (bounded; the parse depends on nothing else)
+_parsed: dict[str, dt.datetime | str] = {}
+_PARSED_MAX = 100_000
+
+
+def _parse_timestamp(value: str) -> dt.datetime | str:
+    """The naive UTC datetime of a stripped TS/DTM, or what is wrong with it."""
+    m = _TS.match(value)
     if not m:
-        raise FieldError(f"{field} is not an HL7 datetime")
+        return "is not an HL7 datetime"
     y, mo, d, h, mi, s, frac, sign, oh, om = m.groups()
     try:
         out = dt.datetime(
@@ -69,13 +91,10 @@ def timestamp(value: str | None, field: str) -> dt.datetime | None:
             int((frac or "0").ljust(6, "0")[:6]),
         )
     except ValueError:
-        raise FieldError(f"{field} is not a valid date") from None
+        return "is not a valid date"
     if sign:
         offset = dt.timedelta(hours=int(oh), minutes=int(om))
         out = out - offset if sign == "+" else out + offset
-    problem = date_problem(field, out)  # before 1850, or in the future
-    if problem:
-        raise FieldError(problem)
     return out
 
 
