@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import threading
 import uuid
 from collections.abc import Callable, Iterator
@@ -19,7 +21,7 @@ from etl.pipeline.run import RunResult, run_pipeline
 from etl.quality import expectations as expectations_module
 from etl.quality.checks import Check, OverRows, check_types, generate_checks
 from etl.warehouse import Warehouse, open_warehouse
-from tests.conftest import DEMO_SYNTHEA, TEST_KEY
+from tests.conftest import DEMO_SYNTHEA, REPO, TEST_KEY
 from tests.pipeline_helpers import run, write_config
 from tests.test_nightly_runs import snapshot
 
@@ -248,6 +250,8 @@ def test_site_overrides_change_severity_disable_and_add_checks(duckdb_wh, tmp_pa
         "    severity: warning\n"
         "  - match: {name: plausibleGender}\n"
         "    enabled: false\n"
+        "  - match: {name: ge.expect_column_value_lengths_to_be_between, table: person}\n"
+        "    enabled: false\n"
         "custom:\n"
         "  - name: no_visits_in_1900\n"
         "    table: visit_occurrence\n"
@@ -263,6 +267,31 @@ def test_site_overrides_change_severity_disable_and_add_checks(duckdb_wh, tmp_pa
     assert result.status == "published", result.report["errors"]
     names = {c["name"] for c in result.report["checks"]}
     assert "plausibleGender" not in names and "no_visits_in_1900" in names
+    # the expectations are planned in GE's own thread, with the same overrides
+    lengths = {
+        c["table"]
+        for c in result.report["checks"]
+        if c["name"] == "ge.expect_column_value_lengths_to_be_between"
+    }
+    assert lengths and "person" not in lengths and "visit_occurrence" in lengths
+
+
+def test_the_sql_checks_are_planned_without_importing_great_expectations() -> None:
+    """The gate starts its SQL checks at once and imports GE in GE's own thread beside
+    them: neither the run's modules nor the SQL plan may import it."""
+    code = (
+        "import sys\n"
+        "import etl.cli, etl.pipeline.run, etl.pipeline.steps\n"
+        "from etl.pipeline.publish import published_tables\n"
+        "from etl.quality.plan import sql_plan\n"
+        "checks = sql_plan(published_tables())\n"
+        "assert len(checks) > 2000, len(checks)\n"
+        "print(sorted(m for m in sys.modules if m.startswith('great_expectations'))[:3])\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO
+    )
+    assert done.stdout.strip() == "[]", done.stdout + done.stderr
 
 
 def test_a_bad_override_file_names_the_key(tmp_path: Path) -> None:
