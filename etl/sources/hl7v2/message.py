@@ -293,7 +293,7 @@ def _context(
 
 class _Contexts:
     """The context of each PID, PV1 and OBR of one message, read once for all the OBX and
-    SPM under it (a third of the lab feed's parsing had re-read it for every result)."""
+    SPM under it (every result had re-read its patient's identifiers and birth date)."""
 
     def __init__(self, control_id: str) -> None:
         self.control_id = control_id
