@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -301,34 +300,35 @@ class _Contexts:
 
     def of(
         self, pid: _Segment | None, pv1: _Segment | None, obr: _Segment | None
-    ) -> Callable[[dict[str, Any]], None]:
-        """A function that fills a row with the context, or raises its FieldError."""
+    ) -> dict[str, Any] | FieldError:
+        """The context's fields, or the FieldError that reading them raised."""
         key = (id(pid), id(pv1), id(obr))  # the segments live as long as the message
         if key not in self._read:
             try:
                 self._read[key] = _context(pid, pv1, obr, self.control_id)
             except FieldError as exc:
                 self._read[key] = exc
-        found = self._read[key]
+        return self._read[key]
 
-        def fill(row: dict[str, Any]) -> None:
-            if isinstance(found, FieldError):
-                raise FieldError(str(found))
-            row.update(found)
 
-        return fill
+def _add_context(row: dict[str, Any], context: dict[str, Any] | FieldError) -> None:
+    """Fill `row` with its context, or raise the context's error (a fresh one: raising
+    the stored exception again would keep growing its traceback)."""
+    if isinstance(context, FieldError):
+        raise FieldError(str(context))
+    row.update(context)
 
 
 def _specimen(
     spm: _Segment,
-    context: Callable[[dict[str, Any]], None],
+    context: dict[str, Any] | FieldError,
     obr: _Segment | None,
     msg_ts: dt.datetime | None,
 ) -> dict[str, Any]:
     """SPM -> a specimen event: SPM-4 type, SPM-17 collection time (else OBR-7, MSH-7)."""
     row: dict[str, Any] = {"msg_ts": msg_ts, "status": None, "kind": "specimen"}
     try:
-        context(row)
+        _add_context(row, context)
         code, system = spm.comp(4, 1), spm.comp(4, 3)
         if not code:
             raise FieldError("SPM-4 specimen type is missing")
@@ -360,7 +360,7 @@ def _start(
 
 def _result(
     obx: _Segment,
-    context: Callable[[dict[str, Any]], None],
+    context: dict[str, Any] | FieldError,
     obr: _Segment | None,
     msg_ts: dt.datetime | None,
 ) -> dict[str, Any]:
@@ -370,7 +370,7 @@ def _result(
         "kind": "result",
     }
     try:
-        context(row)
+        _add_context(row, context)
         _fill(row, obx, obr, msg_ts)
     except FieldError as exc:
         row["reason"] = str(exc)
