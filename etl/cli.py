@@ -14,6 +14,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from etl import __version__
+from etl.json_text import readable
 from etl.logs import configure
 
 app = typer.Typer(
@@ -296,7 +297,6 @@ def quality_run(
 ) -> None:
     """Run the gate's checks on an existing CDM v5.4 warehouse. Exit 1 if a fatal one fails."""
     import datetime as dt
-    import json
 
     from etl.quality.dqd_json import dqd_results
     from etl.quality.standalone import check_warehouse
@@ -308,10 +308,10 @@ def quality_run(
     out.mkdir(parents=True, exist_ok=True)
     with open_warehouse(warehouse) as wh:
         result, missing, docs = check_warehouse(wh, schema, quality, out)
-    (out / "checks.json").write_text(json.dumps(result.checks, indent=1, default=str))
+    (out / "checks.json").write_text(readable(result.checks))
     dqd_checks = [c for c in result.checks if c.get("engine") != "great_expectations"]
     dqd = dqd_results(dqd_checks, started, dt.datetime.now(dt.UTC), None)
-    (out / "dqd_results.json").write_text(json.dumps(dqd, indent=1, default=str))
+    (out / "dqd_results.json").write_text(readable(dqd))
     failed = [c for c in result.checks if not c["passed"]]
     table = Table(title=f"{len(result.checks)} checks on {schema}: {len(failed)} failed")
     for col in ("severity", "check", "table.field", "violating", "rows", "%", "threshold %"):

@@ -36,6 +36,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from etl import canonical
+from etl.json_text import readable
 from etl.sources.ehr import FileStats
 from etl.sql_text import sql_literal
 
@@ -150,7 +151,7 @@ def prefix_source_files(delivery_dir: Path, prefix: str) -> list[FileStats]:
     stats = json.loads((delivery_dir / "files.json").read_text(encoding="utf-8"))
     for st in stats:
         st["file"] = f"{prefix}/{st['file']}"
-    (delivery_dir / "files.json").write_text(json.dumps(stats, indent=2), encoding="utf-8")
+    (delivery_dir / "files.json").write_text(readable(stats, 2), encoding="utf-8")
     return [FileStats(**s) for s in stats]
 
 

@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from etl import canonical
+from etl.json_text import readable
 from etl.sources.ehr import FileStats
 
 
@@ -47,7 +48,7 @@ class Landing:
             if shape not in self._writers:
                 pq.write_table(schema.empty_table(), self.path(shape))
         stats = [asdict(f) for f in files]
-        (self.dir / "files.json").write_text(json.dumps(stats, indent=2), encoding="utf-8")
+        (self.dir / "files.json").write_text(readable(stats, 2), encoding="utf-8")
 
 
 def replay_into(source_dir: Path, target_dir: Path) -> list[FileStats]:

@@ -114,7 +114,9 @@ def publish(s: Schemas, conn: sa.Connection) -> dict[str, int]:
         table = md.tables[f"{s.cdm}.{name}"]
         # Drop and recreate from the spec rather than DELETE: no dead rows on PostgreSQL,
         # and DuckDB would re-check deleted keys against the new rows in one transaction.
-        table.drop(conn, checkfirst=True)
+        # IF EXISTS, not checkfirst: SQLAlchemy's check is a catalogue query per table
+        # (~25 ms each on DuckDB, a fifth of a small run's publish)
+        conn.execute(sa.text(f"DROP TABLE IF EXISTS {wh.qualified(s.cdm, name)}"))
         _create_without_keys(conn, table)
         cols = ", ".join(wh.quote(c.name) for c in table.columns)
         conn.execute(

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from etl.config import SiteConfig
+from etl.json_text import readable
 from etl.pipeline.steps import NightlyRun, RunFailed, RunResult
 from etl.vocab.diff import rows_moving, vocabulary_diff
 from etl.vocab.loader import (
@@ -92,9 +93,7 @@ def diff_release(run: NightlyRun, on_step: Callable[[str], None] | None = None) 
             changes = vocabulary_diff(s.wh, s.cdm, staged_vocabulary_schema(s.cdm))
             changes["rows_moving"] = rows_moving(s)
         frag.report["vocabulary_changes"] = changes
-        (run.run_dir / "vocabulary_changes.json").write_text(
-            json.dumps(changes, indent=1, default=str), encoding="utf-8"
-        )
+        (run.run_dir / "vocabulary_changes.json").write_text(readable(changes), encoding="utf-8")
         log.info(
             "vocabulary refresh %s: %d concept(s) deprecated, %d mapping(s) changed,"
             " %d domain change(s), %d record(s) moving table",

@@ -8,13 +8,13 @@ never a source identifier.
 from __future__ import annotations
 
 import html
-import json
 from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
 
 from etl.cdm.build.rules import DERIVED_PERSON_RULE
+from etl.json_text import readable
 from etl.pipeline.schemas import Schemas
 from etl.sources.ehr import FileStats
 
@@ -201,7 +201,7 @@ def _delta_parts(report: dict[str, Any]) -> list[str]:
 def write_reports(report: dict[str, Any], run_dir: Path) -> tuple[Path, Path]:
     run_dir.mkdir(parents=True, exist_ok=True)
     json_path = run_dir / "report.json"
-    json_path.write_text(json.dumps(report, indent=2, default=str), encoding="utf-8")
+    json_path.write_text(readable(report, 2), encoding="utf-8")
     html_path = run_dir / "report.html"
     html_path.write_text(render_html(report), encoding="utf-8")
     return json_path, html_path

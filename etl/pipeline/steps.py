@@ -38,6 +38,7 @@ from etl import canonical
 from etl.cdm.build.merges import merge_summary, publish_merges
 from etl.cdm.schema import create_cdm
 from etl.config import FeedConfig, SiteConfig
+from etl.json_text import readable
 from etl.mapping.local_maps import read_local_maps
 from etl.paths import MAPPINGS_DIR
 from etl.pipeline import report as reporting
@@ -191,7 +192,7 @@ class NightlyRun:
             # so extractions running side by side never open the warehouse)
             with open_warehouse(cfg.warehouse) as wh:
                 run.meta["delta_base_run"] = _published_run(Schemas(wh, cfg.schema_name))
-        (run.run_dir / "run.json").write_text(json.dumps(run.meta, indent=2), encoding="utf-8")
+        (run.run_dir / "run.json").write_text(readable(run.meta, 2), encoding="utf-8")
         with run_log(run.run_dir):
             log.info("run %s started%s", run.run_id, f" (replay of {replay})" if replay else "")
         return run
@@ -236,9 +237,7 @@ class NightlyRun:
                 frag.errors.append(f"{type(exc).__name__}: {exc}")
                 raise
             finally:
-                self.fragment_path(name).write_text(
-                    json.dumps(frag.as_json(), indent=1, default=str), encoding="utf-8"
-                )
+                self.fragment_path(name).write_text(readable(frag.as_json()), encoding="utf-8")
 
     @contextmanager
     def warehouse(self) -> Iterator[Schemas]:
@@ -836,9 +835,7 @@ def _write_dqd_results(
     with s.wh.begin() as conn:
         source = s.run(conn, "SELECT * FROM {S}.cdm_source").mappings().first()
     results = dqd_results(checks, started, dt.datetime.now(dt.UTC), dict(source or {}))
-    (run_dir / "dqd_results.json").write_text(
-        json.dumps(results, indent=1, default=str), encoding="utf-8"
-    )
+    (run_dir / "dqd_results.json").write_text(readable(results), encoding="utf-8")
 
 
 def _ensure_vocabulary(s: Schemas, cfg: SiteConfig) -> None:
