@@ -12,7 +12,7 @@ from etl.cli import app
 from etl.lineage import trace_row, trace_source
 from etl.pseudonym import pseudonym
 from tests.conftest import DEMO_SYNTHEA, TEST_KEY
-from tests.pipeline_helpers import rows, run, scalar, write_config
+from tests.pipeline_helpers import columns, query, rows, run, scalar, table_names, write_config
 from tests.test_nightly_runs import _identifiers
 
 # table -> (source file, source column holding the row's code or date, CDM column to match)
@@ -151,3 +151,17 @@ def test_report_links_rows_to_their_trace(traced) -> None:
     assert {"person", "measurement", "visit_occurrence"} <= set(samples)
     html = (result.run_dir / "report.html").read_text(encoding="utf-8")
     assert f"omop-etl trace measurement {samples['measurement'][0]}" in html
+
+
+def test_the_store_is_the_published_runs_lineage(traced) -> None:
+    """Published, the build's lineage is the store (on DuckDB renamed into it, with the run
+    id added; on PostgreSQL copied): every row names the run, none stays staged."""
+    wh, schema, _, result, _ = traced
+    etl = f"{schema}_etl"
+    runs = query(wh, f'SELECT run_id, count(*) FROM "{etl}".lineage GROUP BY run_id')
+    assert len(runs) == 1 and runs[0][0] == result.run_id and runs[0][1] > 1000
+    assert {name for name, _ in columns(wh, etl, "lineage")} == {
+        "cdm_table", "cdm_id", "run_id", "feed", "source_file", "source_line",
+        "source_vocabulary", "source_code", "mapping_rule",
+    }  # fmt: skip
+    assert "lineage_staged" not in table_names(wh, etl)

@@ -215,6 +215,9 @@ GE_EXPECTED = {
 @pytest.mark.parametrize(("kind", "sql", "expected"), INJECTIONS, ids=[i[0] for i in INJECTIONS])
 def test_a_fatal_failure_refuses_the_load(published: Published, kind, sql, expected) -> None:
     wh, schema = published.wh, published.schema
+    store = f'SELECT count(*), min(run_id), max(run_id) FROM "{schema}_etl".lineage'
+    with wh.engine.connect() as conn:
+        lineage_before = tuple(conn.execute(sa.text(store)).one())
 
     def inject(step: str) -> None:
         if step == "gate":
@@ -238,6 +241,9 @@ def test_a_fatal_failure_refuses_the_load(published: Published, kind, sql, expec
         assert conn.execute(sa.text(f'SELECT count(*) FROM "{schema}_etl".key_map')).scalar() == (
             published.key_map
         )
+        # the lineage store still describes the published run (DuckDB's refused build keeps
+        # its lineage beside it, as lineage_staged, until the next build)
+        assert tuple(conn.execute(sa.text(store)).one()) == lineage_before
 
 
 def test_site_overrides_change_severity_disable_and_add_checks(duckdb_wh, tmp_path) -> None:

@@ -26,10 +26,11 @@ def test_trace_samples_are_each_tables_smallest_distinct_ids(warehouse) -> None:
     s = Schemas(wh, schema)
     with wh.begin() as conn:
         wh.create_schema(conn, s.stage)
-        s.run(conn, "CREATE TABLE {S}.lineage (cdm_table VARCHAR(50), cdm_id BIGINT)")
+        wh.create_schema(conn, s.etl)  # DuckDB's stage lineage lies there
+        s.run(conn, "CREATE TABLE {SL} (cdm_table VARCHAR(50), cdm_id BIGINT)")
         s.run(
             conn,
-            "INSERT INTO {S}.lineage VALUES (:t, :i)",
+            "INSERT INTO {SL} VALUES (:t, :i)",
             [{"t": t, "i": i} for t, i in LINEAGE],
         )
         assert trace_samples(s, conn) == {

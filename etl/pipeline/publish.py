@@ -38,14 +38,22 @@ def publish_lineage(s: Schemas, conn: sa.Connection, run_id: str) -> None:
     run = f"CAST('{run_id}' AS VARCHAR(64))"
     for table in ("lineage", "set_aside"):
         s.run(conn, "DROP TABLE IF EXISTS {E}.{t}", t=table)
-    # Copies of the stage's tables with the run id: the store has no DDL of its own.
-    s.run(
-        conn,
-        "CREATE TABLE {E}.lineage AS SELECT cdm_table, cdm_id, {run} AS run_id, feed,"
-        " source_file, source_line, source_vocabulary, source_code, mapping_rule"
-        " FROM {S}.lineage",
-        run=run,
-    )
+    if s.lineage_renamed:
+        # DuckDB: the stage's lineage already lies in the ETL schema; it gets the run id
+        # (a constant column: written once per row group) and becomes the store, in this
+        # transaction. Its columns: the stage's, then run_id.
+        s.run(conn, "ALTER TABLE {SL} ADD COLUMN run_id VARCHAR(64) DEFAULT {run}", run=run)
+        s.run(conn, "ALTER TABLE {SL} ALTER COLUMN run_id DROP DEFAULT")
+        s.run(conn, "ALTER TABLE {SL} RENAME TO lineage")
+    else:
+        # A copy of the stage's table with the run id: the store has no DDL of its own.
+        s.run(
+            conn,
+            "CREATE TABLE {E}.lineage AS SELECT cdm_table, cdm_id, {run} AS run_id, feed,"
+            " source_file, source_line, source_vocabulary, source_code, mapping_rule"
+            " FROM {SL}",
+            run=run,
+        )
     s.run(
         conn,
         "CREATE TABLE {E}.set_aside AS"

@@ -36,7 +36,7 @@ def accounting(
         (f, sf): n
         for f, sf, n in s.run(
             conn,
-            "SELECT feed, source_file, count(DISTINCT source_line) FROM {S}.lineage"
+            "SELECT feed, source_file, count(DISTINCT source_line) FROM {SL}"
             " WHERE mapping_rule IS NULL OR mapping_rule <> :derived GROUP BY feed, source_file",
             {"derived": DERIVED_PERSON_RULE},
         ).all()
@@ -95,7 +95,7 @@ def unmapped_codes(s: Schemas, conn: sa.Connection) -> list[dict[str, Any]]:
     rows = s.run(
         conn,
         "SELECT feed, source_vocabulary, source_code, cdm_table, count(*) AS n"
-        " FROM {S}.lineage WHERE mapping_rule LIKE 'unmapped%'"
+        " FROM {SL} WHERE mapping_rule LIKE 'unmapped%'"
         " GROUP BY feed, source_vocabulary, source_code, cdm_table"
         " ORDER BY n DESC, feed, source_vocabulary, source_code LIMIT :limit",
         {"limit": UNMAPPED_LIMIT},
@@ -138,9 +138,9 @@ def trace_samples(s: Schemas, conn: sa.Connection, per_table: int = 3) -> dict[s
     rows: 1.7 s and 0.2 GiB, where a window over its distinct ids took 5.9 s and 1.8 GiB)."""
     if per_table < 1:
         return {}
-    steps = ["s1 AS (SELECT cdm_table, min(cdm_id) AS cdm_id FROM {S}.lineage GROUP BY cdm_table)"]
+    steps = ["s1 AS (SELECT cdm_table, min(cdm_id) AS cdm_id FROM {SL} GROUP BY cdm_table)"]
     steps += [
-        f"s{i} AS (SELECT l.cdm_table, min(l.cdm_id) AS cdm_id FROM {{S}}.lineage l"
+        f"s{i} AS (SELECT l.cdm_table, min(l.cdm_id) AS cdm_id FROM {{SL}} l"
         f" JOIN s{i - 1} p ON l.cdm_table = p.cdm_table AND l.cdm_id > p.cdm_id"
         " GROUP BY l.cdm_table)"
         for i in range(2, per_table + 1)

@@ -221,7 +221,7 @@ def splice_published(s: Schemas, conn: sa.Connection) -> dict[str, int]:
     s.run(
         conn,
         """
-        INSERT INTO {S}.lineage (cdm_table, cdm_id, feed, source_file, source_line,
+        INSERT INTO {SL} (cdm_table, cdm_id, feed, source_file, source_line,
             source_vocabulary, source_code, mapping_rule)
         SELECT l.cdm_table, l.cdm_id, l.feed, l.source_file, l.source_line,
                l.source_vocabulary, l.source_code, l.mapping_rule

@@ -209,14 +209,14 @@ def prepare_shard(g: Schemas, k: int, n: int, run_id: str, *, scoped: bool = Fal
             " WHERE t.record_key IN (SELECT procedure_event_key FROM {S}.src_image)",
             G=_q(g),
         )
-        for table in ("lineage", "disposition"):
+        for table, source in (("lineage", g.stage_lineage), ("disposition", None)):
             sh.run(
                 conn,
-                "INSERT INTO {S}.{t} SELECT x.* FROM {G}.{t} x WHERE EXISTS (SELECT 1"
+                "INSERT INTO {S}.{t} SELECT x.* FROM {G} x WHERE EXISTS (SELECT 1"
                 " FROM {S}.src_image i WHERE i.feed = x.feed AND i.source_file = x.source_file"
                 " AND i.source_line = x.source_line)",
                 t=table,
-                G=_q(g),
+                G=source or f"{_q(g)}.{table}",
             )
         for name in (*PERSON_KEYED, "claim_ok", "cost_line_ok", "event_set_aside"):
             wh.analyze(conn, sh.stage, name)
@@ -442,7 +442,7 @@ def _merge_lineage(g: Schemas, conn: sa.Connection, sh: Schemas, k: int) -> None
     g.run(
         conn,
         """
-        INSERT INTO {S}.lineage (cdm_table, cdm_id, feed, source_file, source_line,
+        INSERT INTO {SL} (cdm_table, cdm_id, feed, source_file, source_line,
             source_vocabulary, source_code, mapping_rule)
         SELECT l.cdm_table, r.new_id, l.feed, l.source_file, l.source_line,
                l.source_vocabulary, l.source_code,

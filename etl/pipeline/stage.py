@@ -88,6 +88,7 @@ def prepare(s: Schemas, landing_dirs: list[Path], local_map: pa.Table) -> None:
                 _table_for(md, name, canonical.SHAPES[shape], prefixes)
         _table_for(md, "local_map", LOCAL_MAP, prefixes)
         md.create_all(conn)
+        s.run(conn, "DROP TABLE IF EXISTS {SL}")  # DuckDB's lies outside the stage schema
         s.run(conn, LINEAGE_DDL)
         for name in SOURCE_TABLES:
             if name not in views:

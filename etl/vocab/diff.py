@@ -127,7 +127,7 @@ def rows_moving(s: Schemas, *, limit: int = EXAMPLES) -> list[dict[str, Any]]:
             "WITH o AS (SELECT DISTINCT feed, source_file, source_line, cdm_table"
             " FROM {E}.lineage WHERE source_code IS NOT NULL),"
             " n AS (SELECT DISTINCT feed, source_file, source_line, cdm_table"
-            " FROM {S}.lineage WHERE source_code IS NOT NULL),"
+            " FROM {SL} WHERE source_code IS NOT NULL),"
             " gone AS (SELECT * FROM o EXCEPT SELECT * FROM n),"
             " came AS (SELECT * FROM n EXCEPT SELECT * FROM o)"
             " SELECT g.cdm_table AS from_table, c.cdm_table AS to_table, g.feed,"

@@ -20,7 +20,7 @@ CREATE TABLE IF NOT EXISTS {E}.key_map (
 KEY_MAP_INDEX = "CREATE INDEX IF NOT EXISTS {n} ON {E}.key_map (cdm_table, natural_key)"
 
 LINEAGE_DDL = """
-CREATE TABLE {S}.lineage (
+CREATE TABLE {SL} (
     cdm_table VARCHAR(64) NOT NULL,
     cdm_id INTEGER NOT NULL,
     feed TEXT NOT NULL,
@@ -105,7 +105,7 @@ def add_lineage(s: Schemas, conn: sa.Connection, cdm_table: str, select_sql: str
     """
     s.run(
         conn,
-        "INSERT INTO {S}.lineage (cdm_table, cdm_id, feed, source_file, source_line,"
+        "INSERT INTO {SL} (cdm_table, cdm_id, feed, source_file, source_line,"
         " source_vocabulary, source_code, mapping_rule) SELECT :t, q.* FROM ({q}) q",
         {"t": cdm_table},
         q=s.sql(select_sql),

@@ -275,7 +275,7 @@ def _set_aside_series(s: Schemas, conn: sa.Connection) -> None:
         FROM {S}.src_image i
         JOIN {S}.image_checked c ON c.image_key = i.image_key AND c.feed = i.feed
         WHERE c.rule IS NOT NULL
-          AND NOT EXISTS (SELECT 1 FROM {S}.lineage l WHERE l.feed = i.feed
+          AND NOT EXISTS (SELECT 1 FROM {SL} l WHERE l.feed = i.feed
                           AND l.source_file = i.source_file AND l.source_line = i.source_line)
           AND NOT EXISTS (SELECT 1 FROM {S}.disposition x WHERE x.feed = i.feed
                           AND x.source_file = i.source_file AND x.source_line = i.source_line)
