@@ -45,10 +45,7 @@ def readable(value: Any, indent: int = 1) -> str:
 
 
 def _write(value: Any, depth: int, indent: int, parts: list[str]) -> None:
-    nested = (isinstance(value, dict) and not _flat(value)) or (
-        isinstance(value, list | tuple) and not _flat_member(value)
-    )
-    if nested:
+    if not _flat(value):  # an object or list holding objects or lists
         pad, inner = "\n" + " " * (indent * depth), "\n" + " " * (indent * (depth + 1))
         if isinstance(value, dict):
             parts.append("{")

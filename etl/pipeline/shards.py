@@ -209,14 +209,17 @@ def prepare_shard(g: Schemas, k: int, n: int, run_id: str, *, scoped: bool = Fal
             " WHERE t.record_key IN (SELECT procedure_event_key FROM {S}.src_image)",
             G=_q(g),
         )
-        for table, source in (("lineage", g.stage_lineage), ("disposition", None)):
+        for table, source in (
+            ("lineage", g.stage_lineage),
+            ("disposition", f"{_q(g)}.disposition"),
+        ):
             sh.run(
                 conn,
                 "INSERT INTO {S}.{t} SELECT x.* FROM {G} x WHERE EXISTS (SELECT 1"
                 " FROM {S}.src_image i WHERE i.feed = x.feed AND i.source_file = x.source_file"
                 " AND i.source_line = x.source_line)",
                 t=table,
-                G=source or f"{_q(g)}.{table}",
+                G=source,
             )
         for name in (*PERSON_KEYED, "claim_ok", "cost_line_ok", "event_set_aside"):
             wh.analyze(conn, sh.stage, name)
