@@ -55,8 +55,9 @@ def test_extract_types_pseudonymises_and_quarantines(tmp_path: Path) -> None:
 
 
 def test_repeated_keys_get_each_rows_own_pseudonym() -> None:
-    """Foreign keys are hashed once per distinct value of a block and joined back: every
-    row still carries the HMAC of its own value (NULL stays NULL), in source-line order."""
+    """Foreign keys are hashed once per distinct value of a block and taken back by value:
+    every row still carries the HMAC of its own value (NULL stays NULL), in source-line
+    order."""
     sink = Extract()
     extract_ehr("ehr", DEMO_SYNTHEA, load_profile("synthea"), KEY, sink)
     checks = [  # shape, file, pseudonymised column, clear column

@@ -52,6 +52,8 @@ RESTRICTED_ZIP3 = {
     "893",
 }
 KEY_SEPARATOR = "\x1f"
+# marks a select of a repeated key, hashed after the query (_Query.pseudonym)
+_REPEATED = "repeated key #"
 
 
 @dataclass
@@ -143,13 +145,21 @@ class _Query:
     def pseudonym(self, expr: str, *, repeats: bool = False) -> str:
         """The pseudonym of `expr`. A key that `repeats` in the file (a foreign key: the
         patient of every event, the claim of every line) is hashed once per distinct value
-        of the block and joined back, not once per row: the HMAC is most of extraction's
-        CPU. A record's own key is unique and hashed in place."""
+        of the block, after the query (`hash_repeated`), not once per row: the HMAC is most
+        of extraction's CPU. A record's own key is unique and hashed in place."""
         if not repeats:
             return duckdb_pseudonym_sql(expr)
         if expr not in self.repeated:
             self.repeated.append(expr)
-        return f"_h{self.repeated.index(expr)}._pk"
+        return f"{_REPEATED}{self.repeated.index(expr)}"
+
+    def repeated_columns(self) -> dict[int, list[str]]:
+        """The output columns holding each repeated key's text until `hash_repeated`."""
+        out: dict[int, list[str]] = {}
+        for name, expr in self.select.items():
+            if expr.startswith(_REPEATED):
+                out.setdefault(int(expr[len(_REPEATED) :]), []).append(name)
+        return out
 
     def coded(self, spec: Coded) -> tuple[str, str]:
         code = self.col(spec.column)
@@ -184,31 +194,46 @@ class _Query:
         reason = f"CASE {reason_cases} END" if reason_cases else "NULL"
         excluded_cases = " ".join(f"WHEN {c} THEN {sql_literal(r)}" for c, r in self.exclusions)
         excluded = f"CASE {excluded_cases} END" if excluded_cases else "NULL"
-        body = ", ".join(f"{expr} AS {sql_identifier(name)}" for name, expr in self.select.items())
-        hashed = "".join(
-            f""", _h{i} AS (
-                SELECT _pv, {duckdb_pseudonym_sql("_pv")} AS _pk
-                FROM (SELECT DISTINCT {expr} AS _pv FROM d) WHERE _pv IS NOT NULL
-            )"""
-            for i, expr in enumerate(self.repeated)
-        )
-        joins = " ".join(
-            f"LEFT JOIN _h{i} ON _h{i}._pv = {expr}" for i, expr in enumerate(self.repeated)
+        body = ", ".join(
+            f"{self._text_of(expr)} AS {sql_identifier(name)}" for name, expr in self.select.items()
         )
         return f"""
-            WITH d AS {"MATERIALIZED " if self.repeated else ""}(
+            WITH d AS (
                 SELECT {LINE}, {decoded},
                        nullif(concat_ws('; ', {enc}), '') AS _enc
                 FROM {source}
-            ){hashed}
+            )
             SELECT {body},
                    {sql_literal(self.feed)} AS feed, {sql_literal(self.file)} AS source_file,
                    {LINE} AS source_line,
                    coalesce(_enc, {reason}) AS _reason,
                    CAST({excluded} AS VARCHAR) AS _excluded
-            FROM d {joins}
-            {"ORDER BY source_line" if self.repeated or self.looks_up else ""}
+            FROM d
+            {"ORDER BY source_line" if self.looks_up else ""}
         """
+
+    def _text_of(self, expr: str) -> str:
+        """A repeated key's own text (hashed after the query); any other expression as is."""
+        if expr.startswith(_REPEATED):
+            return self.repeated[int(expr[len(_REPEATED) :])]
+        return expr
+
+
+def hash_repeated(con: duckdb.DuckDBPyConnection, q: _Query, result: pa.Table) -> pa.Table:
+    """`result` with each repeated key's text replaced by its pseudonym, hashed once per
+    distinct value of the block and taken back by Arrow's `index_in` (the rows keep their
+    order: no join, no sort). The text never leaves this function's tables."""
+    for names in q.repeated_columns().values():
+        values = result[names[0]]
+        distinct = pa.table({"v": pc.unique(values).drop_null()})
+        con.register("_distinct", distinct)
+        hashed = con.sql(f"SELECT v, {duckdb_pseudonym_sql('v')} AS h FROM _distinct")
+        table = hashed.to_arrow_table()
+        con.unregister("_distinct")
+        pseudonyms = pc.take(table["h"], pc.index_in(values, value_set=table["v"]))
+        for name in names:
+            result = result.set_column(result.schema.get_field_index(name), name, pseudonyms)
+    return result
 
 
 def trimmed(expr: str) -> str:
@@ -568,7 +593,7 @@ def _extract_file(plan: _Plan, out: RecordSink, con: duckdb.DuckDBPyConnection) 
     with closing(prefetched(batches)) as ahead:
         for batch in grouped(ahead):
             con.register("batch", batch)
-            result = con.sql(sql).to_arrow_table()
+            result = hash_repeated(con, q, con.sql(sql).to_arrow_table())
             con.unregister("batch")
             stats.records_in += result.num_rows
             if q.exclusions:
