@@ -86,3 +86,41 @@ def test_unique_keys_rank_one_without_a_window(warehouse) -> None:
         ).scalar_one()
     assert sorted(ranks) == [("a", 1), ("b", 1), ("c", 1)]
     assert (kept, set_aside) == (3, 0)
+
+
+def test_repeated_keys_by_hash_first_are_the_text_grouped_ones() -> None:
+    """DuckDB groups the keys' hashes before their text (over a table): the same repeated
+    keys, and one NULL for keyless rows, one or many, as grouping the text gives."""
+    import random
+    from collections import Counter
+
+    import duckdb
+    import pyarrow as pa
+
+    from etl.cdm.build.rules import _REPEATED_KEYS
+
+    rng = random.Random(7)
+    pool = [None, *map(str, range(3000))]
+    cases = {
+        "one keyless row": [None, "a", "b", "a"],
+        "no keyless row": ["x", "y", "z", "y", "y"],
+        "none repeats": ["p", "q"],
+        "many": [rng.choice(pool) for _ in range(20_000)],
+    }
+    con = duckdb.connect()
+    for name, keys in cases.items():
+        con.register("given", pa.table({"k": pa.array(keys, pa.string())}))
+        con.execute("CREATE OR REPLACE TABLE src AS SELECT k FROM given")
+        found = []
+        for hashed_first in (False, True):
+            sql = _REPEATED_KEYS[hashed_first].format(S="main", t="r", key="k", src="main.src")
+            con.execute("DROP TABLE IF EXISTS r")
+            con.execute(sql)
+            found.append(sorted(con.execute("SELECT repeated_key FROM r").fetchall(), key=str))
+        counts = Counter(keys)
+        expected = sorted(
+            [(k,) for k, n in counts.items() if k is not None and n > 1]
+            + ([(None,)] if None in keys else []),
+            key=str,
+        )
+        assert found == [expected, expected], name

@@ -51,6 +51,31 @@ CREATE TABLE IF NOT EXISTS {S}.disposition (
 """
 
 
+# The keys of `src` that repeat, and one NULL when a row has none. On DuckDB, over a
+# table, the keys' 64-bit hashes are grouped first (fixed width, no string heap) and only
+# the keys whose hash repeats (on most nights none) are grouped as text: the same table,
+# in about half the time (19.4 M 32-character keys: 5.4-7.3 s -> 2.6-3.2 s; in the
+# 100,000-patient build, the claim lines' 10.1 s -> 5.8 s).
+_REPEATED_KEYS = {
+    False: """
+        CREATE TABLE {S}.{t} AS SELECT {key} AS repeated_key FROM {src} x
+        GROUP BY {key} HAVING count(*) > 1 OR {key} IS NULL
+    """,
+    True: """
+        CREATE TABLE {S}.{t} AS
+        WITH hashes AS (
+            SELECT hash({key}) AS h FROM {src} x WHERE {key} IS NOT NULL
+            GROUP BY hash({key}) HAVING count(*) > 1
+        )
+        SELECT {key} AS repeated_key FROM {src} x
+        WHERE {key} IS NOT NULL AND hash({key}) IN (SELECT h FROM hashes)
+        GROUP BY {key} HAVING count(*) > 1
+        UNION ALL
+        SELECT NULL FROM (SELECT 1 FROM {src} x WHERE {key} IS NULL LIMIT 1) n
+    """,
+}
+
+
 def _key_ranked(s: Schemas, conn: sa.Connection, src: str, key: str, name: str) -> str:
     """SQL of every row of `src` (a table or a subquery) with `key_rank`: its place among
     the rows of its `key` in file order (source_file, source_line), 1 for a key that does
@@ -67,14 +92,9 @@ def _key_ranked(s: Schemas, conn: sa.Connection, src: str, key: str, name: str) 
     read only by the GROUP BY."""
     repeated = f"{name}_repeated"
     s.run(conn, "DROP TABLE IF EXISTS {S}.{t}", t=repeated)
-    s.run(
-        conn,
-        "CREATE TABLE {S}.{t} AS SELECT {key} AS repeated_key FROM {src} x"
-        " GROUP BY {key} HAVING count(*) > 1 OR {key} IS NULL",
-        t=repeated,
-        key=key,
-        src=s.sql(src),
-    )
+    # a subquery (the events' person rule) would be evaluated twice: grouped as text once
+    hashed_first = s.wh.dialect == "duckdb" and not src.lstrip().startswith("(")
+    s.run(conn, _REPEATED_KEYS[hashed_first], t=repeated, key=key, src=s.sql(src))
     if not s.run(conn, "SELECT count(*) FROM {S}.{t}", t=repeated).scalar_one():
         return s.sql("(SELECT t.*, CAST(1 AS BIGINT) AS key_rank FROM {src} t)", src=s.sql(src))
     # the feed last: a total order, so a view over the ranks gives the same ranks each time
