@@ -165,3 +165,46 @@ def test_the_store_is_the_published_runs_lineage(traced) -> None:
         "source_vocabulary", "source_code", "mapping_rule",
     }  # fmt: skip
     assert "lineage_staged" not in table_names(wh, etl)
+
+
+def test_duckdb_staged_lineage_carries_its_run_id_from_the_stage(duckdb_wh) -> None:
+    """On DuckDB the staged lineage gets the run's id as a column default when the stage
+    is prepared, so the publish only renames it (no column added to the full table); a
+    stage prepared without the id, or with another run's, still publishes this run's."""
+    import sqlalchemy as sa
+
+    from etl.cdm.build.common import LINEAGE_DDL
+    from etl.cdm.build.rules import DISPOSITION_DDL
+    from etl.pipeline.publish import publish_lineage, staged_lineage_run_column
+    from etl.pipeline.schemas import Schemas
+
+    wh, cdm = duckdb_wh
+    s = Schemas(wh, cdm)
+    statements: list[str] = []
+    sa.event.listen(wh.engine, "before_cursor_execute", lambda *a: statements.append(a[2]))
+    for staged_for, publishing in (("R1", "R1"), (None, "R2"), ("R3", "R4")):
+        with wh.begin() as conn:
+            for schema in (s.stage, s.etl):
+                wh.create_schema(conn, schema)
+            s.run(conn, DISPOSITION_DDL)
+            s.run(
+                conn,
+                "CREATE OR REPLACE TABLE {S}.src_quarantine (feed TEXT, source_file TEXT,"
+                " source_line BIGINT, record_set TEXT, reason TEXT)",
+            )
+            s.run(conn, LINEAGE_DDL)
+            if staged_for:
+                s.run(conn, staged_lineage_run_column(staged_for))
+            s.run(
+                conn,
+                "INSERT INTO {SL} (cdm_table, cdm_id, feed, source_file, source_line)"
+                " VALUES ('person', 1, 'ehr', 'patients.csv', 2)",
+            )
+            statements.clear()
+            publish_lineage(s, conn, publishing)
+        added = [q for q in statements if "ADD COLUMN" in q]
+        assert bool(added) == (staged_for != publishing), (staged_for, publishing)
+        assert query(wh, f'SELECT run_id, cdm_table FROM "{s.etl}".lineage') == [
+            (publishing, "person")
+        ]
+        assert "lineage_staged" not in table_names(wh, s.etl)

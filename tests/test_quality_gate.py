@@ -246,6 +246,9 @@ def test_a_fatal_failure_refuses_the_load(published: Published, kind, sql, expec
         assert tuple(conn.execute(sa.text(store)).one()) == lineage_before
     if wh.dialect == "duckdb":  # kept for the auditor until the next build (the next case's)
         assert "lineage_staged" in table_names(wh, f"{schema}_etl")
+        staged = f'SELECT DISTINCT run_id FROM "{schema}_etl".lineage_staged'
+        with wh.engine.connect() as conn:  # stamped with the refused run's id at the stage
+            assert conn.execute(sa.text(staged)).scalars().all() == [result.run_id]
 
 
 def test_site_overrides_change_severity_disable_and_add_checks(duckdb_wh, tmp_path) -> None:

@@ -19,6 +19,7 @@ from etl.cdm.build.common import KEY_MAP_DDL, KEY_MAP_INDEX, LINEAGE_DDL
 from etl.cdm.schema import create_cdm, stage_prefixes
 from etl.cdm.spec import ATHENA_TABLES
 from etl.mapping.local_maps import LOCAL_MAP
+from etl.pipeline.publish import staged_lineage_run_column
 from etl.pipeline.schemas import Schemas
 
 _ARROW_SQL = {
@@ -59,8 +60,13 @@ def _table_for(md: sa.MetaData, name: str, schema: pa.Schema, prefixes: list[str
     return sa.Table(name, md, *columns, prefixes=prefixes)
 
 
-def prepare(s: Schemas, landing_dirs: list[Path], local_map: pa.Table) -> None:
-    """Drop and recreate the stage schema, create the CDM tables, load the landed records."""
+def prepare(
+    s: Schemas, landing_dirs: list[Path], local_map: pa.Table, run_id: str | None = None
+) -> None:
+    """Drop and recreate the stage schema, create the CDM tables, load the landed records.
+
+    `run_id`: the run that builds (and may publish) this stage; on DuckDB its staged
+    lineage carries it from the start (`publish.staged_lineage_run_column`)."""
     wh = s.wh
     with wh.begin() as conn:
         wh.drop_schema(conn, s.stage)
@@ -90,6 +96,8 @@ def prepare(s: Schemas, landing_dirs: list[Path], local_map: pa.Table) -> None:
         md.create_all(conn)
         s.run(conn, "DROP TABLE IF EXISTS {SL}")  # DuckDB's lies outside the stage schema
         s.run(conn, LINEAGE_DDL)
+        if s.lineage_renamed and run_id is not None:
+            s.run(conn, staged_lineage_run_column(run_id))
         for name in SOURCE_TABLES:
             if name not in views:
                 wh.load_parquet(conn, s.stage, name, landed[name])

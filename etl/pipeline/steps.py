@@ -565,7 +565,7 @@ class NightlyRun:
             if s.vocab is None:
                 _ensure_vocabulary(s, self.cfg)
         with frag.step("stage"):
-            prepare(s, landed[0], read_local_maps(self.cfg.mappings or MAPPINGS_DIR))
+            prepare(s, landed[0], read_local_maps(self.cfg.mappings or MAPPINGS_DIR), self.run_id)
             self._stamp(s)
 
     def _build_report(self, frag: _Fragment, s: Schemas, landed: tuple) -> list[str]:

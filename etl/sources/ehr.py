@@ -222,7 +222,7 @@ class _Query:
 def hash_repeated(con: duckdb.DuckDBPyConnection, q: _Query, result: pa.Table) -> pa.Table:
     """`result` with each repeated key's text replaced by its pseudonym, hashed once per
     distinct value of the block and taken back by Arrow's `index_in` (the rows keep their
-    order: no join, no sort). The text never leaves this function's tables."""
+    order: no join, no sort). The table returned holds no repeated key's text."""
     for names in q.repeated_columns().values():
         values = result[names[0]]
         distinct = pa.table({"v": pc.unique(values).drop_null()})
