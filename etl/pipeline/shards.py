@@ -34,7 +34,7 @@ from contextlib import AbstractContextManager
 
 import sqlalchemy as sa
 
-from etl.cdm.build.common import LINEAGE_DDL
+from etl.cdm.build.common import LINEAGE_COLUMNS, LINEAGE_DDL
 from etl.cdm.build.events import DOMAIN_TABLES
 from etl.cdm.build.rules import DISPOSITION_DDL
 from etl.cdm.schema import create_cdm
@@ -209,17 +209,20 @@ def prepare_shard(g: Schemas, k: int, n: int, run_id: str, *, scoped: bool = Fal
             " WHERE t.record_key IN (SELECT procedure_event_key FROM {S}.src_image)",
             G=_q(g),
         )
-        for table, source in (
-            ("lineage", g.stage_lineage),
-            ("disposition", f"{_q(g)}.disposition"),
+        # the lineage's columns by name: DuckDB's global stage lineage also has run_id
+        for table, source, columns in (
+            ("lineage", g.stage_lineage, LINEAGE_COLUMNS),
+            ("disposition", f"{_q(g)}.disposition", None),
         ):
             sh.run(
                 conn,
-                "INSERT INTO {S}.{t} SELECT x.* FROM {G} x WHERE EXISTS (SELECT 1"
+                "INSERT INTO {S}.{t} {into} SELECT {cols} FROM {G} x WHERE EXISTS (SELECT 1"
                 " FROM {S}.src_image i WHERE i.feed = x.feed AND i.source_file = x.source_file"
                 " AND i.source_line = x.source_line)",
                 t=table,
                 G=source,
+                into=f"({', '.join(columns)})" if columns else "",
+                cols=", ".join(f"x.{c}" for c in columns) if columns else "x.*",
             )
         for name in (*PERSON_KEYED, "claim_ok", "cost_line_ok", "event_set_aside"):
             wh.analyze(conn, sh.stage, name)

@@ -19,6 +19,12 @@ CREATE TABLE IF NOT EXISTS {E}.key_map (
 # for the look-ups.
 KEY_MAP_INDEX = "CREATE INDEX IF NOT EXISTS {n} ON {E}.key_map (cdm_table, natural_key)"
 
+# The stage lineage's own columns (DuckDB's main stage adds run_id after them)
+LINEAGE_COLUMNS = [
+    "cdm_table", "cdm_id", "feed", "source_file", "source_line",
+    "source_vocabulary", "source_code", "mapping_rule",
+]  # fmt: skip
+
 LINEAGE_DDL = """
 CREATE TABLE {SL} (
     cdm_table VARCHAR(64) NOT NULL,
