@@ -124,3 +124,21 @@ def test_repeated_keys_by_hash_first_are_the_text_grouped_ones() -> None:
             key=str,
         )
         assert found == [expected, expected], name
+
+
+def test_duckdb_finds_a_tables_repeated_keys_by_hash_first(warehouse) -> None:
+    """The record rules take the hash-first form on DuckDB over a table, the text-grouped
+    one on PostgreSQL, with the same ranks either way."""
+    from etl.cdm.build.rules import _key_ranked
+
+    wh, cdm = warehouse
+    s = Schemas(wh, cdm)
+    statements: list[str] = []
+    sa.event.listen(wh.engine, "before_cursor_execute", lambda *a: statements.append(a[2]))
+    with wh.begin() as conn:
+        _stage_things(s, conn, ROWS)
+        ranked = _key_ranked(s, conn, "{S}.src_thing", "thing_key", "thing_ok")
+        ranks = conn.execute(sa.text(f"SELECT source_line, key_rank FROM {ranked} x")).all()
+    created = [q for q in statements if "thing_ok_repeated AS" in q]
+    assert len(created) == 1 and ("hash(thing_key)" in created[0]) == (wh.dialect == "duckdb")
+    assert sorted(ranks) == [(1, 3), (2, 1), (3, 1), (4, 1), (5, 2), (7, 1), (9, 2)]
