@@ -15,7 +15,7 @@ import pyarrow as pa
 import sqlalchemy as sa
 
 from etl import canonical
-from etl.cdm.build.common import KEY_MAP_DDL, KEY_MAP_INDEX, LINEAGE_DDL
+from etl.cdm.build.common import KEY_MAP_DDL, KEY_MAP_INDEX, LINEAGE_DDL, UNCOMPRESSED
 from etl.cdm.schema import create_cdm, stage_prefixes
 from etl.cdm.spec import ATHENA_TABLES
 from etl.mapping.local_maps import LOCAL_MAP
@@ -55,8 +55,23 @@ SOURCE_TABLES = {
 READ_IN_PLACE = {"src_cost_line"}
 
 
-def _table_for(md: sa.MetaData, name: str, schema: pa.Schema, prefixes: list[str]) -> sa.Table:
-    columns = (sa.Column(f.name, _ARROW_SQL[f.type]) for f in schema)
+class _UncompressedText(sa.types.UserDefinedType):
+    """DuckDB text stored uncompressed: a record's own key, a digest (`UNCOMPRESSED`)."""
+
+    cache_ok = True
+
+    def get_col_spec(self, **kw: object) -> str:
+        return f"VARCHAR {UNCOMPRESSED}"
+
+
+def _table_for(
+    md: sa.MetaData, name: str, schema: pa.Schema, prefixes: list[str], own_key: str | None = None
+) -> sa.Table:
+    """The stage table of a shape; on DuckDB (`own_key` given) its record key uncompressed."""
+    columns = (
+        sa.Column(f.name, _UncompressedText() if f.name == own_key else _ARROW_SQL[f.type])
+        for f in schema
+    )
     return sa.Table(name, md, *columns, prefixes=prefixes)
 
 
@@ -91,7 +106,8 @@ def prepare(
         }
         for name, shape in SOURCE_TABLES.items():
             if name not in views:
-                _table_for(md, name, canonical.SHAPES[shape], prefixes)
+                own_key = canonical.RECORD_KEYS.get(shape) if wh.dialect == "duckdb" else None
+                _table_for(md, name, canonical.SHAPES[shape], prefixes, own_key)
         _table_for(md, "local_map", LOCAL_MAP, prefixes)
         md.create_all(conn)
         s.run(conn, "DROP TABLE IF EXISTS {SL}")  # DuckDB's lies outside the stage schema

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 
-from etl.cdm.build.common import add_lineage, assign_ids, insert_rows
+from etl.cdm.build.common import add_lineage, assign_ids, create_table_as, insert_rows
 from etl.pipeline.schemas import Schemas
 
 # Standard concept domain -> CDM table. Any other domain is recorded in observation,
@@ -166,8 +166,8 @@ def _routing_case() -> str:
     return f"CASE {domain} {whens} ELSE '{FALLBACK_TABLE}' END"
 
 
+# The rows of `event_mapped` (its record_key, a digest, is stored uncompressed on DuckDB)
 EVENT_MAPPED = f"""
-CREATE TABLE {{S}}.event_mapped AS
 SELECT e.record_key, e.record_set, e.code, e.vocabulary_id, e.type_concept_id,
        e.start_datetime, e.end_datetime, e.value_as_number, e.value_as_string, e.value_code,
        e.unit_code, e.range_low, e.range_high, e.operator, e.qualifier, e.quantity,
@@ -210,7 +210,7 @@ def _natural_key(alias: str) -> str:
 
 def build_events(s: Schemas, conn: sa.Connection) -> None:
     """Map every kept event and write it to the table its concept's domain names."""
-    s.run(conn, EVENT_MAPPED)
+    create_table_as(s, conn, "event_mapped", EVENT_MAPPED, uncompressed=("record_key",))
     for table, columns in TABLE_COLUMNS.items():
         ids = assign_ids(
             s,

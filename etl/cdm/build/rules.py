@@ -11,6 +11,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 
 from etl import canonical
+from etl.cdm.build.common import create_table_as
 from etl.pipeline.schemas import Schemas
 
 # Named filter rules (status 'filtered'); the README lists them for sites and auditors.
@@ -199,7 +200,8 @@ def apply_rules(s: Schemas, conn: sa.Connection) -> None:
     _first_per_key(s, conn, "src_provider", "provider_key", "provider_ok", "'providers'")
     _first_per_key(s, conn, "src_visit", "visit_key", "visit_unique", "'visits'", view=True)
     kept = _checked(s, conn, "visit_unique", "visit_set_aside", "'visits'", "visit_key")
-    s.run(conn, "CREATE TABLE {S}.visit_ok AS SELECT * FROM {kept} x", kept=kept)
+    create_table_as(s, conn, "visit_ok", "SELECT * FROM {kept} x", kept=kept,
+                    uncompressed=("visit_key",))  # fmt: skip
     kept = _checked(s, conn, "src_event", "event_set_aside", "t.record_set", "event_key")
     # Records with the same natural key in one file are distinct records: number them in
     # file order so each keeps its own stable key.
@@ -338,10 +340,12 @@ def _set_aside(
         source = _key_ranked(s, conn, "{S}." + src, key, ok)
         rule_sql = f"CASE WHEN t.key_rank > 1 THEN 'duplicate_key' ELSE {rule_sql} END"
     rule, joins = s.sql(rule_sql), s.sql(joins)
-    s.run(
+    create_table_as(
+        s,
         conn,
-        "CREATE TABLE {S}.{ok} AS SELECT {columns} FROM {source} t {joins} WHERE ({rule}) IS NULL",
-        ok=ok,
+        ok,
+        "SELECT {columns} FROM {source} t {joins} WHERE ({rule}) IS NULL",
+        uncompressed=(key,) if key and (kept is None or key in kept) else (),
         columns=", ".join(f"t.{c}" for c in kept) if kept else "t.*",
         source=source,
         rule=rule,
