@@ -143,13 +143,13 @@ def insert_rows(
 def add_lineage(s: Schemas, conn: sa.Connection, cdm_table: str, select_sql: str) -> None:
     """Record where rows of `cdm_table` came from.
 
-    `select_sql` yields (cdm_id, feed, source_file, source_line, source_vocabulary,
-    source_code, mapping_rule).
+    `select_sql` yields `LINEAGE_COLUMNS` after cdm_table: (cdm_id, feed, source_file,
+    source_line, source_vocabulary, source_code, mapping_rule).
     """
     s.run(
         conn,
-        "INSERT INTO {SL} (cdm_table, cdm_id, feed, source_file, source_line,"
-        " source_vocabulary, source_code, mapping_rule) SELECT :t, q.* FROM ({q}) q",
+        "INSERT INTO {SL} ({columns}) SELECT :t, q.* FROM ({q}) q",
         {"t": cdm_table},
+        columns=", ".join(LINEAGE_COLUMNS),
         q=s.sql(select_sql),
     )
