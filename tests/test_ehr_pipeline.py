@@ -282,6 +282,57 @@ def test_published_tables_keep_the_specifications_keys_and_indexes(demo_run) -> 
         )
 
 
+def test_duckdb_publish_swaps_in_tables_keyed_beforehand(duckdb_wh, tmp_path: Path) -> None:
+    """On DuckDB tonight's tables are filled and keyed under other names in the CDM
+    schema before the swap, which renames them: a published run leaves none of them (nor
+    a stale one from a run that stopped), and a duplicate key stops the publish before
+    anything is swapped, with last night's tables and keys untouched."""
+    import sqlalchemy as sa
+
+    from etl.cdm.schema import build_metadata
+    from etl.config import load_config
+    from etl.pipeline.publish import NEXT_PREFIX, published_tables
+
+    wh, schema = duckdb_wh
+    cfg = load_config(write_config(tmp_path, wh, schema, DEMO_SYNTHEA))
+    patients = len(rows(DEMO_SYNTHEA / "patients.csv"))
+
+    def prepared_tables() -> set[str]:
+        found = query(
+            wh, "SELECT table_name FROM information_schema.tables WHERE table_schema = :s", s=schema
+        )
+        return {t for (t,) in found if t.startswith(NEXT_PREFIX)}
+
+    first = _built(cfg, tmp_path / "first")
+    with wh.begin() as conn:  # a leftover of a run that stopped before its swap
+        conn.execute(sa.text(f"CREATE TABLE {_t(schema, NEXT_PREFIX + 'person')} (x INTEGER)"))
+    assert first.gate() and first.publish()
+    assert prepared_tables() == set()
+    keys = primary_keys(wh, schema)
+    md = build_metadata(schema, tables=published_tables(), indexes=False)
+    assert {k for k in keys if k[0] in published_tables()} == {
+        (t.name, c.name) for t in md.tables.values() for c in t.primary_key.columns
+    }
+    timings = json.loads(first.fragment_path("publish").read_text(encoding="utf-8"))
+    assert "publish.prepare" in json.dumps(timings)
+
+    second = _built(cfg, tmp_path / "second")
+    assert second.gate()
+    with wh.begin() as conn:  # a duplicate person the gate did not see
+        conn.execute(
+            sa.text(
+                f"INSERT INTO {_t(schema + '_stage', 'person')}"
+                f" SELECT * FROM {_t(schema + '_stage', 'person')} LIMIT 1"
+            )
+        )
+    with pytest.raises(Exception, match=r"(?i)duplicate|constraint"):
+        second.publish()
+    assert prepared_tables() == set()
+    assert scalar(wh, f"SELECT count(*) FROM {_t(schema, 'person')}") == patients
+    assert primary_keys(wh, schema) == keys
+    assert second.status() != "published"
+
+
 @pytest.mark.postgres
 def test_postgres_stage_is_unlogged_and_published_tables_are_not(pg_wh, tmp_path: Path) -> None:
     """On PostgreSQL the stage (rebuilt by every run) is written without WAL: every table

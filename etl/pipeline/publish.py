@@ -7,6 +7,13 @@ Researchers either see last night's warehouse or tonight's, never a mix: every p
 table is replaced, and the run's new keys join the persistent key map, inside a single
 transaction (PostgreSQL and DuckDB both have transactional DDL). A crash before the
 commit leaves the published warehouse exactly as it was.
+
+On DuckDB tonight's tables are first filled and keyed beside the published ones, under
+`NEXT_PREFIX` names in the CDM schema, each of those two steps committed
+(`prepare_tables`); the swap transaction then only drops last night's tables and renames
+tonight's (`publish(..., prepared=True)`). DuckDB appends the keys of rows inserted in the
+same transaction to a primary key's index one row at a time at the commit: at 100,000
+patients that commit took 9-11 s where building the keys over committed rows took 4-5 s.
 """
 
 from __future__ import annotations
@@ -21,6 +28,8 @@ from etl.pipeline.schemas import STAGED_LINEAGE, Schemas
 
 # Researchers' own results: never touched by a load.
 RESEARCHER_TABLES = {"cohort", "cohort_definition"}
+# Tonight's tables, filled and keyed in the CDM schema before the swap (DuckDB)
+NEXT_PREFIX = "omop_etl_next_"
 
 
 def published_tables() -> list[str]:
@@ -103,38 +112,81 @@ def published_counts(s: Schemas, conn: sa.Connection) -> dict[str, int]:
     return {t: s.wh.count_rows(conn, s.cdm, t) for t in published_tables() if t in present}
 
 
-def _create_without_keys(conn: sa.Connection, table: sa.Table) -> None:
-    """`table` as the spec defines it (types, NOT NULL), without its primary key and
-    indexes: `_add_keys` builds those once the rows are in."""
+def _create_without_keys(conn: sa.Connection, table: sa.Table, name: str | None = None) -> None:
+    """`table` as the spec defines it (types, NOT NULL), named `name` (default: its own),
+    without its primary key and indexes: `_add_keys` builds those once the rows are in."""
     bare = sa.Table(
-        table.name,
+        name or table.name,
         sa.MetaData(schema=table.schema),
         *(sa.Column(c.name, c.type, nullable=c.nullable, autoincrement=False) for c in table.c),
     )
     bare.create(conn)
 
 
-def _add_keys(s: Schemas, conn: sa.Connection, table: sa.Table) -> None:
-    """The spec's primary key and (PostgreSQL) indexes of `table`, built over its loaded
-    rows: one bulk build instead of an index insert per row (half the key's cost on DuckDB,
-    the usual bulk-load order on PostgreSQL). A duplicate key still fails the publish."""
+def _add_keys(s: Schemas, conn: sa.Connection, table: sa.Table, name: str | None = None) -> None:
+    """The spec's primary key and (PostgreSQL) indexes of `table` (stored as `name`,
+    default its own), built over its loaded rows: one bulk build instead of an index
+    insert per row (half the key's cost on DuckDB, the usual bulk-load order on
+    PostgreSQL). A duplicate key still fails the publish."""
     wh = s.wh
     key = table.primary_key
     if key.columns:
         cols = ", ".join(wh.quote(c.name) for c in key.columns)
-        name = wh.quote(key.name or f"xpk_{table.name}")
+        constraint = wh.quote(key.name or f"xpk_{table.name}")
         conn.execute(
             sa.text(
-                f"ALTER TABLE {wh.qualified(s.cdm, table.name)}"
-                f" ADD CONSTRAINT {name} PRIMARY KEY ({cols})"
+                f"ALTER TABLE {wh.qualified(s.cdm, name or table.name)}"
+                f" ADD CONSTRAINT {constraint} PRIMARY KEY ({cols})"
             )
         )
     for index in table.indexes:
         index.create(conn)
 
 
-def publish(s: Schemas, conn: sa.Connection) -> dict[str, int]:
-    """Swap every staged table into the CDM schema within `conn`'s transaction.
+def _fill(s: Schemas, conn: sa.Connection, table: sa.Table, name: str) -> None:
+    """Insert the staged rows of `table` into the CDM schema's table `name`."""
+    wh = s.wh
+    cols = ", ".join(wh.quote(c.name) for c in table.columns)
+    conn.execute(
+        sa.text(
+            f"INSERT INTO {wh.qualified(s.cdm, name)} ({cols})"
+            f" SELECT {cols} FROM {wh.qualified(s.stage, table.name)}"
+        )
+    )
+
+
+def prepare_tables(s: Schemas) -> None:
+    """DuckDB: tonight's tables filled (one commit), then keyed (another), in the CDM
+    schema as `NEXT_PREFIX<table>`, for `publish(..., prepared=True)` to swap in.
+
+    Researchers' queries name the CDM's own tables and never see these; a run that stops
+    before the swap leaves the published tables as they were (`discard_prepared`, and the
+    next run's prepare, drop the leftovers). A duplicate key fails here, before the swap."""
+    tables = published_tables()
+    md = build_metadata(s.cdm, tables=tables, indexes=False)
+    discard_prepared(s)
+    with s.wh.begin() as conn:
+        for name in tables:
+            table = md.tables[f"{s.cdm}.{name}"]
+            _create_without_keys(conn, table, NEXT_PREFIX + name)
+            _fill(s, conn, table, NEXT_PREFIX + name)
+    with s.wh.begin() as conn:
+        for name in tables:
+            _add_keys(s, conn, md.tables[f"{s.cdm}.{name}"], NEXT_PREFIX + name)
+
+
+def discard_prepared(s: Schemas) -> None:
+    """Drop what `prepare_tables` left in the CDM schema (nothing when it was swapped in)."""
+    with s.wh.begin() as conn:
+        for name in published_tables():
+            conn.execute(
+                sa.text(f"DROP TABLE IF EXISTS {s.wh.qualified(s.cdm, NEXT_PREFIX + name)}")
+            )
+
+
+def publish(s: Schemas, conn: sa.Connection, *, prepared: bool = False) -> dict[str, int]:
+    """Swap every staged table into the CDM schema within `conn`'s transaction; with
+    `prepared`, the tables `prepare_tables` filled and keyed, renamed into place.
 
     Call `publish_lineage` in the same transaction, so the lineage store always describes
     the published tables.
@@ -150,15 +202,17 @@ def publish(s: Schemas, conn: sa.Connection) -> dict[str, int]:
         # IF EXISTS, not checkfirst: SQLAlchemy's check is a catalogue query per table
         # (~25 ms each on DuckDB, a fifth of a small run's publish)
         conn.execute(sa.text(f"DROP TABLE IF EXISTS {wh.qualified(s.cdm, name)}"))
-        _create_without_keys(conn, table)
-        cols = ", ".join(wh.quote(c.name) for c in table.columns)
-        conn.execute(
-            sa.text(
-                f"INSERT INTO {wh.qualified(s.cdm, name)} ({cols})"
-                f" SELECT {cols} FROM {wh.qualified(s.stage, name)}"
+        if prepared:
+            conn.execute(
+                sa.text(
+                    f"ALTER TABLE {wh.qualified(s.cdm, NEXT_PREFIX + name)}"
+                    f" RENAME TO {wh.quote(name)}"
+                )
             )
-        )
-        _add_keys(s, conn, table)
+        else:
+            _create_without_keys(conn, table)
+            _fill(s, conn, table, name)
+            _add_keys(s, conn, table)
         counts[name] = wh.count_rows(conn, s.cdm, name)
     ids_tables = [
         t for t in sa.inspect(conn).get_table_names(schema=s.stage) if t.startswith("ids_")

@@ -47,7 +47,14 @@ from etl.pipeline.build import build_steps
 from etl.pipeline.delta import TOUCHED_PERSONS
 from etl.pipeline.land import Landing, read_file_stats, replay_into
 from etl.pipeline.lock import warehouse_lock
-from etl.pipeline.publish import publish, publish_lineage, published_counts, published_tables
+from etl.pipeline.publish import (
+    discard_prepared,
+    prepare_tables,
+    publish,
+    publish_lineage,
+    published_counts,
+    published_tables,
+)
 from etl.pipeline.schemas import Schemas
 from etl.pipeline.stage import prepare
 from etl.pseudonym import load_key
@@ -650,18 +657,34 @@ class NightlyRun:
                 frag.state["published"] = True
                 return frag.report["tables"]
             self._check_delta_bases(s)
-            with s.wh.begin() as conn:  # one transaction: CDM tables, key map, lineage
-                self._check_stamp(s, conn)
-                with frag.step("publish"):
-                    frag.report["tables_before"] = published_counts(s, conn)
-                    frag.report["tables"] = publish(s, conn)
-                if also is not None:
-                    with frag.step("publish.vocabulary"):
-                        also(s, conn)
-                with frag.step("publish.lineage"):
-                    publish_lineage(s, conn, self.run_id)
-                    publish_merges(s, conn, self.run_id)
-                s.run(conn, "DROP TABLE {S}.{t}", t=_STAMP)  # this build is spent
+            # DuckDB: tonight's tables filled and keyed beside the published ones first
+            # (etl/pipeline/publish.py), so that the swap below only renames them
+            prepared = s.wh.dialect == "duckdb"
+            try:
+                if prepared:
+                    self._check_stamp(s)
+                    with frag.step("publish.prepare"):
+                        prepare_tables(s)
+                with s.wh.begin() as conn:  # one transaction: CDM tables, key map, lineage
+                    self._check_stamp(s, conn)
+                    with frag.step("publish"):
+                        frag.report["tables_before"] = published_counts(s, conn)
+                        frag.report["tables"] = publish(s, conn, prepared=prepared)
+                    if also is not None:
+                        with frag.step("publish.vocabulary"):
+                            also(s, conn)
+                    with frag.step("publish.lineage"):
+                        publish_lineage(s, conn, self.run_id)
+                        publish_merges(s, conn, self.run_id)
+                    s.run(conn, "DROP TABLE {S}.{t}", t=_STAMP)  # this build is spent
+            except BaseException:
+                if prepared:  # nothing was swapped in: what was prepared goes
+                    try:
+                        discard_prepared(s)
+                    except Exception as exc:  # the next run's prepare drops them
+                        log.warning("run %s: could not drop its prepared tables: %s",
+                                    self.run_id, exc)  # fmt: skip
+                raise
             frag.state["published"] = True
             log.info("run %s published into %s", self.run_id, s.cdm)
             try:
