@@ -155,6 +155,13 @@ def _fill(s: Schemas, conn: sa.Connection, table: sa.Table, name: str) -> None:
     )
 
 
+def prepares_first(s: Schemas) -> bool:
+    """Whether tonight's tables are prepared (`prepare_tables`) before the swap: on DuckDB.
+    PostgreSQL builds them inside the swap: its index names are unique per schema, so two
+    copies of a table could not both carry the specification's indexes."""
+    return s.wh.dialect == "duckdb"
+
+
 def prepare_tables(s: Schemas) -> None:
     """DuckDB: tonight's tables filled (one commit), then keyed (another), in the CDM
     schema as `NEXT_PREFIX<table>`, for `publish(..., prepared=True)` to swap in.

@@ -50,6 +50,7 @@ from etl.pipeline.lock import warehouse_lock
 from etl.pipeline.publish import (
     discard_prepared,
     prepare_tables,
+    prepares_first,
     publish,
     publish_lineage,
     published_counts,
@@ -657,9 +658,9 @@ class NightlyRun:
                 frag.state["published"] = True
                 return frag.report["tables"]
             self._check_delta_bases(s)
-            # DuckDB: tonight's tables filled and keyed beside the published ones first
-            # (etl/pipeline/publish.py), so that the swap below only renames them
-            prepared = s.wh.dialect == "duckdb"
+            # DuckDB: tonight's tables filled and keyed beside the published ones first,
+            # so that the swap below only renames them
+            prepared = prepares_first(s)
             try:
                 if prepared:
                     self._check_stamp(s)
