@@ -9,7 +9,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from tests.conftest import DEMO_SYNTHEA, REPO
+from tests.conftest import DEMO_SYNTHEA, REPO, pseudonym_key_set
 from tests.pipeline_helpers import primary_keys, query, rows, run, scalar, write_config
 
 ALL_FILES = sorted(p.name for p in DEMO_SYNTHEA.glob("*.csv"))
@@ -35,11 +35,12 @@ EVENT_TABLES = {
 }
 
 
-@pytest.fixture
-def demo_run(warehouse, tmp_path: Path):
-    wh, schema = warehouse
-    config = write_config(tmp_path, wh, schema, DEMO_SYNTHEA)
-    result = run(config, tmp_path)
+@pytest.fixture(scope="module")
+def demo_run(module_warehouse):
+    """The demo published once per engine; the tests using it only read."""
+    wh, schema, workdir = module_warehouse
+    with pseudonym_key_set():
+        result = run(write_config(workdir, wh, schema, DEMO_SYNTHEA), workdir)
     assert result.status == "published", result.report["errors"]
     return wh, schema, result
 

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from etl.cli import app
 from etl.lineage import trace_row, trace_source
 from etl.pseudonym import pseudonym
-from tests.conftest import DEMO_SYNTHEA, TEST_KEY
+from tests.conftest import DEMO_SYNTHEA, TEST_KEY, pseudonym_key_set
 from tests.pipeline_helpers import columns, query, rows, run, scalar, table_names, write_config
 from tests.test_nightly_runs import _identifiers
 
@@ -38,17 +38,19 @@ def _line(path: Path, number: int) -> dict[str, str]:
     return rows(path)[number - 2]
 
 
-@pytest.fixture
-def traced(warehouse, tmp_path: Path):
-    wh, schema = warehouse
-    feed = tmp_path / "feed"
+@pytest.fixture(scope="module")
+def traced(module_warehouse):
+    """The demo feed plus two bad lines, published once per engine; the tests only read."""
+    wh, schema, workdir = module_warehouse
+    feed = workdir / "feed"
     shutil.copytree(DEMO_SYNTHEA, feed)
     with (feed / "conditions.csv").open("a", encoding="utf-8") as fh:
         patient = rows(feed / "conditions.csv")[0]["PATIENT"]
         fh.write(f"2020-13-01,,{patient},,195662009,Bad date\n")  # quarantined
         fh.write("2020-01-01,,not-a-known-patient,,195662009,Unknown\n")  # quarantined
     n_lines = len(rows(feed / "conditions.csv")) + 1
-    result = run(write_config(tmp_path, wh, schema, feed), tmp_path)
+    with pseudonym_key_set():
+        result = run(write_config(workdir, wh, schema, feed), workdir)
     assert result.status == "published", result.report["errors"]
     return wh, schema, feed, result, n_lines
 
@@ -124,9 +126,9 @@ def test_source_records_trace_forward(traced) -> None:
     assert t.rows[0]["source_code"] == code
 
 
-def test_trace_output_holds_no_identifier(traced, tmp_path: Path) -> None:
-    wh, schema, _feed, _result, n_lines = traced
-    config = tmp_path / "site.yaml"
+def test_trace_output_holds_no_identifier(traced) -> None:
+    wh, schema, feed, _result, n_lines = traced
+    config = feed.parent / "site.yaml"
     outputs = []
     for table in [*FAMILIES, "person", "condition_era", "observation_period"]:
         row_id = _some_id(wh, schema, table)
