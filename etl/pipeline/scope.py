@@ -39,6 +39,7 @@ from pathlib import Path
 import sqlalchemy as sa
 
 import etl
+from etl.cdm.build.common import LINEAGE_COLUMNS
 from etl.cdm.build.imaging import RECORD_SET as IMAGING_RECORD_SET
 from etl.cdm.spec import ATHENA_TABLES, cdm_tables
 from etl.config import SiteConfig
@@ -221,16 +222,15 @@ def splice_published(s: Schemas, conn: sa.Connection) -> dict[str, int]:
     s.run(
         conn,
         """
-        INSERT INTO {SL} (cdm_table, cdm_id, feed, source_file, source_line,
-            source_vocabulary, source_code, mapping_rule)
-        SELECT l.cdm_table, l.cdm_id, l.feed, l.source_file, l.source_line,
-               l.source_vocabulary, l.source_code, l.mapping_rule
+        INSERT INTO {SL} ({cols}) SELECT {picked}
         FROM {E}.lineage l
         WHERE l.cdm_table IN ({tables})
           AND NOT EXISTS (SELECT 1 FROM {S}.scope_row r
                           WHERE r.cdm_table = l.cdm_table AND r.id = l.cdm_id)
         """,
         tables=tables,
+        cols=", ".join(LINEAGE_COLUMNS),
+        picked=", ".join(f"l.{c}" for c in LINEAGE_COLUMNS),
     )
     # the imaging step's dispositions (series not built) of the other persons' files
     s.run(

@@ -448,8 +448,7 @@ def _merge_lineage(g: Schemas, conn: sa.Connection, sh: Schemas, k: int) -> None
     g.run(
         conn,
         """
-        INSERT INTO {SL} (cdm_table, cdm_id, feed, source_file, source_line,
-            source_vocabulary, source_code, mapping_rule)
+        INSERT INTO {SL} ({cols})
         SELECT l.cdm_table, r.new_id, l.feed, l.source_file, l.source_line,
                l.source_vocabulary, l.source_code,
                CASE WHEN l.cdm_table = 'image_feature'
@@ -464,4 +463,5 @@ def _merge_lineage(g: Schemas, conn: sa.Connection, sh: Schemas, k: int) -> None
         """,
         T=_q(sh),
         k=str(k),
+        cols=", ".join(LINEAGE_COLUMNS),
     )
