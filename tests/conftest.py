@@ -51,9 +51,7 @@ def pg_wh(pg_url: str) -> Iterator[tuple[Warehouse, str]]:
     schema = f"t_{uuid.uuid4().hex[:10]}"
     wh = open_warehouse(pg_url)
     yield wh, schema
-    with wh.begin() as conn:
-        for suffix in ("", "_vocab_stage", "_stage", "_etl"):
-            wh.drop_schema(conn, f"{schema}{suffix}")
+    drop_test_schemas(wh, schema)
     wh.close()
 
 
@@ -84,7 +82,13 @@ def module_warehouse(
     schema = f"t_{uuid.uuid4().hex[:10]}"
     wh = open_warehouse(request.getfixturevalue("pg_url"))
     yield wh, schema, workdir
+    drop_test_schemas(wh, schema)
+    wh.close()
+
+
+def drop_test_schemas(wh: Warehouse, schema: str) -> None:
+    """Drop a PostgreSQL test's CDM schema and the stage, vocabulary and ETL schemas
+    named after it."""
     with wh.begin() as conn:
         for suffix in ("", "_vocab_stage", "_stage", "_etl"):
             wh.drop_schema(conn, f"{schema}{suffix}")
-    wh.close()

@@ -6,8 +6,7 @@ import json
 import subprocess
 import sys
 import threading
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from etl.pipeline.publish import published_tables
 from etl.pipeline.run import RunResult, run_pipeline
 from etl.quality import expectations as expectations_module
 from etl.quality.checks import Check, OverRows, check_types, generate_checks
-from etl.warehouse import Warehouse, open_warehouse
+from etl.warehouse import Warehouse
 from tests.conftest import DEMO_SYNTHEA, REPO, TEST_KEY
 from tests.pipeline_helpers import run, table_names, write_config
 from tests.test_nightly_runs import snapshot
@@ -116,15 +115,9 @@ class Published:
     ge_threads: list[str]  # the threads Great Expectations validated in
 
 
-@pytest.fixture(
-    scope="module", params=["duckdb", pytest.param("postgresql", marks=pytest.mark.postgres)]
-)
-def published(request, tmp_path_factory, pg_url) -> Iterator[Published]:
-    workdir = tmp_path_factory.mktemp(f"gate_{request.param}")
-    if request.param == "duckdb":
-        wh, schema = open_warehouse(f"duckdb:///{workdir / 'warehouse.duckdb'}"), "main"
-    else:
-        wh, schema = open_warehouse(pg_url), f"t_{uuid.uuid4().hex[:10]}"
+@pytest.fixture(scope="module")
+def published(module_warehouse) -> Published:
+    wh, schema, workdir = module_warehouse
     ge_threads: list[str] = []
     validate = expectations_module.run_expectations
 
@@ -140,12 +133,7 @@ def published(request, tmp_path_factory, pg_url) -> Iterator[Published]:
     assert result.status == "published", result.report["errors"]
     with wh.engine.connect() as conn:
         key_map = conn.execute(sa.text(f'SELECT count(*) FROM "{schema}_etl".key_map')).scalar()
-    yield Published(wh, schema, config, workdir, result, snapshot(wh, schema), key_map, ge_threads)
-    if request.param == "postgresql":
-        with wh.begin() as conn:
-            for suffix in ("", "_vocab_stage", "_stage", "_etl"):
-                wh.drop_schema(conn, f"{schema}{suffix}")
-    wh.close()
+    return Published(wh, schema, config, workdir, result, snapshot(wh, schema), key_map, ge_threads)
 
 
 def test_demo_passes_its_gate_with_every_check_type(published: Published) -> None:
