@@ -14,6 +14,7 @@ import pytest
 import sqlalchemy as sa
 import yaml
 
+from etl.cdm.spec import cdm_tables
 from etl.config import load_config
 from etl.pipeline.publish import published_tables
 from etl.pipeline.run import RunResult, run_pipeline
@@ -167,7 +168,11 @@ def test_demo_passes_its_gate_with_every_check_type(published: Published) -> Non
         for p in (result.run_dir / "gx" / "uncommitted" / "validations").rglob("*.json")
     ]
     suites = {r["suite_name"] for r in stored}
-    assert suites == {f"cdm.{t}" for t in {c["table"] for c in expectations}}
+    validated = {c["table"] for c in expectations}
+    if published.wh.dialect == "duckdb":  # the column set apart, on an empty frame
+        assert suites == {f"cdm.{t}" for t in validated} | {f"cdm.{t}.schema" for t in validated}
+    else:
+        assert suites == {f"cdm.{t}" for t in validated}
     assert all("pandas_data_fingerprint" not in r["meta"]["batch_markers"] for r in stored)
     # GE validated in its own thread, beside the DQD checks, not after them
     assert len(published.ge_threads) == 1
@@ -381,10 +386,14 @@ def test_great_expectations_suites_count_every_row_across_partitions(
     from etl.quality.standalone import InPlace
 
     formats: list[str] = []
+    frames: list[tuple[str, str, int, list[str]]] = []  # (suite, format, rows, columns)
     validate = gx.ValidationDefinition.run
 
     def spy(self, *args, **kwargs):  # type: ignore[no-untyped-def]
         formats.append(kwargs["result_format"])
+        frame = (kwargs.get("batch_parameters") or {}).get("dataframe")
+        if frame is not None:
+            frames.append((self.suite.name, formats[-1], len(frame), list(frame.columns)))
         return validate(self, *args, **kwargs)
 
     monkeypatch.setattr(gx.ValidationDefinition, "run", spy)
@@ -419,10 +428,46 @@ def test_great_expectations_suites_count_every_row_across_partitions(
     if wh.dialect == "duckdb":  # passing partitions once; failing ones again, with counts
         assert formats.count("BOOLEAN_ONLY") >= 2
         assert 1 <= formats.count("BASIC") < formats.count("BOOLEAN_ONLY")
+        # the column set on an empty frame of every column; the partitions hold only the
+        # columns the column expectations read, and every row once
+        spec = cdm_tables()["person"]
+        empty = [(n, cols == list(spec.column_names)) for n, _, rows, cols in frames if not rows]
+        assert empty == [("cdm.person.schema", True)]
+        read = {f.name for f in spec.fields if f.required or f.varchar_length} | {"person_id"}
+        parts = [(f, rows, cols) for n, f, rows, cols in frames if n == "cdm.person"]
+        assert "birth_datetime" not in read and all(set(cols) == read for *_, cols in parts)
+        assert sum(rows for f, rows, _ in parts if f == "BOOLEAN_ONLY") == 10
     else:
         assert formats == ["BASIC"]
     # the partitions' Parquet spill (DuckDB) is gone once the suite has run
     assert not list(tmp_path.glob("ge-*"))
+
+
+def test_a_column_the_specification_lacks_fails_the_column_set(warehouse, tmp_path) -> None:
+    """A table with a column the CDM specification does not name fails GE's column-set
+    expectation once, over the table's rows, while its column expectations still pass."""
+    from etl.cdm.schema import create_cdm
+    from etl.quality.expectations import generate_expectations, run_expectations
+    from etl.quality.standalone import InPlace
+
+    wh, schema = warehouse
+    create_cdm(wh, schema, tables=["person"], constraints=False)
+    with wh.begin() as conn:
+        conn.execute(sa.text(f'ALTER TABLE "{schema}".person ADD COLUMN patient_name TEXT'))
+        for i in (1, 2, 3):
+            conn.execute(sa.text(
+                f'INSERT INTO "{schema}".person (person_id, gender_concept_id, year_of_birth,'
+                f" race_concept_id, ethnicity_concept_id) VALUES ({i}, 8507, 1970, 0, 0)"
+            ))  # fmt: skip
+    result = run_expectations(
+        InPlace(wh, schema), generate_expectations(["person"]), {"person": 3}, tmp_path,
+        chunk_rows=2,
+    )  # fmt: skip
+    by_key = {c["key"]: c for c in result.checks}
+    columns = by_key["ge.expect_table_columns_to_match_set.person"]
+    assert (columns["passed"], columns["violating_rows"], columns["total_rows"]) == (False, 1, 3)
+    unique = by_key["ge.expect_column_values_to_be_unique.person.person_id"]
+    assert (unique["passed"], unique["total_rows"]) == (True, 3)
 
 
 def test_checks_run_in_batches_and_a_broken_check_fails_alone(warehouse, monkeypatch) -> None:
