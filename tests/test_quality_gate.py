@@ -373,6 +373,38 @@ def test_quality_run_on_a_warehouse_built_elsewhere(warehouse, tmp_path: Path) -
     assert {"CheckResults", "Metadata", "Overview", "startTimestamp"} <= set(dqd)
 
 
+def _persons_validated(
+    warehouse: tuple[Warehouse, str],
+    tmp_path: Path,
+    rows: list[str],
+    *,
+    chunk_rows: int,
+    extra: str | None = None,
+):  # type: ignore[no-untyped-def]
+    """The GE suites' result on a person table of `rows` ('person_id, gender_concept_id,
+    person_source_value' each; born 1970, race and ethnicity 0), in partitions of
+    `chunk_rows`; with `extra`, the table has that text column the spec does not name."""
+    from etl.cdm.schema import create_cdm
+    from etl.quality.expectations import generate_expectations, run_expectations
+    from etl.quality.standalone import InPlace
+
+    wh, schema = warehouse
+    create_cdm(wh, schema, tables=["person"], constraints=False)
+    with wh.begin() as conn:
+        if extra:
+            conn.execute(sa.text(f'ALTER TABLE "{schema}".person ADD COLUMN {extra} TEXT'))
+        for row in rows:
+            conn.execute(sa.text(
+                f'INSERT INTO "{schema}".person (person_id, gender_concept_id,'
+                " person_source_value, year_of_birth, race_concept_id, ethnicity_concept_id)"
+                f" VALUES ({row}, 1970, 0, 0)"
+            ))  # fmt: skip
+    return run_expectations(
+        InPlace(wh, schema), generate_expectations(["person"]), {"person": len(rows)}, tmp_path,
+        chunk_rows=chunk_rows,
+    )  # fmt: skip
+
+
 def test_great_expectations_suites_count_every_row_across_partitions(
     warehouse, tmp_path, monkeypatch
 ) -> None:
@@ -380,10 +412,6 @@ def test_great_expectations_suites_count_every_row_across_partitions(
     duplicate key still lands in one partition and counts match the whole table's. A
     partition is validated for success alone, and with counts only when it fails."""
     import great_expectations as gx
-
-    from etl.cdm.schema import create_cdm
-    from etl.quality.expectations import generate_expectations, run_expectations
-    from etl.quality.standalone import InPlace
 
     formats: list[str] = []
     frames: list[tuple[str, str, int, list[str]]] = []  # (suite, format, rows, columns)
@@ -398,21 +426,13 @@ def test_great_expectations_suites_count_every_row_across_partitions(
 
     monkeypatch.setattr(gx.ValidationDefinition, "run", spy)
 
-    wh, schema = warehouse
+    wh = warehouse[0]
     long = wh.dialect == "duckdb"  # PostgreSQL itself refuses text longer than varchar(n)
-    create_cdm(wh, schema, tables=["person"], constraints=False)
-    with wh.begin() as conn:
-        for i in [1, 2, 3, 4, 5, 6, 6, 7, 8, 9]:
-            gender = "NULL" if i == 4 else "8507"
-            conn.execute(sa.text(
-                f'INSERT INTO "{schema}".person (person_id, gender_concept_id, year_of_birth,'
-                f" race_concept_id, ethnicity_concept_id, person_source_value)"
-                f" VALUES ({i}, {gender}, 1970, 0, 0, '{'x' * (60 if i == 9 and long else 5)}')"
-            ))  # fmt: skip
-    result = run_expectations(
-        InPlace(wh, schema), generate_expectations(["person"]), {"person": 10}, tmp_path,
-        chunk_rows=3,
-    )  # fmt: skip
+    rows = [
+        f"{i}, {'NULL' if i == 4 else 8507}, '{'x' * (60 if i == 9 and long else 5)}'"
+        for i in [1, 2, 3, 4, 5, 6, 6, 7, 8, 9]
+    ]
+    result = _persons_validated(warehouse, tmp_path, rows, chunk_rows=3)
     by_key = {c["key"]: c for c in result.checks}
     unique = by_key["ge.expect_column_values_to_be_unique.person.person_id"]
     assert (unique["passed"], unique["violating_rows"], unique["total_rows"]) == (False, 2, 10)
@@ -446,23 +466,8 @@ def test_great_expectations_suites_count_every_row_across_partitions(
 def test_a_column_the_specification_lacks_fails_the_column_set(warehouse, tmp_path) -> None:
     """A table with a column the CDM specification does not name fails GE's column-set
     expectation once, over the table's rows, while its column expectations still pass."""
-    from etl.cdm.schema import create_cdm
-    from etl.quality.expectations import generate_expectations, run_expectations
-    from etl.quality.standalone import InPlace
-
-    wh, schema = warehouse
-    create_cdm(wh, schema, tables=["person"], constraints=False)
-    with wh.begin() as conn:
-        conn.execute(sa.text(f'ALTER TABLE "{schema}".person ADD COLUMN patient_name TEXT'))
-        for i in (1, 2, 3):
-            conn.execute(sa.text(
-                f'INSERT INTO "{schema}".person (person_id, gender_concept_id, year_of_birth,'
-                f" race_concept_id, ethnicity_concept_id) VALUES ({i}, 8507, 1970, 0, 0)"
-            ))  # fmt: skip
-    result = run_expectations(
-        InPlace(wh, schema), generate_expectations(["person"]), {"person": 3}, tmp_path,
-        chunk_rows=2,
-    )  # fmt: skip
+    rows = [f"{i}, 8507, NULL" for i in (1, 2, 3)]
+    result = _persons_validated(warehouse, tmp_path, rows, chunk_rows=2, extra="patient_name")
     by_key = {c["key"]: c for c in result.checks}
     columns = by_key["ge.expect_table_columns_to_match_set.person"]
     assert (columns["passed"], columns["violating_rows"], columns["total_rows"]) == (False, 1, 3)
