@@ -127,6 +127,8 @@ def test_duckdb_build_stores_its_digest_columns_uncompressed(tmp_path: Path) -> 
     for table, column in uncompressed.items():
         assert f"{column} VARCHAR USING COMPRESSION Uncompressed" in found[table], table
         assert found[table].count("USING COMPRESSION") == 1, table
+    # the rowids an event table's ids were joined back on are gone once its rows are in
+    assert "source_row" not in found["ids_condition_occurrence"]
     # a claim line's own key is not kept past the rules: that table is written as before
     assert "USING COMPRESSION" not in found["cost_line_ok"]
     assert ("record_key", "Uncompressed") in storage

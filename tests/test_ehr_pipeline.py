@@ -219,9 +219,20 @@ def test_postgres_and_duckdb_give_identical_results(duckdb_wh, pg_wh, tmp_path: 
                     f" FROM {_t(schema, table)}",
                 )
             )
-        results[name] = (result.report["tables"], concepts)
+        # each event row traced to its own source line (DuckDB joins ids back by rowid)
+        tables = ", ".join(f"'{t}'" for t in EVENT_TABLES)
+        lineage = sorted(
+            query(
+                wh,
+                "SELECT cdm_table, cdm_id, source_file, source_line, source_code, mapping_rule"
+                f" FROM {_t(schema + '_etl', 'lineage')} WHERE cdm_table IN ({tables})",
+            )
+        )
+        results[name] = (result.report["tables"], concepts, lineage)
     assert results["duckdb"][0] == results["postgresql"][0]
     assert results["duckdb"][1] == results["postgresql"][1]
+    assert len(results["duckdb"][2]) >= sum(len(rows) for rows in results["duckdb"][1].values())
+    assert results["duckdb"][2] == results["postgresql"][2]
 
 
 def test_parquet_extracts_read_like_csv(duckdb_wh, tmp_path: Path) -> None:

@@ -75,44 +75,68 @@ def create_table_as(
     conn.execute(sa.text(s.sql(f"INSERT INTO {{S}}.{table} ") + select), params or {})
 
 
-def assign_ids(s: Schemas, conn: sa.Connection, cdm_table: str, natural_keys_sql: str) -> str:
+def assign_ids(
+    s: Schemas,
+    conn: sa.Connection,
+    cdm_table: str,
+    natural_keys_sql: str,
+    *,
+    source_row: bool = False,
+) -> str:
     """Map every natural key `natural_keys_sql` yields to a stable integer id.
 
     Known keys keep their id from the persistent key map; new keys get the next ids in
     natural-key order (deterministic, so two engines given the same input agree).
     Creates and returns the stage table `ids_<cdm_table>(natural_key, id, is_new)`; the
     new keys join the key map only when the run publishes.
+
+    `source_row`: the query also yields `source_row`, the DuckDB rowid of the row each key
+    comes from (one key per row), and the ids table keeps it after `is_new`, so the
+    caller joins its rows back on an integer instead of rebuilding and hashing the key
+    text. A rowid holds only within the transaction that read it: join back in the same
+    transaction, then `forget_source_rows`.
     """
     target = f"ids_{cdm_table}"
     s.run(conn, "DROP TABLE IF EXISTS {S}.{target}", target=target)
+    row = ", source_row" if source_row else ""
     create_table_as(
         s,
         conn,
         target,
         """
-        WITH n AS (SELECT DISTINCT natural_key FROM ({keys}) q WHERE natural_key IS NOT NULL),
+        WITH n AS (
+            SELECT {distinct} natural_key{row} FROM ({keys}) q WHERE natural_key IS NOT NULL
+        ),
         known AS (
-            SELECT n.natural_key, k.id FROM n
+            SELECT n.natural_key, k.id{row} FROM n
             JOIN {E}.key_map k ON k.cdm_table = :t AND k.natural_key = n.natural_key
         ),
         fresh AS (
-            SELECT n.natural_key FROM n
+            SELECT n.natural_key{row} FROM n
             WHERE NOT EXISTS (
                 SELECT 1 FROM {E}.key_map k WHERE k.cdm_table = :t AND k.natural_key = n.natural_key
             )
         ),
         base AS (SELECT coalesce(max(id), 0) AS top FROM {E}.key_map WHERE cdm_table = :t)
-        SELECT natural_key, id, FALSE AS is_new FROM known
+        SELECT natural_key, id, FALSE AS is_new{row} FROM known
         UNION ALL
-        SELECT f.natural_key,
-               CAST(b.top + row_number() OVER (ORDER BY f.natural_key) AS INTEGER), TRUE
+        SELECT natural_key,
+               CAST(b.top + row_number() OVER (ORDER BY natural_key) AS INTEGER), TRUE{row}
         FROM fresh f CROSS JOIN base b
         """,
         {"t": cdm_table},
         uncompressed=("natural_key",),
         keys=s.sql(natural_keys_sql),
+        row=row,
+        distinct="" if source_row else "DISTINCT",  # a row gives one key
     )
     return target
+
+
+def forget_source_rows(s: Schemas, conn: sa.Connection, ids_table: str) -> None:
+    """Drop the `source_row` column `assign_ids(..., source_row=True)` gave `ids_table`:
+    rowids mean nothing outside the transaction that read them."""
+    s.run(conn, "ALTER TABLE {S}.{ids} DROP COLUMN source_row", ids=ids_table)
 
 
 def insert_rows(
