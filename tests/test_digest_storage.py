@@ -8,8 +8,10 @@ import datetime as dt
 from decimal import Decimal
 from pathlib import Path
 
+import pytest
 import sqlalchemy as sa
 
+from etl.cdm.build import events
 from etl.cdm.build.common import create_table_as
 from etl.pipeline.schemas import Schemas
 from etl.pseudonym import pseudonym
@@ -86,12 +88,23 @@ def test_create_table_as_keeps_rows_and_types_and_stores_digests_uncompressed(
         assert sorted(persistence) == [("digests", "u"), ("plain", "u")]
 
 
-def test_duckdb_build_stores_its_digest_columns_uncompressed(tmp_path: Path) -> None:
+def test_duckdb_build_stores_its_digest_columns_uncompressed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The demo's DuckDB stage, as the gate finds it: the records' own keys, the events'
-    record keys and every natural key are stored uncompressed, other text is not."""
+    record keys and every natural key are stored uncompressed, other text is not. Each
+    event table's ids carried their rows' rowids while the events step joined them back."""
     wh = open_warehouse(f"duckdb:///{tmp_path / 'warehouse.duckdb'}")
     found: dict[str, str] = {}
     storage: set[tuple[str, str]] = set()
+    linked: dict[str, str] = {}  # ids table -> its DDL just before the rowids are dropped
+    forget = events.forget_source_rows
+
+    def spy(s: Schemas, conn: sa.Connection, ids_table: str) -> None:
+        linked[ids_table] = _ddl(conn, s.stage, ids_table)
+        forget(s, conn, ids_table)
+
+    monkeypatch.setattr(events, "forget_source_rows", spy)
 
     def inspect(step: str) -> None:
         if step != "gate":
@@ -129,6 +142,8 @@ def test_duckdb_build_stores_its_digest_columns_uncompressed(tmp_path: Path) -> 
         assert found[table].count("USING COMPRESSION") == 1, table
     # the rowids an event table's ids were joined back on are gone once its rows are in
     assert "source_row" not in found["ids_condition_occurrence"]
+    assert set(linked) == {f"ids_{t}" for t in events.TABLE_COLUMNS}
+    assert all("source_row BIGINT" in ddl for ddl in linked.values()), linked
     # a claim line's own key is not kept past the rules: that table is written as before
     assert "USING COMPRESSION" not in found["cost_line_ok"]
     assert ("record_key", "Uncompressed") in storage

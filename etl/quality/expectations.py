@@ -317,8 +317,9 @@ def _partitions(
     parts = max(1, math.ceil(rows / chunk_rows))
     selected = ", ".join(s.wh.quote(c) for c in columns)
     if parts == 1:
-        with s.wh.begin() as conn:
-            yield s.wh.fetch_arrow(conn, s.sql(f"SELECT {selected} FROM {{S}}.{table}"))
+        with s.wh.begin() as conn:  # read, then given back: no connection held meanwhile
+            frame = s.wh.fetch_arrow(conn, s.sql(f"SELECT {selected} FROM {{S}}.{table}"))
+        yield frame
         return
     spec = cdm_tables()[table]
     key = spec.primary_key[0] if len(spec.primary_key) == 1 else "rowid"

@@ -120,8 +120,8 @@ def assign_ids(
         base AS (SELECT coalesce(max(id), 0) AS top FROM {E}.key_map WHERE cdm_table = :t)
         SELECT natural_key, id, FALSE AS is_new{row} FROM known
         UNION ALL
-        SELECT natural_key,
-               CAST(b.top + row_number() OVER (ORDER BY natural_key) AS INTEGER), TRUE{row}
+        SELECT f.natural_key,
+               CAST(b.top + row_number() OVER (ORDER BY f.natural_key) AS INTEGER), TRUE{row}
         FROM fresh f CROSS JOIN base b
         """,
         {"t": cdm_table},
