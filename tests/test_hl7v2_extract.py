@@ -269,20 +269,19 @@ def test_a_parsed_row_without_a_kind_stays_a_result(monkeypatch) -> None:
 
     from etl.sources.hl7v2 import extract as hl7_extract
 
-    real = hl7_extract.read_file
+    real = hl7_extract.read_files
 
-    def without_kind(*job):  # type: ignore[no-untyped-def]
-        stats, table, quarantine = real(*job)
-        is_result = pc.equal(table["kind"], "result")
-        kind = pc.if_else(is_result, pa.scalar(None, pa.string()), table["kind"])
-        return (
-            stats,
-            table.set_column(table.schema.get_field_index("kind"), "kind", kind),
-            quarantine,
-        )
+    def without_kind(feed, jobs):  # type: ignore[no-untyped-def]
+        out = []
+        for stats, table, quarantine in real(feed, jobs):
+            is_result = pc.equal(table["kind"], "result")
+            kind = pc.if_else(is_result, pa.scalar(None, pa.string()), table["kind"])
+            table = table.set_column(table.schema.get_field_index("kind"), "kind", kind)
+            out.append((stats, table, quarantine))
+        return out
 
     before_files, before = extract(DATA)
-    monkeypatch.setattr(hl7_extract, "read_file", without_kind)
+    monkeypatch.setattr(hl7_extract, "read_files", without_kind)
     after_files, after = extract(DATA)
     assert len(rows(after)) == len(rows(before)) > 0
     assert [(f.extracted, f.filtered) for f in after_files] == [

@@ -1,9 +1,11 @@
 """The lab feed: a folder of HL7 v2 files (ORU^R01 results) -> canonical lab events.
 
-Messages are parsed one by one (hl7apy); everything after parsing is set-based in DuckDB
-over one Arrow table of the feed's results: pseudonyms, result identity, and the status
-rules (a correction replaces, a cancellation removes, a preliminary result counts only
-while no final one exists), so a correction in tomorrow's file still wins over today's.
+Files are framed into messages (framing.py); the plain messages of about 8 MiB of files
+are read together in one DuckDB query (bulk.py), any other message one by one (message.py,
+hl7apy); both give the same rows. Everything after is set-based in DuckDB over one Arrow
+table of the feed's results: pseudonyms, result identity, and the status rules (a
+correction replaces, a cancellation removes, a preliminary result counts only while no
+final one exists), so a correction in tomorrow's file still wins over today's.
 
 Accounting per file: records_in = OBX (results) and SPM (specimens) segments + 1 for each
 message with neither (or rejected with none); each ends as an event, a quarantine row
@@ -16,13 +18,15 @@ import logging
 import multiprocessing
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import duckdb
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from etl import canonical
@@ -30,7 +34,8 @@ from etl.config import FeedConfig
 from etl.pseudonym import duckdb_pseudonym_sql as pseudo
 from etl.pseudonym import install_duckdb_macro
 from etl.sources.ehr import FileStats, RecordSink
-from etl.sources.hl7v2.framing import split_messages
+from etl.sources.hl7v2.bulk import PlainRows, read_plain
+from etl.sources.hl7v2.framing import RawMessage, split_messages
 from etl.sources.hl7v2.message import parse
 from etl.sql_text import sql_literal
 
@@ -44,6 +49,7 @@ CANCELLED = ("X", "D", "W")  # cancelled, deleted, posted as wrong: the result g
 GENDER_VOCABULARY = "HL7_SEX"  # mappings/local/hl7v2.csv
 WORKERS_ENV = "OMOP_ETL_HL7_WORKERS"  # processes parsing files (default: by feed size)
 PARALLEL_BYTES = 8 * 2**20  # a feed this large is parsed in several processes
+CHUNK_BYTES = 8 * 2**20  # files read together: one bulk query (bulk.py) per chunk
 
 RESULT = pa.schema(
     [
@@ -116,11 +122,17 @@ class _FileReader:
         self.stats.records_in += n
         self.stats.filtered[rule] = self.stats.filtered.get(rule, 0) + n
 
-    def read(self, data: bytes) -> None:
-        if not data.strip():
-            self.stats.message = "empty file"
-            return
-        for raw in split_messages(data):
+    def read(self, messages: list[RawMessage], plain: dict[int, int]) -> dict[int, int]:
+        """Account for every message; parse those not in `plain` (message number -> its
+        rows, read by bulk.py). Returns the line before each plain message's first row."""
+        before: dict[int, int] = {}
+        for raw in messages:
+            n = plain.get(raw.number)
+            if n is not None:
+                before[raw.number] = self.line
+                self.line += n
+                self.stats.records_in += n
+                continue
             parsed = parse(raw)
             for note in (raw.note, parsed.note):
                 if note:
@@ -147,6 +159,29 @@ class _FileReader:
                 self.rows.append(row)
         if self.notes:
             self.stats.message = "; ".join(sorted(self.notes))
+        return before
+
+    def table(self, plain: pa.Table | None, before: dict[int, int]) -> pa.Table:
+        """The file's result rows in file order: those parsed here and `plain`'s (the
+        rows of this file's plain messages, numbered by `before`)."""
+        parsed = pa.Table.from_pylist(self.rows, schema=RESULT)
+        if plain is None or not before:
+            return parsed
+        numbers = plain["message"].to_numpy()
+        offsets = np.zeros(max(before) + 1, np.int64)
+        offsets[list(before)] = list(before.values())
+        lines = offsets[numbers] + plain["ordinal"].to_numpy()
+        n = plain.num_rows
+        columns = {
+            "file_idx": pa.repeat(pa.scalar(self.idx, pa.int32()), n),
+            "source_file": pa.repeat(pa.scalar(self.rel, pa.string()), n),
+            "source_line": pa.array(lines, pa.int64()),
+        }
+        bulk = pa.table(
+            [columns[f.name] if f.name in columns else plain[f.name] for f in RESULT],
+            schema=RESULT,
+        )
+        return pa.concat_tables([parsed, bulk]).sort_by("source_line")
 
     def fail(self, reason: str) -> None:
         """An unexpected error: the whole file is quarantined (one record per message)."""
@@ -168,16 +203,70 @@ class _FileReader:
         )
 
 
-def read_file(feed: str, idx: int, rel: str, path: Path) -> tuple[FileStats, pa.Table, pa.Table]:
-    """Parse one file: its stats, result rows (RESULT) and quarantine rows. Never raises."""
-    reader = _FileReader(feed, idx, rel)
+def read_files(
+    feed: str, jobs: Sequence[tuple[int, str, Path]]
+) -> list[tuple[FileStats, pa.Table, pa.Table]]:
+    """Parse files (index, relative name, path): for each, its stats, result rows (RESULT)
+    and quarantine rows. Their plain messages are read together, set-based (bulk.py), the
+    others one by one (message.py). Never raises."""
+    readers: list[_FileReader] = []
+    framed: list[list[RawMessage]] = []
+    for idx, rel, path in jobs:
+        reader = _FileReader(feed, idx, rel)
+        messages: list[RawMessage] = []
+        try:
+            data = path.read_bytes()
+            if data.strip():
+                messages = split_messages(data)
+            else:
+                reader.stats.message = "empty file"
+        except Exception as exc:  # one bad file never stops the run
+            reader.fail(f"file cannot be read: {type(exc).__name__}: {exc}")
+        readers.append(reader)
+        framed.append(messages)
+    plain = _read_plain(feed, framed)
+    counts: list[dict[int, int]] = [{} for _ in jobs]
+    for (file, number), n in plain.counts.items():
+        counts[file][number] = n
+    out = []
+    for i, (reader, messages) in enumerate(zip(readers, framed, strict=True)):
+        try:
+            before = reader.read(messages, counts[i])
+            mine = plain.table.filter(pc.equal(plain.table["file"], i)) if before else None
+            table = reader.table(mine, before)
+        except Exception as exc:  # one bad file never stops the run
+            reader.fail(f"file cannot be read: {type(exc).__name__}: {exc}")
+            table = RESULT.empty_table()
+        out.append((reader.stats, table, reader.quarantine_table()))
+    return out
+
+
+def _read_plain(feed: str, framed: list[list[RawMessage]]) -> PlainRows:
+    """The plain messages' rows (bulk.py); none when the bulk reader fails, so that every
+    message is parsed one by one (the same rows, more slowly) rather than lost."""
     try:
-        reader.read(path.read_bytes())
-        table = pa.Table.from_pylist(reader.rows, schema=RESULT)
-    except Exception as exc:  # one bad file never stops the run
-        reader.fail(f"file cannot be read: {type(exc).__name__}: {exc}")
-        table = RESULT.empty_table()
-    return reader.stats, table, reader.quarantine_table()
+        return read_plain(framed)
+    except Exception as exc:
+        log.warning(
+            "%s: bulk reading failed (%s: %s); parsing every message one by one",
+            feed,
+            type(exc).__name__,
+            exc,
+        )
+        return PlainRows({}, pa.table({}))
+
+
+def _chunks(jobs: list[tuple[str, int, str, Path]]) -> list[list[tuple[int, str, Path]]]:
+    """Consecutive files in groups of about CHUNK_BYTES: one bulk query per group."""
+    chunks: list[list[tuple[int, str, Path]]] = []
+    size = CHUNK_BYTES
+    for _, idx, rel, path in jobs:
+        if size >= CHUNK_BYTES:
+            chunks.append([])
+            size = 0
+        chunks[-1].append((idx, rel, path))
+        size += path.stat().st_size
+    return chunks
 
 
 def _workers(paths: list[Path]) -> int:
@@ -194,20 +283,22 @@ def _read_all(
     feed: str, root: Path, paths: list[Path]
 ) -> Iterator[tuple[FileStats, pa.Table, pa.Table]]:
     """Every file parsed, in file order; in worker processes when the feed is large
-    (hl7apy's parsing is the cost; the result does not depend on the number of workers)."""
+    (reading is the cost; the result does not depend on the number of workers or chunks)."""
     jobs = [
         (feed, idx, p.relative_to(root).as_posix() if p != root else p.name, p)
         for idx, p in enumerate(paths)
     ]
     workers = _workers(paths)
+    chunks = _chunks(jobs)
     if workers > 1:
         log.info("%s: parsing %d file(s) in %d processes", feed, len(jobs), workers)
         context = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-            yield from pool.map(read_file, *zip(*jobs, strict=True))
+            for results in pool.map(read_files, [feed] * len(chunks), chunks):
+                yield from results
         return
-    for job in jobs:
-        yield read_file(*job)
+    for chunk in chunks:
+        yield from read_files(feed, chunk)
 
 
 def extract_hl7(
