@@ -102,8 +102,9 @@ def split_messages(data: bytes) -> list[RawMessage]:
         else:
             current.append(seg)
     messages = []
+    nul = b"\x00" in data  # one search of the file, not one per segment
     for number, segs in enumerate(chunks, start=1):
-        if any(b"\x00" in s for s in segs):
+        if nul and any(b"\x00" in s for s in segs):
             text = b"\r".join(segs).decode("latin-1").replace("\x00", "")
             messages.append(_message(number, text, error="contains NUL bytes"))
             continue
