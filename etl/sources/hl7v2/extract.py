@@ -1,8 +1,8 @@
 """The lab feed: a folder of HL7 v2 files (ORU^R01 results) -> canonical lab events.
 
 Files are framed into messages (framing.py); the plain messages of about 8 MiB of files
-are read together in one DuckDB query (bulk.py), any other message one by one (message.py,
-hl7apy); both give the same rows. Everything after is set-based in DuckDB over one Arrow
+are read together in DuckDB (bulk.py), any other message one by one (message.py, hl7apy);
+both give the same rows. Everything after is set-based in DuckDB over one Arrow
 table of the feed's results: pseudonyms, result identity, and the status rules (a
 correction replaces, a cancellation removes, a preliminary result counts only while no
 final one exists), so a correction in tomorrow's file still wins over today's.
@@ -49,7 +49,7 @@ CANCELLED = ("X", "D", "W")  # cancelled, deleted, posted as wrong: the result g
 GENDER_VOCABULARY = "HL7_SEX"  # mappings/local/hl7v2.csv
 WORKERS_ENV = "OMOP_ETL_HL7_WORKERS"  # processes parsing files (default: by feed size)
 PARALLEL_BYTES = 8 * 2**20  # a feed this large is parsed in several processes
-CHUNK_BYTES = 8 * 2**20  # files read together: one bulk query (bulk.py) per chunk
+CHUNK_BYTES = 8 * 2**20  # files read together: one bulk read (bulk.py) per chunk
 
 RESULT = pa.schema(
     [
@@ -257,7 +257,7 @@ def _read_plain(feed: str, framed: list[list[RawMessage]]) -> PlainRows:
 
 
 def _chunks(jobs: list[tuple[str, int, str, Path]]) -> list[list[tuple[int, str, Path]]]:
-    """Consecutive files in groups of about CHUNK_BYTES: one bulk query per group."""
+    """Consecutive files in groups of about CHUNK_BYTES: one bulk read per group."""
     chunks: list[list[tuple[int, str, Path]]] = []
     size = CHUNK_BYTES
     for _, idx, rel, path in jobs:
