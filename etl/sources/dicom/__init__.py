@@ -2,11 +2,11 @@
 
 Files are read one by one (pydicom, pixel data never loaded; a large feed's files in
 several processes); everything after that is set-based: the instance headers of the whole
-run form one Arrow table that DuckDB groups
-into studies (one `event` each, the imaging procedure) and series (`image` rows, one per
-instance file), and coded findings of structured reports and segmentations become
-`event` + `image_feature` records. Patient ids and record keys are pseudonymised inside
-the same queries; identifying tags are never read.
+run form one Arrow table that DuckDB groups into studies (one `event` each, the imaging
+procedure) and series (`image` rows, one per instance file), and coded findings of
+structured reports and segmentations become `event` + `image_feature` records. Patient
+ids and record keys are pseudonymised inside the same queries; identifying tags are never
+read.
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ def _workers(n_files: int) -> int:
 
 def _read_all(feed: str, files: list[tuple[Path, str]]) -> Iterator[Instance | str]:
     """`read_files` over every file, in order; in worker processes when the feed is large
-    (pydicom's parsing, about 1.7 ms a header, is the cost; the result does not depend
+    (pydicom's parsing, 1.3-1.7 ms a header, is the cost; the result does not depend
     on the number of workers)."""
     chunks = [files[i : i + CHUNK_FILES] for i in range(0, len(files), CHUNK_FILES)]
     workers = _workers(len(files))
