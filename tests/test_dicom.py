@@ -54,7 +54,9 @@ def test_every_file_is_loaded_or_quarantined_with_a_reason(tmp_path: Path) -> No
     assert files["pydicom/liver_1frame.dcm"].records_in == 2
 
 
-def test_reading_in_worker_processes_gives_the_same_extract(tmp_path: Path, monkeypatch) -> None:
+def test_reading_in_worker_processes_gives_the_same_extract(
+    tmp_path: Path, monkeypatch, caplog
+) -> None:
     """A large feed's headers are read in worker processes, a chunk of files each: the
     same records, quarantine and accounting, in the same order, as in one process."""
     import etl.sources.dicom as dicom
@@ -63,7 +65,9 @@ def test_reading_in_worker_processes_gives_the_same_extract(tmp_path: Path, monk
     one_stats, one = _extract(tmp_path)
     monkeypatch.setenv(dicom.WORKERS_ENV, "2")
     monkeypatch.setattr(dicom, "CHUNK_FILES", 3)  # 11 files: four chunks
-    stats, sink = _extract(tmp_path)
+    with caplog.at_level("INFO", logger="etl.sources.dicom"):
+        stats, sink = _extract(tmp_path)
+    assert "reading 11 file(s) in 2 processes" in caplog.text  # the workers did read
     assert stats == one_stats
     assert sorted(sink.tables) == sorted(one.tables)
     for shape in one.tables:

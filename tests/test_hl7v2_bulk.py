@@ -245,3 +245,20 @@ def test_fuzzed_files_give_the_same_extract_both_ways(data: bytes) -> None:
         path = Path(tmp) / "m.hl7"
         path.write_bytes(data)
         _assert_same(*_both_ways([path], monkeypatch))
+
+
+def test_a_failed_bulk_read_is_read_one_by_one_and_logs_no_field(monkeypatch, caplog) -> None:
+    """Should the bulk queries fail, every message is still read (by message.py), and the
+    warning names the error's type only: a DuckDB error's text can quote a field value."""
+    paths = sorted((REPO / "demo" / "lab").glob("oru_*.hl7"))
+    jobs = [(i, p.name, p) for i, p in enumerate(paths)]
+    expected = hl7_extract.read_files("lab", jobs)
+
+    def failing(files):  # type: ignore[no-untyped-def]
+        raise ValueError("Could not convert string 'P-123456' to DOUBLE")
+
+    monkeypatch.setattr(hl7_extract, "read_plain", failing)
+    with caplog.at_level("WARNING"):
+        _assert_same(hl7_extract.read_files("lab", jobs), expected)
+    assert "bulk reading failed (ValueError)" in caplog.text
+    assert "P-123456" not in caplog.text

@@ -246,12 +246,11 @@ def _read_plain(feed: str, framed: list[list[RawMessage]]) -> PlainRows:
     message is parsed one by one (the same rows, more slowly) rather than lost."""
     try:
         return read_plain(framed)
-    except Exception as exc:
+    except Exception as exc:  # its text may quote a field (a patient id): never logged
         log.warning(
-            "%s: bulk reading failed (%s: %s); parsing every message one by one",
+            "%s: bulk reading failed (%s); parsing every message one by one",
             feed,
             type(exc).__name__,
-            exc,
         )
         return PlainRows({}, pa.table({}))
 
