@@ -263,22 +263,36 @@ def _set_aside_series(s: Schemas, conn: sa.Connection) -> None:
     """Instance files of series not built: one disposition each, unless already accounted.
 
     A study's first file may already be loaded (its procedure became another table's
-    row) or set aside (its study event's rule): it is not counted twice.
-    """
+    row) or set aside (its study event's rule): it is not counted twice. The lineage and
+    dispositions are joined to the files not built, not searched for each of them: a NOT
+    EXISTS built a hash table of the whole lineage (118 M rows at a million patients,
+    16 s) to look up a handful of files."""
     statuses = " ".join(f"WHEN '{r}' THEN 'filtered'" for r in FILTER_RULES)
     s.run(
         conn,
         """
         INSERT INTO {S}.disposition
-        SELECT i.feed, i.source_file, i.source_line, :rs,
-               CASE c.rule {statuses} ELSE 'quarantined' END, c.rule
-        FROM {S}.src_image i
-        JOIN {S}.image_checked c ON c.image_key = i.image_key AND c.feed = i.feed
-        WHERE c.rule IS NOT NULL
-          AND NOT EXISTS (SELECT 1 FROM {SL} l WHERE l.feed = i.feed
-                          AND l.source_file = i.source_file AND l.source_line = i.source_line)
-          AND NOT EXISTS (SELECT 1 FROM {S}.disposition x WHERE x.feed = i.feed
-                          AND x.source_file = i.source_file AND x.source_line = i.source_line)
+        WITH unbuilt AS (
+            SELECT i.feed, i.source_file, i.source_line, c.rule
+            FROM {S}.src_image i
+            JOIN {S}.image_checked c ON c.image_key = i.image_key AND c.feed = i.feed
+            WHERE c.rule IS NOT NULL
+        ),
+        accounted AS (
+            SELECT l.feed, l.source_file, l.source_line FROM {SL} l
+            JOIN unbuilt u ON u.feed = l.feed AND u.source_file = l.source_file
+             AND u.source_line = l.source_line
+            UNION
+            SELECT x.feed, x.source_file, x.source_line FROM {S}.disposition x
+            JOIN unbuilt u ON u.feed = x.feed AND u.source_file = x.source_file
+             AND u.source_line = x.source_line
+        )
+        SELECT u.feed, u.source_file, u.source_line, :rs,
+               CASE u.rule {statuses} ELSE 'quarantined' END, u.rule
+        FROM unbuilt u
+        LEFT JOIN accounted a ON a.feed = u.feed AND a.source_file = u.source_file
+         AND a.source_line = u.source_line
+        WHERE a.feed IS NULL
         """,
         {"rs": RECORD_SET},
         statuses=statuses,
