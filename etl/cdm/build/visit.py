@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 
-from etl.cdm.build.common import add_lineage, assign_ids, insert_rows
+from etl.cdm.build.common import add_lineage, assign_ids, forget_source_rows, insert_rows
 from etl.pipeline.schemas import Schemas
 
 EHR_ENCOUNTER_RECORD = 32827  # Type Concept "EHR encounter record"
 
 JOINS = """
     FROM {S}.visit_ok v
-    JOIN {S}.ids_visit_occurrence i ON i.natural_key = v.visit_key
+    JOIN {S}.ids_visit_occurrence i ON {link}
     JOIN {S}.ids_person p ON p.natural_key = v.person_key
     LEFT JOIN {S}.ids_provider pr ON pr.natural_key = v.provider_key
     LEFT JOIN {S}.ids_care_site cs ON cs.natural_key = v.care_site_key
@@ -21,7 +21,23 @@ JOINS = """
 
 
 def build_visit(s: Schemas, conn: sa.Connection) -> None:
-    assign_ids(s, conn, "visit_occurrence", "SELECT visit_key AS natural_key FROM {S}.visit_ok")
+    """One visit_occurrence row per kept visit, and its lineage.
+
+    On DuckDB the ids keep the rowid of their `visit_ok` row (one row per visit key) and
+    the rows and lineage join back on it, as the events step does: an integer join where
+    the visit key is a 32-character digest (a million patients: 22 M visits)."""
+    by_row = s.wh.dialect == "duckdb"
+    ids = assign_ids(
+        s,
+        conn,
+        "visit_occurrence",
+        "SELECT visit_key AS natural_key" + (", rowid AS source_row" if by_row else "")
+        + " FROM {S}.visit_ok",
+        source_row=by_row,
+    )
+    joins = JOINS.replace(
+        "{link}", "i.source_row = v.rowid" if by_row else "i.natural_key = v.visit_key"
+    )
     start, end = "v.start_datetime", "coalesce(v.end_datetime, v.start_datetime)"
     insert_rows(
         s,
@@ -44,12 +60,14 @@ def build_visit(s: Schemas, conn: sa.Connection) -> None:
                 "lag(i.id) OVER (PARTITION BY p.id ORDER BY v.start_datetime, i.id)"
             ),
         },
-        JOINS,
+        joins,
     )
     add_lineage(
         s,
         conn,
         "visit_occurrence",
         "SELECT i.id, v.feed, v.source_file, v.source_line, v.class_vocabulary, v.class_code,"
-        " coalesce(m.mapping_rule, 'unmapped') " + JOINS,
+        " coalesce(m.mapping_rule, 'unmapped') " + joins,
     )
+    if by_row:
+        forget_source_rows(s, conn, ids)
