@@ -412,9 +412,11 @@ def test_great_expectations_suites_count_every_row_across_partitions(
     duplicate key still lands in one partition and counts match the whole table's. A
     partition is validated for success alone, and with counts only when it fails."""
     import great_expectations as gx
+    import pandas as pd
 
     formats: list[str] = []
     frames: list[tuple[str, str, int, list[str]]] = []  # (suite, format, rows, columns)
+    arrow_backed: list[bool] = []  # per validated frame: every column an Arrow dtype
     validate = gx.ValidationDefinition.run
 
     def spy(self, *args, **kwargs):  # type: ignore[no-untyped-def]
@@ -422,6 +424,7 @@ def test_great_expectations_suites_count_every_row_across_partitions(
         frame = (kwargs.get("batch_parameters") or {}).get("dataframe")
         if frame is not None:
             frames.append((self.suite.name, formats[-1], len(frame), list(frame.columns)))
+            arrow_backed.append(all(isinstance(t, pd.ArrowDtype) for t in frame.dtypes))
         return validate(self, *args, **kwargs)
 
     monkeypatch.setattr(gx.ValidationDefinition, "run", spy)
@@ -457,6 +460,8 @@ def test_great_expectations_suites_count_every_row_across_partitions(
         parts = [(f, rows, cols) for n, f, rows, cols in frames if n == "cdm.person"]
         assert "birth_datetime" not in read and all(set(cols) == read for *_, cols in parts)
         assert sum(rows for f, rows, _ in parts if f == "BOOLEAN_ONLY") == 10
+        # text is never turned into Python objects: the counts above come from Arrow data
+        assert arrow_backed and all(arrow_backed)
     else:
         assert formats == ["BASIC"]
     # the partitions' Parquet spill (DuckDB) is gone once the suite has run
