@@ -31,7 +31,8 @@ def build_visit(s: Schemas, conn: sa.Connection) -> None:
         s,
         conn,
         "visit_occurrence",
-        "SELECT visit_key AS natural_key" + (", rowid AS source_row" if by_row else "")
+        "SELECT visit_key AS natural_key"
+        + (", rowid AS source_row" if by_row else "")
         + " FROM {S}.visit_ok",
         source_row=by_row,
     )
