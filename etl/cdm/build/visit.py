@@ -9,13 +9,18 @@ from etl.pipeline.schemas import Schemas
 
 EHR_ENCOUNTER_RECORD = 32827  # Type Concept "EHR encounter record"
 
-JOINS = """
-    FROM {S}.visit_ok v
-    JOIN {S}.ids_visit_occurrence i ON {link}
-    JOIN {S}.ids_person p ON p.natural_key = v.person_key
-    LEFT JOIN {S}.ids_provider pr ON pr.natural_key = v.provider_key
-    LEFT JOIN {S}.ids_care_site cs ON cs.natural_key = v.care_site_key
-    LEFT JOIN {S}.code_map_single m
+
+def _joins(by_row: bool) -> str:
+    """The visits, their ids (joined on `visit_ok`'s rowid with `by_row`, else on the
+    visit key) and the look-ups their columns need."""
+    link = "i.source_row = v.rowid" if by_row else "i.natural_key = v.visit_key"
+    return f"""
+    FROM {{S}}.visit_ok v
+    JOIN {{S}}.ids_visit_occurrence i ON {link}
+    JOIN {{S}}.ids_person p ON p.natural_key = v.person_key
+    LEFT JOIN {{S}}.ids_provider pr ON pr.natural_key = v.provider_key
+    LEFT JOIN {{S}}.ids_care_site cs ON cs.natural_key = v.care_site_key
+    LEFT JOIN {{S}}.code_map_single m
            ON m.vocabulary_id = v.class_vocabulary AND m.code = v.class_code
 """
 
@@ -36,9 +41,7 @@ def build_visit(s: Schemas, conn: sa.Connection) -> None:
         + " FROM {S}.visit_ok",
         source_row=by_row,
     )
-    joins = JOINS.replace(
-        "{link}", "i.source_row = v.rowid" if by_row else "i.natural_key = v.visit_key"
-    )
+    joins = _joins(by_row)
     start, end = "v.start_datetime", "coalesce(v.end_datetime, v.start_datetime)"
     insert_rows(
         s,
