@@ -31,14 +31,15 @@ def accounting(
     deduplicated as (feed, file, line) triples over the whole store: the same counts, but
     PostgreSQL then hashes integers per file instead of text triples (a 4.8 M-row store
     like 10,000 patients': 8 s -> 4 s; DuckDB at 100,000 patients, 43.7 M rows: 5.5 s ->
-    5.1 s)."""
+    5.1 s). DuckDB counts them as the bits set in a bitstring per file (`_distinct_lines`)."""
     loaded = {
         (f, sf): n
         for f, sf, n in s.run(
             conn,
-            "SELECT feed, source_file, count(DISTINCT source_line) FROM {SL}"
+            "SELECT feed, source_file, {lines} FROM {SL}"
             " WHERE mapping_rule IS NULL OR mapping_rule <> :derived GROUP BY feed, source_file",
             {"derived": DERIVED_PERSON_RULE},
+            lines=_distinct_lines(s, conn),
         ).all()
     }
     disp = s.run(
@@ -88,6 +89,28 @@ def accounting(
                 )
         feeds[feed] = {**totals, "files": per_file}
     return feeds, quarantine_rows, filtered_rows, errors
+
+
+# Widest span of line numbers counted as bits: a bitstring of 2^27 bits is 16 MiB a file
+_BITSTRING_SPAN = 1 << 27
+
+
+def _distinct_lines(s: Schemas, conn: sa.Connection) -> str:
+    """The aggregate counting a group's distinct `source_line`s.
+
+    On DuckDB, the bits set in a bitstring of the lines (`bitstring_agg`, one bit per line
+    number between the store's smallest and largest): no hash table of the lines. At a
+    million patients (127 M lineage rows) `count(DISTINCT source_line)` took 17.3 s of
+    the report's 23.5 s. Line numbers spread wider than `_BITSTRING_SPAN` (not a
+    physical file's) are counted distinct, as on PostgreSQL."""
+    if s.wh.dialect == "duckdb":
+        low, high = s.run(conn, "SELECT min(source_line), max(source_line) FROM {SL}").one()
+        if low is None:  # nothing loaded
+            return "count(source_line)"
+        if high - low < _BITSTRING_SPAN:
+            span = f"{int(low)}, {int(high)}"
+            return f"coalesce(bit_count(bitstring_agg(source_line, {span})), 0)"
+    return "count(DISTINCT source_line)"
 
 
 def unmapped_codes(s: Schemas, conn: sa.Connection) -> list[dict[str, Any]]:
