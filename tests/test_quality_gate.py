@@ -408,9 +408,10 @@ def _persons_validated(
 def test_great_expectations_suites_count_every_row_across_partitions(
     warehouse, tmp_path, monkeypatch
 ) -> None:
-    """On DuckDB the tables are validated in hash partitions of the primary key: a
-    duplicate key still lands in one partition and counts match the whole table's. A
-    partition is validated for success alone, and with counts only when it fails."""
+    """On DuckDB a table of more than one partition is validated in partitions streamed
+    from one scan, and its primary key alone in hash partitions of the key: a duplicate
+    key still lands in one partition and counts match the whole table's. A partition is
+    validated for success alone, and with counts only when it fails."""
     import great_expectations as gx
     import pandas as pd
 
@@ -460,12 +461,36 @@ def test_great_expectations_suites_count_every_row_across_partitions(
         parts = [(f, rows, cols) for n, f, rows, cols in frames if n == "cdm.person"]
         assert "birth_datetime" not in read and all(set(cols) == read for *_, cols in parts)
         assert sum(rows for f, rows, _ in parts if f == "BOOLEAN_ONLY") == 10
+        assert [rows for f, rows, _ in parts if f == "BOOLEAN_ONLY"] == [3, 3, 3, 1]
+        # the key's uniqueness: the key alone, in hash partitions of about 3 rows
+        keys = [(f, rows, cols) for n, f, rows, cols in frames if n == "cdm.person.key"]
+        assert all(cols == ["person_id"] for *_, cols in keys)
+        assert len([k for k in keys if k[0] == "BOOLEAN_ONLY"]) > 1
+        assert sum(rows for f, rows, _ in keys if f == "BOOLEAN_ONLY") == 10
+        assert [f for f, _, _ in keys].count("BASIC") == 1  # the partition of both 6s
         # text is never turned into Python objects: the counts above come from Arrow data
         assert arrow_backed and all(arrow_backed)
     else:
         assert formats == ["BASIC"]
     # the partitions' Parquet spill (DuckDB) is gone once the suite has run
     assert not list(tmp_path.glob("ge-*"))
+
+
+def test_a_partition_stream_stopped_early_leaves_the_warehouse_usable(duckdb_wh) -> None:
+    """A consumer that stops reading the streamed partitions (GE failed on one) closes the
+    scan before its transaction ends: the next statement on the warehouse runs."""
+    from etl.quality.expectations import _streamed
+    from etl.quality.standalone import InPlace
+
+    wh, schema = duckdb_wh
+    with wh.begin() as conn:
+        conn.execute(sa.text(f'CREATE TABLE "{schema}".t AS SELECT range AS x FROM range(10)'))
+    stream = _streamed(InPlace(wh, schema), "t", "x", 3)
+    assert next(stream).num_rows == 3
+    stream.close()
+    with wh.begin() as conn:
+        assert conn.execute(sa.text(f'SELECT count(*) FROM "{schema}".t')).scalar_one() == 10
+    assert [f.num_rows for f in _streamed(InPlace(wh, schema), "t", "x", 4)] == [4, 4, 2]
 
 
 def test_a_column_the_specification_lacks_fails_the_column_set(warehouse, tmp_path) -> None:
