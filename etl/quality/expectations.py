@@ -338,8 +338,8 @@ def _columns(s: Schemas, expectations: list[Expectation]) -> str:
 
 
 def _streamed(s: Schemas, table: str, selected: str, chunk_rows: int) -> Iterator[pa.Table]:
-    """`selected` of `table` (DuckDB) in partitions of `chunk_rows` rows (the last one
-    smaller), from one scan streamed as Arrow: a partition or two in memory at a time.
+    """`selected` of `table` (DuckDB) in partitions of at most `chunk_rows` rows, from
+    one scan streamed as Arrow: a partition or two in memory at a time.
 
     DuckDB streams a table in batches of at most about 120,000 rows (a row group) whatever
     size is asked; they are gathered into partitions, since a GE run costs about the same
@@ -352,10 +352,10 @@ def _streamed(s: Schemas, table: str, selected: str, chunk_rows: int) -> Iterato
         try:
             held: list[pa.RecordBatch] = []
             for batch in reader:
-                held.append(batch)
-                if sum(b.num_rows for b in held) >= chunk_rows:
+                if held and sum(b.num_rows for b in held) + batch.num_rows > chunk_rows:
                     yield pa.Table.from_batches(held)
                     held = []
+                held.append(batch)
             if held:
                 yield pa.Table.from_batches(held)
         finally:  # a consumer that stopped early: the result closed before the transaction
