@@ -40,12 +40,9 @@ def _feed_with_bad_rows(tmp_path: Path) -> Path:
     return feed
 
 
-def _land(feed: Path, out: Path, lanes: int, block_workers: int = 2) -> list[dict]:
+def _land(feed: Path, out: Path, lanes: int) -> list[dict]:
     landing = Landing(out)
-    profile = load_profile("synthea")
-    files = extract_ehr(
-        "ehr", feed, profile, KEY, landing, lanes=lanes, block_workers=block_workers
-    )
+    files = extract_ehr("ehr", feed, load_profile("synthea"), KEY, landing, lanes=lanes)
     landing.close(files)
     return [asdict(f) for f in files]
 
@@ -65,38 +62,6 @@ def test_every_number_of_lanes_lands_the_same_rows_in_the_same_order(tmp_path: P
             a = pq.read_table(tmp_path / "one" / f"{shape}.parquet")
             b = pq.read_table(tmp_path / str(lanes) / f"{shape}.parquet")
             assert a.equals(b), (lanes, shape)
-
-
-def test_blocks_queried_at_once_land_as_one_after_another(tmp_path: Path, monkeypatch) -> None:
-    """Small blocks (about 10 rows) of each file queried two and three at a time, each on
-    its own connection, land the same rows in the same order, and the same accounting, as
-    one block after another."""
-    import etl.sources.delimited as delimited
-    from etl.sources import ehr
-
-    monkeypatch.setattr(delimited, "_BLOCK_SIZE", 1 << 14)  # Arrow batches of 16 KiB
-    monkeypatch.setattr(delimited, "QUERY_ROWS", 10)
-    threads: set[str] = set()
-    typed = ehr._typed
-
-    def spy(block, con, q, sql):  # type: ignore[no-untyped-def]
-        threads.add(threading.current_thread().name)
-        return typed(block, con, q, sql)
-
-    monkeypatch.setattr(ehr, "_typed", spy)
-    feed = _feed_with_bad_rows(tmp_path)
-    one = _land(feed, tmp_path / "one", lanes=1, block_workers=1)
-    assert len(threads) == 1  # the lane's own thread
-    assert pq.read_table(tmp_path / "one" / "quarantine.parquet").num_rows == 4
-    for workers in (2, 3):
-        threads.clear()
-        assert _land(feed, tmp_path / str(workers), lanes=1, block_workers=workers) == one
-        assert len(threads) == workers  # every connection had blocks of its own
-        for shape in canonical.SHAPES:
-            a = pq.read_table(tmp_path / "one" / f"{shape}.parquet")
-            b = pq.read_table(tmp_path / str(workers) / f"{shape}.parquet")
-            assert a.equals(b), (workers, shape)
-    assert pq.read_table(tmp_path / "one" / "event.parquet").num_rows > 100  # many blocks
 
 
 def test_rows_keep_their_file_order_when_a_state_is_looked_up(tmp_path: Path) -> None:

@@ -2,25 +2,20 @@
 
 Arrow's CSV parsing, DuckDB's queries and Parquet writing all release the GIL, so while
 one block is queried the next is parsed and the one before is written: the stages use
-both cores instead of taking turns; blocks can also be worked on two at a time
-(`mapped_in_order`). Order is kept; an error in a thread is raised in the caller, and a
-caller that stops early stops the thread.
+both cores instead of taking turns. Order is kept; an error in a thread is raised in the
+caller, and a caller that stops early stops the thread.
 """
 
 from __future__ import annotations
 
 import queue
 import threading
-from collections import deque
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Iterator
 from typing import Protocol, TypeVar
 
 import pyarrow as pa
 
 T = TypeVar("T")
-R = TypeVar("R")
-U = TypeVar("U")
 _DONE = object()
 
 
@@ -70,42 +65,6 @@ def prefetched(items: Iterator[T], depth: int = 2) -> Iterator[T]:
     finally:
         stop.set()
         worker.join()
-
-
-def mapped_in_order(
-    items: Iterator[T], work: Callable[[T, R], U], resources: Sequence[R]
-) -> Iterator[U]:
-    """`work(item, resource)` for each of `items`, up to one per resource at once in
-    threads (each call holds one of `resources`, e.g. a DuckDB connection, alone), the
-    results yielded in the items' order. An error is raised in the caller at its item; a
-    caller that stops early cancels the items not started and waits for the others."""
-    if len(resources) == 1:  # no thread: one resource does every item in turn
-        for item in items:
-            yield work(item, resources[0])
-        return
-    idle: queue.SimpleQueue[R] = queue.SimpleQueue()
-    for resource in resources:
-        idle.put(resource)
-
-    def run(item: T) -> U:
-        resource = idle.get()
-        try:
-            return work(item, resource)
-        finally:
-            idle.put(resource)
-
-    pending: deque[Future[U]] = deque()
-    with ThreadPoolExecutor(len(resources), thread_name_prefix="in-order") as pool:
-        try:
-            for item in items:
-                pending.append(pool.submit(run, item))
-                if len(pending) >= len(resources):
-                    yield pending.popleft().result()
-            while pending:
-                yield pending.popleft().result()
-        finally:
-            for future in pending:
-                future.cancel()
 
 
 class RecordSink(Protocol):

@@ -21,7 +21,7 @@ import pyarrow.compute as pc
 
 from etl import canonical
 from etl.pseudonym import duckdb_pseudonym_sql, install_duckdb_macro
-from etl.sources.background import RecordSink, mapped_in_order, prefetched
+from etl.sources.background import RecordSink, prefetched
 from etl.sources.dates import parse_any
 from etl.sources.delimited import LINE, count_data_lines, grouped, stream
 from etl.sources.lanes import DEFAULT_LANES, lanes_by_shape, run_lanes
@@ -52,10 +52,6 @@ RESTRICTED_ZIP3 = {
     "893",
 }
 KEY_SEPARATOR = "\x1f"
-# blocks of one file queried at once, each on its own DuckDB connection: one block's
-# query leaves a core idle while Arrow converts its result and its repeated keys are
-# hashed (3 M rows of observations.csv: 7.6 s -> 6.3 s; of encounters.csv 8.9 s -> 6.1 s)
-BLOCK_WORKERS = 2
 # marks a select of a repeated key, hashed after the query (_Query.pseudonym)
 _REPEATED = "repeated key #"
 
@@ -494,16 +490,14 @@ def extract_ehr(
     *,
     exclude: Sequence[str] = (),
     lanes: int = DEFAULT_LANES,
-    block_workers: int = BLOCK_WORKERS,
 ) -> list[FileStats]:
     """Read every file the profile names from `folder`, writing canonical records to `out`.
 
     Files are streamed block by block straight into the sink, so memory stays bounded by a
     block whatever the extract's size. `exclude` turns on exclusions the profile defines;
     their rows are counted as filtered. Up to `lanes` files are read at once
-    (etl/sources/lanes.py), and up to `block_workers` blocks of a file at once; what lands
-    is the same for any numbers. Returns the accounting of every file, in the profile's
-    order.
+    (etl/sources/lanes.py); what lands is the same for any number. Returns the accounting
+    of every file, in the profile's order.
     """
     unknown = sorted(set(exclude) - set(profile.exclusions))
     if unknown:
@@ -519,16 +513,14 @@ def extract_ehr(
     groups = lanes_by_shape([(plans[i].shape, plans[i].path.stat().st_size) for i in readable])
 
     def lane(indexes: list[int], sink_of: Callable[[int], RecordSink]) -> None:
-        cons = [duckdb.connect() for _ in range(max(1, block_workers))]
+        con = duckdb.connect()
         try:
-            for con in cons:
-                install_duckdb_macro(con, key)
-                con.register("us_states", _states_table())
+            install_duckdb_macro(con, key)
+            con.register("us_states", _states_table())
             for i in indexes:
-                _extract_file(plans[readable[i]], sink_of(i), cons)
+                _extract_file(plans[readable[i]], sink_of(i), con)
         finally:
-            for con in cons:
-                con.close()
+            con.close()
 
     run_lanes(groups, lane, out, workers=lanes)
     return [p.stats for p in plans]
@@ -575,18 +567,8 @@ def _plan(
     return plan
 
 
-def _typed(block: pa.Table, con: duckdb.DuckDBPyConnection, q: _Query, sql: str) -> pa.Table:
-    """One block through its query on `con`, its repeated keys hashed."""
-    con.register("batch", block)
-    try:
-        return hash_repeated(con, q, con.sql(sql).to_arrow_table())
-    finally:
-        con.unregister("batch")
-
-
-def _extract_file(plan: _Plan, out: RecordSink, cons: Sequence[duckdb.DuckDBPyConnection]) -> None:
-    """Stream one file through its query into `out`, accounting in `plan.stats`; blocks
-    are queried up to one per connection of `cons` at once, and accounted in order."""
+def _extract_file(plan: _Plan, out: RecordSink, con: duckdb.DuckDBPyConnection) -> None:
+    """Stream one file through its query into `out`, accounting in `plan.stats`."""
     q, stats, profile, path = plan.query, plan.stats, plan.profile, plan.path
     assert q is not None
     feed, record_set, file_name, shape = plan.feed, stats.record_set, stats.file, plan.shape
@@ -607,13 +589,12 @@ def _extract_file(plan: _Plan, out: RecordSink, cons: Sequence[duckdb.DuckDBPyCo
         log.error("%s/%s: %s; %d record(s) quarantined", feed, file_name, reason, n)
         return
     sql = q.sql("batch")
-    # parsed ahead in a thread; closed on the way out, so an error here stops it at once,
-    # and the blocks being queried are waited for before their connections can close
-    with (
-        closing(prefetched(batches)) as ahead,
-        closing(mapped_in_order(grouped(ahead), lambda b, c: _typed(b, c, q, sql), cons)) as typed,
-    ):
-        for result in typed:
+    # parsed ahead in a thread; closed on the way out, so an error here stops it at once
+    with closing(prefetched(batches)) as ahead:
+        for batch in grouped(ahead):
+            con.register("batch", batch)
+            result = hash_repeated(con, q, con.sql(sql).to_arrow_table())
+            con.unregister("batch")
             stats.records_in += result.num_rows
             if q.exclusions:
                 _count_excluded(stats, result["_excluded"])
