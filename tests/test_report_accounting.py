@@ -24,6 +24,8 @@ LINEAGE = [
     ("person", "lab", "results.hl7", 9, DERIVED_PERSON_RULE),  # inferred: no record of its own
     ("measurement", "lab", "results.hl7", 9, "Maps to"),
     ("measurement", "lab", "results.hl7", 12, "Maps to"),
+    ("image_occurrence", "pacs", "no_lines.dcm", None, "Maps to"),  # no line: none loaded
+    ("image_occurrence", "pacs", "no_lines.dcm", None, "Maps to"),
 ]
 FILES = {
     "ehr": [
@@ -32,6 +34,7 @@ FILES = {
         FileStats("procedures", "o'dd:{name}.csv", records_in=1),
     ],
     "lab": [FileStats("results", "results.hl7", records_in=3, filtered={"superseded": 1})],
+    "pacs": [FileStats("images", "no_lines.dcm", records_in=1, quarantined=1)],
 }
 
 
@@ -96,6 +99,7 @@ def test_loaded_records_are_distinct_lines_of_each_file(
     assert files == {
         "ehr": {"patients.csv": 2, "observations.csv": 3, "o'dd:{name}.csv": 1},
         "lab": {"results.hl7": 2},
+        "pacs": {"no_lines.dcm": 0},
     }
     assert errors == []
     ehr = feeds["ehr"]
