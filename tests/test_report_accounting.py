@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from etl.cdm.build.rules import DERIVED_PERSON_RULE
+from etl.cdm.build.common import LINEAGE_DDL
+from etl.cdm.build.rules import DERIVED_PERSON_RULE, DISPOSITION_DDL
 from etl.pipeline import report
 from etl.pipeline.schemas import Schemas
 from etl.sources.ehr import FileStats
@@ -24,8 +25,6 @@ LINEAGE = [
     ("person", "lab", "results.hl7", 9, DERIVED_PERSON_RULE),  # inferred: no record of its own
     ("measurement", "lab", "results.hl7", 9, "Maps to"),
     ("measurement", "lab", "results.hl7", 12, "Maps to"),
-    ("image_occurrence", "pacs", "no_lines.dcm", None, "Maps to"),  # no line: none loaded
-    ("image_occurrence", "pacs", "no_lines.dcm", None, "Maps to"),
 ]
 FILES = {
     "ehr": [
@@ -34,8 +33,17 @@ FILES = {
         FileStats("procedures", "o'dd:{name}.csv", records_in=1),
     ],
     "lab": [FileStats("results", "results.hl7", records_in=3, filtered={"superseded": 1})],
+    # a file of which nothing is loaded: no lineage row at all
     "pacs": [FileStats("images", "no_lines.dcm", records_in=1, quarantined=1)],
 }
+
+
+def _empty_store(s: Schemas, conn) -> None:  # type: ignore[no-untyped-def]
+    """The stage's lineage and disposition tables, empty, as a build creates them."""
+    s.wh.create_schema(conn, s.stage)
+    s.wh.create_schema(conn, s.etl)  # DuckDB's stage lineage lies there
+    s.run(conn, LINEAGE_DDL)
+    s.run(conn, DISPOSITION_DDL)
 
 
 @pytest.mark.parametrize(
@@ -67,22 +75,15 @@ def test_loaded_records_are_distinct_lines_of_each_file(
     wh, schema = warehouse
     s = Schemas(wh, schema)
     with wh.begin() as conn:
-        wh.create_schema(conn, s.stage)
-        wh.create_schema(conn, s.etl)  # DuckDB's stage lineage lies there
+        _empty_store(s, conn)
         s.run(
             conn,
-            "CREATE TABLE {SL} (cdm_table VARCHAR(50), feed TEXT, source_file TEXT,"
-            " source_line BIGINT, mapping_rule TEXT)",
-        )
-        s.run(
-            conn,
-            "INSERT INTO {SL} VALUES (:t, :f, :sf, :l, :r)",
-            [{"t": t, "f": f, "sf": sf, "l": ln, "r": r} for t, f, sf, ln, r in LINEAGE],
-        )
-        s.run(
-            conn,
-            "CREATE TABLE {S}.disposition (feed TEXT, source_file TEXT, source_line BIGINT,"
-            " record_set TEXT, status VARCHAR(16), rule VARCHAR(64))",
+            "INSERT INTO {SL} (cdm_table, cdm_id, feed, source_file, source_line, mapping_rule)"
+            " VALUES (:t, :i, :f, :sf, :l, :r)",
+            [
+                {"t": t, "i": i, "f": f, "sf": sf, "l": ln, "r": r}
+                for i, (t, f, sf, ln, r) in enumerate(LINEAGE)
+            ],
         )
         s.run(
             conn,
@@ -111,18 +112,7 @@ def test_no_lineage_counts_nothing_loaded(warehouse) -> None:
     wh, schema = warehouse
     s = Schemas(wh, schema)
     with wh.begin() as conn:
-        wh.create_schema(conn, s.stage)
-        wh.create_schema(conn, s.etl)
-        s.run(
-            conn,
-            "CREATE TABLE {SL} (cdm_table VARCHAR(50), feed TEXT, source_file TEXT,"
-            " source_line BIGINT, mapping_rule TEXT)",
-        )
-        s.run(
-            conn,
-            "CREATE TABLE {S}.disposition (feed TEXT, source_file TEXT, source_line BIGINT,"
-            " record_set TEXT, status VARCHAR(16), rule VARCHAR(64))",
-        )
+        _empty_store(s, conn)
         files = {"ehr": [FileStats("persons", "patients.csv", records_in=1, quarantined=1)]}
         feeds, _, _, errors = report.accounting(s, conn, files, [])
     assert feeds["ehr"]["files"]["patients.csv"]["loaded"] == 0

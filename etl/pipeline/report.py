@@ -120,9 +120,7 @@ def _loaded_lines(s: Schemas, conn: sa.Connection) -> dict[tuple[str, str], int]
         + _LOADED
         + _GROUPED
     )
-    big = sorted(
-        (f for f in files if f[2] is not None and f[4] >= _BITS_MIN_ROWS), key=lambda f: -f[4]
-    )
+    big = sorted((f for f in files if f[4] >= _BITS_MIN_ROWS), key=lambda f: -f[4])
     if big:
         low, high = min(f[2] for f in big), max(f[3] for f in big)
         big = big[: max(0, _BITS_BUDGET * 8 // (high - low + 1))]
