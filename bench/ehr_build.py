@@ -44,7 +44,7 @@ from bench.synthea_scaler import scale  # noqa: E402
 
 KEY_ENV = "OMOP_ETL_PSEUDONYM_KEY"
 BENCH_KEY = "omop-etl-benchmark-key-not-a-secret-0123456789abcdef"
-INPUT_STEPS = ("extract", "land", "stage")  # rows/s over input records
+INPUT_STEPS = ("extract", "extract.wall", "land", "stage")  # rows/s over input records
 VOCAB_STEP = "vocabulary"
 
 

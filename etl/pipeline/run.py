@@ -59,9 +59,7 @@ def run_pipeline(
     try:
         # one run at a time per warehouse: a second one is refused before it reads a feed
         with warehouse_lock(cfg.warehouse, cfg.schema_name, run.run_id):
-            for feed in run.feeds:
-                run.extract(feed, on_step)
-                run.land(feed, on_step)
+            run.extract_all(on_step)
             if shards == 1:
                 run.build(on_step)
             else:

@@ -1,0 +1,96 @@
+"""The nightly run extracts its feeds side by side (NightlyRun.extract_all): what lands is
+what one feed after another lands, the run log holds each record once, and a failed feed
+stops the feeds not yet started and fails the run with its error, once."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from etl import canonical
+from etl.config import load_config
+from etl.pipeline.steps import NightlyRun, RunFailed, run_log
+from tests.conftest import DEMO_SYNTHEA, REPO
+from tests.pipeline_helpers import run, write_feeds_config
+
+DEMO_LAB = REPO / "demo" / "lab"
+DEMO_PACS = REPO / "demo" / "pacs"
+
+
+def _config(tmp: Path, name: str, **feeds: Path) -> Path:
+    url = f"duckdb:///{tmp / f'{name}.duckdb'}"
+    return write_feeds_config(tmp / f"{name}.yaml", url, "main", ehr=DEMO_SYNTHEA, **feeds)
+
+
+def _landed(night: NightlyRun) -> dict[tuple[str, str], list[dict]]:
+    return {
+        (feed, shape): pq.read_table(night.landing_dir(feed) / f"{shape}.parquet").to_pylist()
+        for feed in night.feeds
+        for shape in canonical.SHAPES
+    }
+
+
+def test_feeds_side_by_side_land_what_one_at_a_time_lands(tmp_path: Path) -> None:
+    config = load_config(_config(tmp_path, "w", lab=DEMO_LAB, pacs=DEMO_PACS))
+    landed, steps = {}, {}
+    for workers in (1, 3):
+        night = NightlyRun.start(config, tmp_path / f"workers{workers}")
+        seen: list[str] = []
+        night.extract_all(seen.append, workers=workers)
+        landed[workers], steps[workers] = _landed(night), seen
+        log_lines = (night.run_dir / "run.log").read_text(encoding="utf-8").splitlines()
+        for feed in ("ehr", "lab", "pacs"):
+            assert sum(f"feed {feed} landed" in line for line in log_lines) == 1, feed
+        assert len(log_lines) == len(set(log_lines))  # no record written twice
+        wall = night.fragment("extract")["timings"]["extract.wall"]
+        per_feed = [night.fragment(f"extract.{f}")["timings"]["extract"] for f in night.feeds]
+        assert wall > 0 and all(t > 0 for t in per_feed)
+    assert steps == {1: ["extract"], 3: ["extract"]}
+    assert landed[1] == landed[3]
+    assert len(landed[3][("lab", "event")]) == 251  # the demo lab feed's results
+    assert len(landed[3][("pacs", "image")]) == 1
+
+
+def test_a_failed_feed_stops_the_feeds_not_started_and_fails_the_run(tmp_path: Path) -> None:
+    config = load_config(_config(tmp_path, "w", lab=tmp_path / "absent", pacs=DEMO_PACS))
+    night = NightlyRun.start(config, tmp_path / "one")
+    with pytest.raises(RunFailed, match="absent is not a folder"):
+        night.extract_all(workers=1)
+    assert (night.landing_dir("ehr") / "files.json").is_file()  # landed before the failure
+    assert night.fragment("extract.pacs") is None  # never started
+    # the whole run: failed, its report names the error once
+    result = run(tmp_path / "w.yaml", tmp_path / "two")
+    assert (result.status, result.exit_code) == ("failed", 2)
+    errors = [e for e in result.report["errors"] if "absent is not a folder" in e]
+    assert len(errors) == 1, result.report["errors"]
+    assert "extract.wall" in result.report["timings"]
+
+
+def test_overlapping_run_logs_write_each_record_once(tmp_path: Path) -> None:
+    log = logging.getLogger("etl.test_feed_extraction")
+    inside = threading.Barrier(2)
+
+    def step(name: str) -> None:
+        with run_log(tmp_path):
+            inside.wait()  # both blocks open at once
+            log.info("record of %s", name)
+            inside.wait()
+
+    threads = [threading.Thread(target=step, args=(n,)) for n in ("a", "b")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    with run_log(tmp_path):
+        log.info("after")
+    lines = (tmp_path / "run.log").read_text(encoding="utf-8").splitlines()
+    assert sorted(line.split(": ", 1)[1] for line in lines) == [
+        "after",
+        "record of a",
+        "record of b",
+    ]
+    assert not logging.getLogger("etl").handlers  # every handler removed
