@@ -119,6 +119,8 @@ def _arrow_pseudonyms(kernel, key: bytes):  # type: ignore[no-untyped-def]
         if pa.types.is_string_view(values.type):
             values = values.cast(pa.string())
         n = len(values)
+        if n == 0:
+            return pa.array([], pa.string())
         _, offsets, data = values.buffers()
         wide = pa.types.is_large_string(values.type)
         digits = kernel.pseudonyms(key, offsets, data or b"", values.offset, n, wide)

@@ -89,6 +89,7 @@ def test_kernel_and_macro_agree_on_many_values() -> None:
     expected = [None if v is None else pseudonym(key, v) for v in values[100:900]]
     for variant in (array.slice(100, 800), array.cast(pa.large_string()).slice(100, 800)):
         assert kernel(variant).to_pylist() == expected
+    assert kernel(pa.array([], pa.string())).to_pylist() == []
     assert kernel(pa.chunked_array([array[:10], array[10:20]])).to_pylist() == [
         None if v is None else pseudonym(key, v) for v in values[:20]
     ]
