@@ -199,7 +199,21 @@ done:
     return result;
 }
 
+/* use_portable(flag): compute with the portable C compression even where the CPU has SHA
+   extensions (tests compare the two); returns the implementation now in use. */
+static PyObject *use_portable(PyObject *self, PyObject *args) {
+    int portable;
+    if (!PyArg_ParseTuple(args, "p", &portable)) return NULL;
+    compress = compress_portable;
+#ifdef HAVE_SHA_NI
+    if (!portable && __builtin_cpu_supports("sha")) compress = compress_ni;
+#endif
+    return PyUnicode_FromString(compress == compress_portable ? "portable" : "sha-ni");
+}
+
 static PyMethodDef METHODS[] = {
+    {"use_portable", use_portable, METH_VARARGS,
+     "use_portable(flag) -> the implementation now in use ('portable' or 'sha-ni')"},
     {"pseudonyms", pseudonyms, METH_VARARGS,
      "pseudonyms(key, offsets, data, first, n, wide) -> n * 32 hex digits of HMAC-SHA256"},
     {NULL, NULL, 0, NULL}};
