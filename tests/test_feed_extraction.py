@@ -55,6 +55,24 @@ def test_feeds_side_by_side_land_what_one_at_a_time_lands(tmp_path: Path) -> Non
     assert len(landed[3][("pacs", "image")]) == 1
 
 
+def test_two_feeds_are_extracted_at_once(tmp_path: Path, monkeypatch) -> None:
+    """The first two feeds are both inside their extraction at the same moment: each
+    waits at a barrier for the other, which one feed after another would never reach."""
+    config = load_config(_config(tmp_path, "w", lab=DEMO_LAB, pacs=DEMO_PACS))
+    both_started = threading.Barrier(2, timeout=60)
+    original = NightlyRun.extract
+
+    def extract(self: NightlyRun, feed: str, on_step=None) -> int:  # type: ignore[no-untyped-def]
+        if feed in ("ehr", "lab"):
+            both_started.wait()
+        return original(self, feed, on_step)
+
+    monkeypatch.setattr(NightlyRun, "extract", extract)
+    night = NightlyRun.start(config, tmp_path / "run")
+    night.extract_all(workers=2)
+    assert all((night.landing_dir(f) / "files.json").is_file() for f in night.feeds)
+
+
 def test_a_failed_feed_stops_the_feeds_not_started_and_fails_the_run(tmp_path: Path) -> None:
     config = load_config(_config(tmp_path, "w", lab=tmp_path / "absent", pacs=DEMO_PACS))
     night = NightlyRun.start(config, tmp_path / "one")

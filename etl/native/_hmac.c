@@ -103,8 +103,10 @@ static void put_be32(uint8_t *p, uint32_t v) {
     p[0] = (uint8_t)(v >> 24); p[1] = (uint8_t)(v >> 16); p[2] = (uint8_t)(v >> 8); p[3] = (uint8_t)v;
 }
 
-/* Continue `h` (64 bytes already hashed) over msg and finish; the digest into out[32]. */
-static void finish(const uint32_t start[8], const uint8_t *msg, size_t len, uint8_t out[32]) {
+/* Continue `start` (`done` bytes already hashed: 0 or a pad's 64) over msg and finish;
+   the digest into out[32]. */
+static void finish(const uint32_t start[8], size_t done, const uint8_t *msg, size_t len,
+                   uint8_t out[32]) {
     uint32_t h[8];
     memcpy(h, start, sizeof h);
     size_t i = 0;
@@ -115,7 +117,7 @@ static void finish(const uint32_t start[8], const uint8_t *msg, size_t len, uint
     block[rest] = 0x80;
     size_t total = rest + 9 <= 64 ? 64 : 128;
     memset(block + rest + 1, 0, total - rest - 1);
-    uint64_t bits = (uint64_t)(64 + len) * 8;
+    uint64_t bits = (uint64_t)(done + len) * 8;
     for (int b = 0; b < 8; b++) block[total - 1 - b] = (uint8_t)(bits >> (8 * b));
     compress(h, block);
     if (total == 128) compress(h, block + 64);
@@ -149,20 +151,7 @@ static PyObject *pseudonyms(PyObject *self, PyObject *args) {
     const uint8_t *kp = key.buf;
     size_t klen = (size_t)key.len;
     if (klen > 64) { /* RFC 2104: a longer key is hashed first */
-        uint32_t h[8];
-        memcpy(h, H0, sizeof h);
-        size_t i = 0;
-        for (; i + 64 <= klen; i += 64) compress(h, kp + i);
-        uint8_t block[128];
-        size_t rest = klen - i, total = rest + 9 <= 64 ? 64 : 128;
-        memcpy(block, kp + i, rest);
-        block[rest] = 0x80;
-        memset(block + rest + 1, 0, total - rest - 1);
-        uint64_t bits = (uint64_t)klen * 8;
-        for (int b = 0; b < 8; b++) block[total - 1 - b] = (uint8_t)(bits >> (8 * b));
-        compress(h, block);
-        if (total == 128) compress(h, block + 64);
-        for (int b = 0; b < 8; b++) put_be32(k + 4 * b, h[b]);
+        finish(H0, 0, kp, klen, k);
         kp = k;
         klen = 32;
     }
@@ -180,8 +169,8 @@ static PyObject *pseudonyms(PyObject *self, PyObject *args) {
         }
         if (lo < 0 || hi < lo || hi > data.len) { bad = 1; break; }
         uint8_t digest[32];
-        finish(inner, bytes + lo, (size_t)(hi - lo), digest);
-        finish(outer, digest, 32, digest);
+        finish(inner, 64, bytes + lo, (size_t)(hi - lo), digest);
+        finish(outer, 64, digest, 32, digest);
         for (int b = 0; b < 16; b++) {
             out[32 * j + 2 * b] = HEX[digest[b] >> 4];
             out[32 * j + 2 * b + 1] = HEX[digest[b] & 15];
