@@ -126,6 +126,23 @@ def test_duckdb_build_stores_its_digest_columns_uncompressed(
             )
 
     result = run(write_config(tmp_path, wh, "main", DEMO_SYNTHEA), tmp_path, on_step=inspect)
+    with wh.engine.connect() as conn:  # the key map, once the run's new keys joined it
+        key_map = _ddl(conn, "main_etl", "key_map")
+        conn.execute(sa.text("CHECKPOINT"))
+        key_storage = conn.execute(
+            sa.text(
+                "SELECT DISTINCT column_name, compression FROM pragma_storage_info("
+                "'main_etl.key_map') WHERE segment_type = 'VARCHAR'"
+            )
+        ).all()
+        keys, events_keyed = conn.execute(
+            sa.text(
+                "SELECT count(*), count(*) FILTER (WHERE cdm_table = 'condition_occurrence')"
+                " FROM main_etl.key_map"
+            )
+        ).one()
+        conditions = conn.execute(sa.text("SELECT count(*) FROM main.condition_occurrence"))
+        conditions = conditions.scalar_one()
     wh.close()
     assert result.status == "published", result.report["errors"]
     uncompressed = {
@@ -148,3 +165,9 @@ def test_duckdb_build_stores_its_digest_columns_uncompressed(
     assert "USING COMPRESSION" not in found["cost_line_ok"]
     assert ("record_key", "Uncompressed") in storage
     assert ("code", "Uncompressed") not in storage
+    # the key map's natural keys too; its table names compress as before
+    assert "natural_key VARCHAR USING COMPRESSION Uncompressed NOT NULL" in key_map, key_map
+    assert key_map.count("USING COMPRESSION") == 1
+    assert ("natural_key", "Uncompressed") in key_storage
+    assert ("cdm_table", "Uncompressed") not in key_storage
+    assert events_keyed == conditions > 0 and keys > conditions

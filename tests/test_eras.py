@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import pytest
 import sqlalchemy as sa
 
-from etl.cdm.build.common import KEY_MAP_DDL
+from etl.cdm.build.common import key_map_ddl
 from etl.cdm.build.eras import build_condition_era, build_dose_era, build_drug_era, build_eras
 from etl.cdm.schema import create_cdm
 from etl.pipeline.schemas import Schemas
@@ -67,7 +67,7 @@ def eras_env(warehouse) -> Iterator[tuple[Schemas, sa.Engine]]:
     try:
         with wh.begin() as conn:
             wh.create_schema(conn, s.etl)
-            s.run(conn, KEY_MAP_DDL)
+            s.run(conn, key_map_ddl(wh.dialect))
             s.run(
                 conn,
                 "INSERT INTO {S}.condition_occurrence (condition_occurrence_id, person_id,"

@@ -142,3 +142,36 @@ def test_duckdb_finds_a_tables_repeated_keys_by_hash_first(warehouse) -> None:
     created = [q for q in statements if "thing_ok_repeated AS" in q]
     assert len(created) == 1 and ("hash(thing_key)" in created[0]) == (wh.dialect == "duckdb")
     assert sorted(ranks) == [(1, 3), (2, 1), (3, 1), (4, 1), (5, 2), (7, 1), (9, 2)]
+
+
+def test_repeated_keys_looked_for_in_a_superset_give_the_same_ranks(warehouse) -> None:
+    """The kept events are ranked with their repeated keys found in the whole src_event
+    table (`repeats_in`): a key repeated only among rows the subquery leaves out ('a' of
+    f2.csv against f1.csv's) still ranks its one kept row 1, and the ranks equal those of
+    looking in the subquery itself. The repeated keys are found by hash first on DuckDB."""
+    from etl.cdm.build.rules import _key_ranked
+
+    wh, cdm = warehouse
+    s = Schemas(wh, cdm)
+    rows = [*ROWS, ("b", "f2.csv", 2), ("d", "f1.csv", 11), ("d", "f1.csv", 10)]
+    kept = "(SELECT t.* FROM {S}.src_thing t WHERE t.source_file = 'f1.csv')"
+    statements: list[str] = []
+    sa.event.listen(wh.engine, "before_cursor_execute", lambda *a: statements.append(a[2]))
+    with wh.begin() as conn:
+        _stage_things(s, conn, rows)
+        ranks = {}
+        for label, superset in (("itself", None), ("superset", "{S}.src_thing")):
+            ranked = _key_ranked(s, conn, s.sql(kept), "thing_key", f"t_{label}",
+                                 repeats_in=superset)  # fmt: skip
+            ranks[label] = sorted(
+                conn.execute(sa.text(f"SELECT source_line, key_rank FROM {ranked} x")).all()
+            )
+        repeated = conn.execute(sa.text(s.sql("SELECT repeated_key FROM {S}.t_superset_repeated")))
+        repeated_keys = sorted((r[0] for r in repeated), key=str)
+    # f1.csv: a at 3 and 9, b at 7 (its twin is in f2.csv), c at 2, d at 10 and 11, and
+    # two keyless rows at 4 and 5
+    expected = [(2, 1), (3, 1), (4, 1), (5, 2), (7, 1), (9, 2), (10, 1), (11, 2)]
+    assert ranks == {"itself": expected, "superset": expected}
+    assert repeated_keys == [None, "a", "b", "d"]  # b repeats only across the files
+    created = [q for q in statements if "t_superset_repeated AS" in q]
+    assert len(created) == 1 and ("hash(thing_key)" in created[0]) == (wh.dialect == "duckdb")

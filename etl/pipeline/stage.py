@@ -15,7 +15,7 @@ import pyarrow as pa
 import sqlalchemy as sa
 
 from etl import canonical
-from etl.cdm.build.common import KEY_MAP_DDL, KEY_MAP_INDEX, LINEAGE_DDL, UNCOMPRESSED
+from etl.cdm.build.common import KEY_MAP_INDEX, LINEAGE_DDL, UNCOMPRESSED, key_map_ddl
 from etl.cdm.schema import create_cdm, stage_prefixes
 from etl.cdm.spec import ATHENA_TABLES
 from etl.mapping.local_maps import LOCAL_MAP
@@ -87,7 +87,7 @@ def prepare(
         wh.drop_schema(conn, s.stage)
         wh.create_schema(conn, s.stage)
         wh.create_schema(conn, s.etl)
-        s.run(conn, KEY_MAP_DDL)
+        s.run(conn, key_map_ddl(wh.dialect))
         if wh.dialect == "postgresql":
             s.run(conn, KEY_MAP_INDEX, n=f"{s.etl}_key_map_key"[:63])
     clinical = [t for t in _cdm_table_names() if t not in ATHENA_TABLES]

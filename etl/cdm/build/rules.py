@@ -77,10 +77,19 @@ _REPEATED_KEYS = {
 }
 
 
-def _key_ranked(s: Schemas, conn: sa.Connection, src: str, key: str, name: str) -> str:
+def _key_ranked(
+    s: Schemas, conn: sa.Connection, src: str, key: str, name: str, *, repeats_in: str | None = None
+) -> str:
     """SQL of every row of `src` (a table or a subquery) with `key_rank`: its place among
     the rows of its `key` in file order (source_file, source_line), 1 for a key that does
     not repeat.
+
+    `repeats_in`: a table holding every row of `src` and maybe more (the subquery's own
+    table), where the repeated keys are looked for instead: a key that repeats in `src`
+    repeats there, and one that repeats only there is ranked by the window all the same,
+    which gives its only row rank 1. The same ranks, with the keys found over a table by
+    their hashes first and without evaluating the subquery (the kept events at a million
+    patients: 94 M keys grouped as text after the person rule's join, 29 s).
 
     Only the keys that repeat (stage table `<name>_repeated`, usually few) are ranked by a
     window: ranking every row would sort the whole, wide table, which at a million
@@ -93,9 +102,10 @@ def _key_ranked(s: Schemas, conn: sa.Connection, src: str, key: str, name: str) 
     read only by the GROUP BY."""
     repeated = f"{name}_repeated"
     s.run(conn, "DROP TABLE IF EXISTS {S}.{t}", t=repeated)
-    # a subquery (the events' person rule) would be evaluated twice: grouped as text once
-    hashed_first = s.wh.dialect == "duckdb" and not src.lstrip().startswith("(")
-    s.run(conn, _REPEATED_KEYS[hashed_first], t=repeated, key=key, src=s.sql(src))
+    looked_in = repeats_in or src
+    # a subquery would be evaluated twice: grouped as text once
+    hashed_first = s.wh.dialect == "duckdb" and not looked_in.lstrip().startswith("(")
+    s.run(conn, _REPEATED_KEYS[hashed_first], t=repeated, key=key, src=s.sql(looked_in))
     if not s.run(conn, "SELECT count(*) FROM {S}.{t}", t=repeated).scalar_one():
         return s.sql("(SELECT t.*, CAST(1 AS BIGINT) AS key_rank FROM {src} t)", src=s.sql(src))
     # the feed last: a total order, so a view over the ranks gives the same ranks each time
@@ -205,7 +215,7 @@ def apply_rules(s: Schemas, conn: sa.Connection) -> None:
     kept = _checked(s, conn, "src_event", "event_set_aside", "t.record_set", "event_key")
     # Records with the same natural key in one file are distinct records: number them in
     # file order so each keeps its own stable key.
-    ranked = _key_ranked(s, conn, kept, "event_key", "event_ok")
+    ranked = _key_ranked(s, conn, kept, "event_key", "event_ok", repeats_in="{S}.src_event")
     _event_view(s, conn, ranked)
 
 
