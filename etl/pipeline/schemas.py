@@ -8,17 +8,11 @@ from dataclasses import dataclass, replace
 import sqlalchemy as sa
 
 from etl.cdm.schema import stage_prefixes
-from etl.cdm.spec import ATHENA_TABLES
 from etl.warehouse.base import Warehouse
 
 _STAGE_TABLE = re.compile(r"CREATE TABLE (IF NOT EXISTS )?\{(S\}\.|SL\})")
 # DuckDB's main stage keeps its lineage here, in the ETL schema (see Schemas.stage_lineage)
 STAGED_LINEAGE = "lineage_staged"
-# Researchers' own results: never touched by a load.
-RESEARCHER_TABLES = {"cohort", "cohort_definition"}
-# DuckDB's main stage builds tonight's CDM tables in the CDM schema under these names
-# (see Schemas.built); publishing renames them into place.
-NEXT_PREFIX = "omop_etl_next_"
 
 
 @dataclass(frozen=True)
@@ -64,26 +58,6 @@ class Schemas:
         if self.lineage_renamed:
             return f"{self.wh.quote(self.etl)}.{self.wh.quote(STAGED_LINEAGE)}"
         return f"{self.wh.quote(self.stage)}.lineage"
-
-    @property
-    def tables_in_cdm(self) -> bool:
-        """True when this stage's CDM tables are built in the CDM schema (see `built`)."""
-        return self.lineage_renamed
-
-    def built(self, table: str) -> str:
-        """Where the build writes the CDM table `table`, quoted (INSERTs go here; reads go
-        through `{S}.<table>`).
-
-        On DuckDB the main stage's published tables lie in the CDM schema, as
-        `NEXT_PREFIX<table>`, with a view of each in the stage schema under the table's
-        own name: publishing keys them and renames them into place instead of copying
-        them (DuckDB moves no table from one schema to another; the copy of 127 M rows at
-        a million patients took 30 s). A shard's, PostgreSQL's and the researchers'
-        tables (cohort) are the stage schema's own."""
-        q = self.wh.quote
-        if self.tables_in_cdm and table not in RESEARCHER_TABLES and table not in ATHENA_TABLES:
-            return f"{q(self.cdm)}.{q(NEXT_PREFIX + table)}"
-        return f"{q(self.stage)}.{q(table)}"
 
     def sql(self, text: str, **extra: str) -> str:
         """Fill {C}, {S}, {E} (quoted cdm, stage and etl schema names), {SL} (the stage's

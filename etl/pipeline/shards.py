@@ -432,8 +432,7 @@ def _merge_table(
             exprs.append(f"t.{column}")
     return g.run(
         conn,
-        "INSERT INTO {b} ({cols}) SELECT {exprs} FROM {T}.{t} t {joins}",
-        b=g.built(table),
+        "INSERT INTO {S}.{t} ({cols}) SELECT {exprs} FROM {T}.{t} t {joins}",
         t=table,
         cols=", ".join(columns),
         exprs=", ".join(exprs),
