@@ -110,7 +110,7 @@ def test_duckdb_build_stores_its_digest_columns_uncompressed(
         if step != "gate":
             return
         with wh.begin() as conn:
-            for table in ("src_event", "src_claim", "event_mapped", "ids_condition_occurrence",
+            for table in ("src_person", "src_claim", "event_mapped", "ids_condition_occurrence",
                           "visit_ok", "claim_ok", "cost_line_ok", "claim_totals"):  # fmt: skip
                 found[table] = _ddl(conn, "main_stage", table)
         with wh.engine.connect() as conn:
@@ -146,7 +146,7 @@ def test_duckdb_build_stores_its_digest_columns_uncompressed(
     wh.close()
     assert result.status == "published", result.report["errors"]
     uncompressed = {
-        "src_event": "event_key",
+        "src_person": "person_key",
         "src_claim": "claim_key",
         "event_mapped": "record_key",
         "ids_condition_occurrence": "natural_key",

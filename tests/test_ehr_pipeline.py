@@ -401,10 +401,12 @@ def test_postgres_stage_is_unlogged_and_published_tables_are_not(pg_wh, tmp_path
     )
 
 
-def test_duckdb_stage_reads_claim_lines_where_they_landed(duckdb_wh, tmp_path: Path) -> None:
-    """DuckDB reads the landed claim lines through a view, not a copy: the financial rules
-    see every line (a duplicated line is still quarantined), and publishing drops it
-    with the stage."""
+def test_duckdb_stage_reads_claim_lines_events_and_visits_where_they_landed(
+    duckdb_wh, tmp_path: Path
+) -> None:
+    """DuckDB reads the landed claim lines, events and visits through views, not copies:
+    the rules see every record (a duplicated line is still quarantined), and publishing
+    drops the views with the stage."""
     import shutil
 
     from etl.config import load_config
@@ -419,7 +421,11 @@ def test_duckdb_stage_reads_claim_lines_where_they_landed(duckdb_wh, tmp_path: P
     night = _built(cfg, tmp_path)
     stage = f"{schema}_stage"
     views = query(wh, f"SELECT view_name FROM duckdb_views() WHERE schema_name = '{stage}'")
-    assert {"src_cost_line"} <= {r[0] for r in views}
+    assert {"src_cost_line", "src_event", "src_visit"} <= {r[0] for r in views}
+    for table, shape in (("src_event", "event"), ("src_visit", "visit")):
+        rows = pq.read_table(night.landing_dir("ehr") / f"{shape}.parquet").num_rows
+        assert rows > 0
+        assert scalar(wh, f"SELECT count(*) FROM {_t(stage, table)}") == rows
     assert "visit_unique" in {r[0] for r in views}  # the visits' first per key, not a copy
     landed = pq.read_table(night.landing_dir("ehr") / "cost_line.parquet").num_rows
     assert landed == len(lines)  # the header less, the repeated line more

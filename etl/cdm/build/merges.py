@@ -21,7 +21,8 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from etl.cdm.build.common import add_lineage
+from etl import canonical
+from etl.cdm.build.common import add_lineage, create_table_as
 from etl.cdm.build.rules import DISPOSITION_DDL
 from etl.pipeline.schemas import Schemas
 
@@ -123,13 +124,42 @@ def apply_merges(s: Schemas, conn: sa.Connection) -> None:
         " WHERE m.feed = {S}.src_person.feed AND m.source_file = {S}.src_person.source_file"
         " AND m.source_line = {S}.src_person.source_line)",
     )
+    if not s.run(conn, "SELECT count(*) FROM {S}.merge_map").scalar():
+        return  # no merge in force (most nights): nothing to re-key
+    views = _stage_views(s, conn)
     for table in PERSON_KEYED:
+        if table in views:
+            _copied_from_view(s, conn, table)
         s.run(
             conn,
             "UPDATE {S}.{t} SET person_key = m.into_person_key FROM {S}.merge_map m"
             " WHERE {S}.{t}.person_key = m.from_person_key",
             t=table,
         )
+
+
+def _stage_views(s: Schemas, conn: sa.Connection) -> set[str]:
+    """The stage's views (on DuckDB, the source tables read where they landed)."""
+    rows = conn.execute(
+        sa.text(
+            "SELECT table_name FROM information_schema.tables"
+            " WHERE table_schema = :schema AND table_type = 'VIEW'"
+        ),
+        {"schema": s.stage},
+    )
+    return {r[0] for r in rows}
+
+
+def _copied_from_view(s: Schemas, conn: sa.Connection, table: str) -> None:
+    """Replace the stage view `table` (landed Parquet read in place) by a table of its
+    rows, which a merge can re-key; its record key stays uncompressed as in a loaded one."""
+    own_key = canonical.RECORD_KEYS.get(table.removeprefix("src_"))
+    copy = f"{table}_copied"
+    create_table_as(
+        s, conn, copy, f"SELECT * FROM {{S}}.{table}", uncompressed=(own_key,) if own_key else ()
+    )
+    s.run(conn, "DROP VIEW {S}.{t}", t=table)
+    s.run(conn, "ALTER TABLE {S}.{copy} RENAME TO {t}", copy=copy, t=table)
 
 
 def record_merges(s: Schemas, conn: sa.Connection) -> None:
