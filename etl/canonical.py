@@ -229,6 +229,10 @@ SHAPES: dict[str, pa.Schema] = {
     "deletion": DELETION,
 }
 
+# The record set of the procedure events a DICOM feed lands for its studies (an image's
+# `procedure_event_key` is one of their keys)
+IMAGING_STUDY_SET = "imaging_studies"
+
 # The column that identifies a record of each shape: a delta delivery's record replaces
 # the state's record of the same key.
 RECORD_KEYS: dict[str, str] = {

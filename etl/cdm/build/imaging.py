@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 
+from etl import canonical
 from etl.cdm.build.common import add_lineage, assign_ids, insert_rows
 from etl.cdm.build.events import DOMAIN_TABLES
 from etl.cdm.build.rules import FILTER_RULES
@@ -32,6 +33,7 @@ SELECT event_key, visit_key FROM (
                         v.start_datetime DESC, v.visit_key) AS pick
     FROM (SELECT DISTINCT procedure_event_key FROM {S}.src_image) k
     JOIN {S}.event_ok e ON e.event_key = k.procedure_event_key AND e.visit_key IS NULL
+     AND e.record_set = '{study_set}'
     JOIN {S}.visit_ok v ON v.person_key = e.person_key
      AND CAST(e.start_datetime AS DATE) >= CAST(v.start_datetime AS DATE)
      AND CAST(e.start_datetime AS DATE)
@@ -46,7 +48,7 @@ def match_study_visits(s: Schemas, conn: sa.Connection) -> None:
     DICOM has no standard tag for the encounter; a study date within two visits of the
     person takes the shortest visit (then the latest start).
     """
-    s.run(conn, _VISIT_OF_STUDY)
+    s.run(conn, _VISIT_OF_STUDY, study_set=canonical.IMAGING_STUDY_SET)
     # event_ok is a view (etl/cdm/build/rules.py): these visits go to its `event_visit`,
     # which it shows for events without a visit of their own; a study's visit first, then
     # its findings' (one visit a finding: the least key, should its series span studies)
@@ -123,7 +125,7 @@ LEFT JOIN (
     FROM {S}.event_mapped e
     JOIN {S}.ids_procedure_occurrence d
       ON d.natural_key = e.record_key || '>' || CAST(e.concept_id AS VARCHAR)
-    WHERE e.cdm_table = 'procedure_occurrence' AND e.record_set = 'imaging_studies'
+    WHERE e.cdm_table = 'procedure_occurrence' AND e.record_set = '{study_set}'
     GROUP BY e.record_key
 ) pr ON pr.record_key = i.procedure_event_key || '#1'
 LEFT JOIN {S}.procedure_occurrence po ON po.procedure_occurrence_id = pr.procedure_occurrence_id
@@ -210,7 +212,7 @@ _FEATURE_FROM = (
 def build_imaging(s: Schemas, conn: sa.Connection) -> None:
     """image_occurrence, image_feature, their lineage, and the series set aside."""
     s.run(conn, _IMAGE_CONCEPTS)
-    s.run(conn, _IMAGE_CHECKED, no_procedure=NO_PROCEDURE)
+    s.run(conn, _IMAGE_CHECKED, no_procedure=NO_PROCEDURE, study_set=canonical.IMAGING_STUDY_SET)
     assign_ids(
         s,
         conn,

@@ -99,7 +99,7 @@ FROM inst GROUP BY series_uid;
 def _study_events(feed: str) -> str:
     return f"""
 SELECT {_study_key("s.study_uid")} AS event_key,
-       'imaging_studies' AS record_set,
+       {sql_literal(canonical.IMAGING_STUDY_SET)} AS record_set,
        {pseudo("s.patient_id")} AS person_key,
        CAST(NULL AS VARCHAR) AS visit_key,
        coalesce(s.procedure_code, s.modality) AS code,
