@@ -77,8 +77,7 @@ def test_unique_keys_rank_one_without_a_window(warehouse) -> None:
     with wh.begin() as conn:
         _stage_things(s, conn, unique)
         ranked = _key_ranked(s, conn, "{S}.src_thing", "thing_key", "thing_ok")
-        assert ranked.ranks is None and "row_number" not in ranked.sql
-        ranked = ranked.sql
+        assert "row_number" not in ranked
         ranks = conn.execute(sa.text(f"SELECT thing_key, key_rank FROM {ranked} x")).all()
         _first_per_key(s, conn, "src_thing", "thing_key", "thing_ok", "'things'")
         kept = conn.execute(sa.text(s.sql("SELECT count(*) FROM {S}.thing_ok"))).scalar_one()
@@ -138,7 +137,7 @@ def test_duckdb_finds_a_tables_repeated_keys_by_hash_first(warehouse) -> None:
     sa.event.listen(wh.engine, "before_cursor_execute", lambda *a: statements.append(a[2]))
     with wh.begin() as conn:
         _stage_things(s, conn, ROWS)
-        ranked = _key_ranked(s, conn, "{S}.src_thing", "thing_key", "thing_ok").sql
+        ranked = _key_ranked(s, conn, "{S}.src_thing", "thing_key", "thing_ok")
         ranks = conn.execute(sa.text(f"SELECT source_line, key_rank FROM {ranked} x")).all()
     created = [q for q in statements if "thing_ok_repeated AS" in q]
     assert len(created) == 1 and ("hash(thing_key)" in created[0]) == (wh.dialect == "duckdb")
@@ -163,7 +162,7 @@ def test_repeated_keys_looked_for_in_a_superset_give_the_same_ranks(warehouse) -
         ranks = {}
         for label, superset in (("itself", None), ("superset", "{S}.src_thing")):
             ranked = _key_ranked(s, conn, s.sql(kept), "thing_key", f"t_{label}",
-                                 repeats_in=superset).sql  # fmt: skip
+                                 repeats_in=superset)  # fmt: skip
             ranks[label] = sorted(
                 conn.execute(sa.text(f"SELECT source_line, key_rank FROM {ranked} x")).all()
             )
@@ -176,50 +175,3 @@ def test_repeated_keys_looked_for_in_a_superset_give_the_same_ranks(warehouse) -
     assert repeated_keys == [None, "a", "b", "d"]  # b repeats only across the files
     created = [q for q in statements if "t_superset_repeated AS" in q]
     assert len(created) == 1 and ("hash(thing_key)" in created[0]) == (wh.dialect == "duckdb")
-
-
-def test_ranks_are_written_once_and_looked_up_by_key_and_place(warehouse) -> None:
-    """The repeated keys' rows are ranked once into `<name>_ranks`; the SQL returned reads
-    the source once (no window) and finds each row's rank there, a keyless row and a row
-    keyed '' on the same line each keeping its own; the duplicates' disposition comes from
-    that table."""
-    from etl.cdm.build.rules import _key_ranked
-
-    wh, cdm = warehouse
-    s = Schemas(wh, cdm)
-    rows = [*ROWS, ("", "f1.csv", 5), ("", "f1.csv", 1)]
-    with wh.begin() as conn:
-        _stage_things(s, conn, rows)
-        ranked = _key_ranked(s, conn, "{S}.src_thing", "thing_key", "thing_ok")
-        got = conn.execute(
-            sa.text(f"SELECT thing_key, source_line, key_rank FROM {ranked.sql} x")
-        ).all()
-        stored = conn.execute(sa.text(s.sql("SELECT count(*) FROM {S}.thing_ok_ranks"))).scalar()
-        _first_per_key(s, conn, "src_thing", "thing_key", "thing_ok", "'things'")
-        set_aside = conn.execute(
-            sa.text(s.sql("SELECT source_file, source_line FROM {S}.disposition"))
-        ).all()
-    assert ranked.ranks == "thing_ok_ranks" and "row_number" not in ranked.sql
-    assert sorted(got, key=str) == sorted(
-        [("a", 1, 3), ("a", 3, 1), ("a", 9, 2), ("b", 7, 1), ("c", 2, 1),
-         (None, 4, 1), (None, 5, 2), ("", 1, 1), ("", 5, 2)],
-        key=str,
-    )  # fmt: skip
-    assert stored == 7  # a's three rows, the two keyless ones and the two keyed ''
-    assert sorted(set_aside) == [("f1.csv", 5), ("f1.csv", 5), ("f1.csv", 9), ("f2.csv", 1)]
-
-
-def test_a_key_on_one_line_twice_is_ranked_by_the_window(warehouse) -> None:
-    """Two records of one key from the same line: key and place name no single row, so
-    the ranks are computed by the window in the SQL itself; every row keeps one rank."""
-    from etl.cdm.build.rules import _key_ranked
-
-    wh, cdm = warehouse
-    s = Schemas(wh, cdm)
-    rows = [("a", "f1.csv", 3), ("a", "f1.csv", 3), ("b", "f1.csv", 4)]
-    with wh.begin() as conn:
-        _stage_things(s, conn, rows)
-        ranked = _key_ranked(s, conn, "{S}.src_thing", "thing_key", "thing_ok")
-        got = conn.execute(sa.text(f"SELECT thing_key, key_rank FROM {ranked.sql} x")).all()
-    assert "row_number" in ranked.sql
-    assert sorted(got) == [("a", 1), ("a", 2), ("b", 1)]

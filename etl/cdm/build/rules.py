@@ -8,8 +8,6 @@ rule's name, so the report and the auditor can account for every input line.
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import sqlalchemy as sa
 
 from etl import canonical
@@ -79,21 +77,12 @@ _REPEATED_KEYS = {
 }
 
 
-class Ranked(NamedTuple):
-    """Rows of a source with their `key_rank` (`sql`), and `ranks`: the stage table of the
-    repeated keys' rows and their ranks (feed, source_file, source_line, key_rank), or
-    None when no key repeats."""
-
-    sql: str
-    ranks: str | None
-
-
 def _key_ranked(
     s: Schemas, conn: sa.Connection, src: str, key: str, name: str, *, repeats_in: str | None = None
-) -> Ranked:
-    """Every row of `src` (a table or a subquery) with `key_rank`: its place among the rows
-    of its `key` in file order (source_file, source_line, feed), 1 for a key that does not
-    repeat.
+) -> str:
+    """SQL of every row of `src` (a table or a subquery) with `key_rank`: its place among
+    the rows of its `key` in file order (source_file, source_line), 1 for a key that does
+    not repeat.
 
     `repeats_in`: a table holding every row of `src` and maybe more (the subquery's own
     table), where the repeated keys are looked for instead: a key that repeats in `src`
@@ -103,72 +92,24 @@ def _key_ranked(
     patients: 94 M keys grouped as text after the person rule's join, 29 s).
 
     Only the keys that repeat (stage table `<name>_repeated`, usually few) are ranked by a
-    window, once, into `<name>_ranks` (the rows' key, place and rank): ranking every row
-    would sort the whole, wide table, which at a million patients spilled over 100 M event
-    rows to disk; a unique key is only hashed. Rows without a key rank among themselves,
-    as one partition, as a window over all would. The SQL returned reads `src` once and
-    looks each row's rank up there by its key and place (a LEFT JOIN on a small table):
-    ranking in the SQL itself read `src` a second time, all of it, in each read (the kept
-    events at a million: 94 M rows of 30 columns to rank 74 k). Should a key and place not
-    name one row (one line giving two records of one key), the SQL ranks by the window
-    itself, as before.
+    window: ranking every row would sort the whole, wide table, which at a million
+    patients spilled over 100 M event rows to disk; a unique key is only hashed. Rows
+    without a key rank among themselves, as one partition, as a window over all would.
 
-    The repeated-keys table also gets one row with a NULL key when some row has no key
-    (equality joins never match it). When it is empty, as on most nights, every rank is 1
-    and the SQL reads `src` once without its key: the claim lines' 32-character keys are
-    then read only by the GROUP BY."""
-    repeated, ranks = f"{name}_repeated", f"{name}_ranks"
+    The table also gets one row with a NULL key when some row has no key (equality
+    joins never match it). When it is empty, as on most nights, every rank is 1 and the
+    SQL reads `src` once without its key: the claim lines' 32-character keys are then
+    read only by the GROUP BY."""
+    repeated = f"{name}_repeated"
     s.run(conn, "DROP TABLE IF EXISTS {S}.{t}", t=repeated)
-    s.run(conn, "DROP TABLE IF EXISTS {S}.{t}", t=ranks)
     looked_in = repeats_in or src
     # a subquery would be evaluated twice: grouped as text once
     hashed_first = s.wh.dialect == "duckdb" and not looked_in.lstrip().startswith("(")
     s.run(conn, _REPEATED_KEYS[hashed_first], t=repeated, key=key, src=s.sql(looked_in))
     if not s.run(conn, "SELECT count(*) FROM {S}.{t}", t=repeated).scalar_one():
-        return Ranked(
-            s.sql("(SELECT t.*, CAST(1 AS BIGINT) AS key_rank FROM {src} t)", src=s.sql(src)),
-            None,
-        )
-    # the feed last: a total order, so the ranks are the same in each read
+        return s.sql("(SELECT t.*, CAST(1 AS BIGINT) AS key_rank FROM {src} t)", src=s.sql(src))
+    # the feed last: a total order, so a view over the ranks gives the same ranks each time
     order = "ORDER BY t.source_file, t.source_line, t.feed"
-    place = "t.feed, t.source_file, t.source_line"
-    s.run(
-        conn,
-        f"""
-        CREATE TABLE {{S}}.{ranks} AS
-        SELECT coalesce(t.{key}, '') AS ranked_key, t.{key} IS NULL AS keyless, {place},
-               row_number() OVER (PARTITION BY t.{key} {order}) AS key_rank
-        FROM {{src}} t JOIN {{S}}.{repeated} r ON r.repeated_key = t.{key}
-        UNION ALL
-        SELECT '', TRUE, {place}, row_number() OVER ({order})
-        FROM {{src}} t WHERE t.{key} IS NULL
-        """,
-        src=s.sql(src),
-    )
-    ambiguous = s.run(
-        conn,
-        f"""SELECT count(*) FROM (
-            SELECT 1 FROM {{S}}.{ranks} t GROUP BY t.ranked_key, t.keyless, {place}
-            HAVING count(*) > 1) x""",
-    ).scalar_one()
-    if ambiguous:
-        return Ranked(_window_ranked(s, src, key, repeated, order), ranks)
-    return Ranked(
-        s.sql(
-            f"""(
-            SELECT t.*, coalesce(k.key_rank, CAST(1 AS BIGINT)) AS key_rank FROM {{src}} t
-            LEFT JOIN {{S}}.{ranks} k ON k.ranked_key = coalesce(t.{key}, '')
-                 AND k.keyless = (t.{key} IS NULL) AND k.source_file = t.source_file
-                 AND k.source_line = t.source_line AND k.feed = t.feed
-        )""",
-            src=s.sql(src),
-        ),
-        ranks,
-    )
-
-
-def _window_ranked(s: Schemas, src: str, key: str, repeated: str, order: str) -> str:
-    """SQL ranking the rows of `src`'s repeated keys by the window in each read."""
     return s.sql(
         f"""(
         SELECT t.*, CAST(1 AS BIGINT) AS key_rank FROM {{src}} t
@@ -189,24 +130,22 @@ def _first_per_key(
     s: Schemas, conn: sa.Connection, src: str, key: str, ok: str, rs: str, *, view: bool = False
 ) -> None:
     """`ok`: the first record of each `key` of `src` in file order; the others go to
-    disposition as duplicate_key (from the ranks table: no read of `src`). With `view`,
-    `ok` is a view, not a copy: for a table that only the next rule reads (visits: 22 M
-    rows at a million patients, copied in 12 s before the person rule copied them again)."""
+    disposition as duplicate_key. With `view`, `ok` is a view, not a copy: for a table
+    that only the next rule reads (visits: 22 M rows at a million patients, copied in 12 s
+    before the person rule copied them again)."""
     ranked = _key_ranked(s, conn, "{S}." + src, key, ok)
     kind = "VIEW" if view else "TABLE"  # in the text: PostgreSQL's stage tables are UNLOGGED
     s.run(conn, f"CREATE {kind} {{S}}.{{ok}} AS SELECT * FROM {{ranked}} x WHERE key_rank = 1",
-          ok=ok, ranked=ranked.sql)  # fmt: skip
-    if ranked.ranks is None:
-        return
+          ok=ok, ranked=ranked)  # fmt: skip
     s.run(
         conn,
         """
         INSERT INTO {S}.disposition
         SELECT feed, source_file, source_line, {rs}, 'quarantined', 'duplicate_key'
-        FROM {S}.{ranks} x WHERE key_rank > 1
+        FROM {ranked} x WHERE key_rank > 1
         """,
         rs=rs,
-        ranks=ranked.ranks,
+        ranked=ranked,
     )
 
 
@@ -277,7 +216,7 @@ def apply_rules(s: Schemas, conn: sa.Connection) -> None:
     # Records with the same natural key in one file are distinct records: number them in
     # file order so each keeps its own stable key.
     ranked = _key_ranked(s, conn, kept, "event_key", "event_ok", repeats_in="{S}.src_event")
-    _event_view(s, conn, ranked.sql)
+    _event_view(s, conn, ranked)
 
 
 EVENT_VISIT_DDL = "CREATE TABLE {S}.event_visit (event_key TEXT NOT NULL, visit_key TEXT NOT NULL)"
@@ -408,7 +347,7 @@ def _set_aside(
     `kept`: the columns `ok` keeps (default: all of `src`'s, and `key_rank` with `key`)."""
     source = s.sql("{S}.{src}", src=src)
     if key is not None:
-        source = _key_ranked(s, conn, "{S}." + src, key, ok).sql
+        source = _key_ranked(s, conn, "{S}." + src, key, ok)
         rule_sql = f"CASE WHEN t.key_rank > 1 THEN 'duplicate_key' ELSE {rule_sql} END"
     rule, joins = s.sql(rule_sql), s.sql(joins)
     create_table_as(
