@@ -5,7 +5,7 @@
 
 The environment (set by the test) names a temporary AIRFLOW_HOME with a SQLite metadata
 database, the DAGs folder, and the Variables and Connection (AIRFLOW_VAR_*,
-AIRFLOW_CONN_*). `--inject-sql` runs SQL (with {S} = the stage schema) just before the
+AIRFLOW_CONN_*). `--inject-sql` runs SQL ({S}.<table>: the build's table) just before the
 quality gate, the way tests/test_quality_gate.py injects defects. OUT.json gets the run's
 state, every task's state, XComs `report` and the CDM Asset's events.
 """
@@ -29,12 +29,13 @@ def _inject(sql: str) -> None:
     import sqlalchemy as sa
 
     from etl.pipeline.steps import NightlyRun
+    from tests.pipeline_helpers import in_tonights_tables
 
     real_gate = NightlyRun.gate
 
     def gate(self, on_step=None):  # type: ignore[no-untyped-def]
         with self.warehouse() as s, s.wh.begin() as conn:
-            conn.execute(sa.text(sql.replace("{S}", s.wh.quote(s.stage))))
+            conn.execute(sa.text(in_tonights_tables(s, sql)))
         return real_gate(self, on_step)
 
     NightlyRun.gate = gate  # type: ignore[method-assign]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import re
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,7 @@ import yaml
 
 from etl.config import load_config
 from etl.pipeline.run import RunResult, run_pipeline
+from etl.pipeline.schemas import Schemas
 from etl.warehouse import Warehouse
 from tests.conftest import DEMO_VOCAB, REPO
 
@@ -75,6 +77,12 @@ def write_feeds_config(
     }
     out.write_text(yaml.safe_dump(cfg), encoding="utf-8")
     return out
+
+
+def in_tonights_tables(s: Schemas, sql: str) -> str:
+    """`sql` with each `{S}.<table>` naming where the build stores it (`Schemas.built`):
+    DuckDB's stage holds its CDM tables as views, which take no INSERT or UPDATE."""
+    return re.sub(r"\{S\}\.(\w+)", lambda m: s.built(m.group(1)), sql)
 
 
 def run(config: Path, workdir: Path, **kwargs: Any) -> RunResult:

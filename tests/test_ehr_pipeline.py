@@ -294,58 +294,142 @@ def test_published_tables_keep_the_specifications_keys_and_indexes(demo_run) -> 
         )
 
 
-def test_duckdb_publish_swaps_in_tables_keyed_beforehand(duckdb_wh, tmp_path: Path) -> None:
-    """On DuckDB tonight's tables are filled and keyed under other names in the CDM
-    schema before the swap, which renames them: a published run leaves none of them (nor
-    a stale one from a run that stopped), and a duplicate key stops the publish before
-    anything is swapped, with last night's tables and keys untouched."""
+def test_duckdb_builds_tonights_tables_in_the_cdm_schema_and_renames_them(
+    duckdb_wh, tmp_path: Path
+) -> None:
+    """On DuckDB the build writes tonight's tables in the CDM schema under other names,
+    read through views of the stage schema; the publish gives them the specification's
+    NOT NULL and keys there and renames them: a published run leaves none of them (a stale
+    one from a run that stopped is dropped by the next stage). A duplicate key stops the
+    publish before anything is swapped, last night's tables and keys untouched, tonight's
+    kept; the run's end moves them into its stage, and once mended there a publish of the
+    same build goes through."""
     import sqlalchemy as sa
 
     from etl.cdm.schema import build_metadata
     from etl.config import load_config
-    from etl.pipeline.publish import NEXT_PREFIX, published_tables
+    from etl.pipeline.publish import published_tables
+    from etl.pipeline.schemas import NEXT_PREFIX, Schemas
+    from tests.pipeline_helpers import in_tonights_tables
 
     wh, schema = duckdb_wh
     cfg = load_config(write_config(tmp_path, wh, schema, DEMO_SYNTHEA))
     patients = len(rows(DEMO_SYNTHEA / "patients.csv"))
+    tonight = {NEXT_PREFIX + t for t in published_tables()}
 
-    def prepared_tables() -> set[str]:
+    def tables(schema_name: str, kind: str = "BASE TABLE") -> set[str]:
         found = query(
-            wh, "SELECT table_name FROM information_schema.tables WHERE table_schema = :s", s=schema
+            wh,
+            "SELECT table_name FROM information_schema.tables"
+            " WHERE table_schema = :s AND table_type = :k",
+            s=schema_name,
+            k=kind,
         )
-        return {t for (t,) in found if t.startswith(NEXT_PREFIX)}
+        return {t for (t,) in found}
 
-    first = _built(cfg, tmp_path / "first")
+    def next_tables() -> set[str]:
+        return {t for t in tables(schema) if t.startswith(NEXT_PREFIX)}
+
+    def nullable(schema_name: str) -> set[tuple[str, str]]:
+        found = query(
+            wh,
+            "SELECT table_name, column_name FROM information_schema.columns"
+            " WHERE table_schema = :s AND is_nullable = 'YES'",
+            s=schema_name,
+        )
+        return set(found)
+
     with wh.begin() as conn:  # a leftover of a run that stopped before its swap
+        conn.execute(sa.text(f'CREATE SCHEMA IF NOT EXISTS "{schema}"'))
         conn.execute(sa.text(f"CREATE TABLE {_t(schema, NEXT_PREFIX + 'person')} (x INTEGER)"))
+    first = _built(cfg, tmp_path / "first")
+    assert next_tables() == tonight
+    assert set(published_tables()) <= tables(f"{schema}_stage", "VIEW")
+    assert not set(published_tables()) & tables(f"{schema}_stage")
+    built_persons = f"SELECT count(*) FROM {_t(schema, NEXT_PREFIX + 'person')}"
+    assert scalar(wh, built_persons) == patients
     assert first.gate() and first.publish()
-    assert prepared_tables() == set()
+    assert next_tables() == set()
+    assert scalar(wh, f"SELECT count(*) FROM {_t(schema, 'person')}") == patients
     keys = primary_keys(wh, schema)
     md = build_metadata(schema, tables=published_tables(), indexes=False)
     assert {k for k in keys if k[0] in published_tables()} == {
         (t.name, c.name) for t in md.tables.values() for c in t.primary_key.columns
+    }
+    assert {c for c in nullable(schema) if c[0] in published_tables()} == {
+        (t.name, c.name) for t in md.tables.values() for c in t.columns if c.nullable
     }
     timings = json.loads(first.fragment_path("publish").read_text(encoding="utf-8"))
     assert "publish.prepare" in json.dumps(timings)
 
     second = _built(cfg, tmp_path / "second")
     assert second.gate()
+    s = Schemas(wh, schema)
     with wh.begin() as conn:  # a duplicate person the gate did not see
-        conn.execute(
-            sa.text(
-                f"INSERT INTO {_t(schema + '_stage', 'person')}"
-                f" SELECT * FROM {_t(schema + '_stage', 'person')} LIMIT 1"
-            )
-        )
+        twice = "INSERT INTO {S}.person SELECT * FROM {S}.person ORDER BY person_id LIMIT 1"
+        conn.execute(sa.text(in_tonights_tables(s, twice)))
     with pytest.raises(Exception, match=r"(?i)duplicate|constraint"):
         second.publish()
-    assert prepared_tables() == set()
+    assert next_tables() == tonight
     assert scalar(wh, f"SELECT count(*) FROM {_t(schema, 'person')}") == patients
     assert primary_keys(wh, schema) == keys
     assert second.status() != "published"
+    # the run ends unpublished: its tables leave the CDM schema for its stage
+    assert second.finish().status == "failed"
+    assert next_tables() == set()
+    assert set(published_tables()) <= tables(f"{schema}_stage")
+    staged_persons = f"SELECT count(*) FROM {_t(schema + '_stage', 'person')}"
+    assert scalar(wh, staged_persons) == patients + 1
+    # a gate run again reads the tables set aside in the stage: it finds the duplicate
+    assert not second.gate()
+    refused = json.loads(second.fragment_path("gate").read_text(encoding="utf-8"))
+    assert any("person.person_id" in e for e in refused["errors"]), refused["errors"]
+    with wh.begin() as conn:  # mended there: one of the two copies goes
+        conn.execute(
+            sa.text(
+                f"DELETE FROM {_t(schema + '_stage', 'person')} WHERE rowid = (SELECT max(rowid)"
+                f" FROM {_t(schema + '_stage', 'person')} WHERE person_id = (SELECT"
+                f" min(person_id) FROM {_t(schema + '_stage', 'person')}))"
+            )
+        )
+    assert second.gate()
+    assert second.publish()  # copied back into the CDM schema, keyed, swapped in
+    assert second.status() == "published"
+    assert scalar(wh, f"SELECT count(*) FROM {_t(schema, 'person')}") == patients
+    assert primary_keys(wh, schema) == keys
+    assert next_tables() == set()
 
 
-@pytest.mark.postgres
+def test_gate_reads_tonights_tables_not_their_views(duckdb_wh, pg_wh) -> None:
+    """The quality gate's SQL names DuckDB's built tables themselves (in the CDM schema),
+    not their views in the stage, which DuckDB reads whole under a correlated subquery;
+    the stage's own tables, the researchers' and the vocabulary keep their schemas, and
+    a shard's stage and PostgreSQL's hold their tables themselves."""
+    from etl.pipeline.schemas import NEXT_PREFIX, Schemas
+
+    sql = (
+        "SELECT count(*) FROM {S}.measurement WHERE NOT EXISTS (SELECT 1 FROM {S}.person p"
+        " WHERE p.person_id = {S}.measurement.person_id) AND EXISTS (SELECT 1 FROM"
+        " {S}.cohort, {S}.scope_row, {C}.concept, {S}.measurement_extra)"
+    )
+    wh, schema = duckdb_wh
+    gate = Schemas(wh, schema).reading_built().sql(sql)
+    m, p = (wh.qualified(schema, NEXT_PREFIX + t) for t in ("measurement", "person"))
+    stage, cdm = wh.quote(f"{schema}_stage"), wh.quote(schema)
+    assert gate == (
+        f"SELECT count(*) FROM {m} WHERE NOT EXISTS (SELECT 1 FROM {p} p"
+        f" WHERE p.person_id = {m}.person_id) AND EXISTS (SELECT 1 FROM"
+        f" {stage}.cohort, {stage}.scope_row, {cdm}.concept, {stage}.measurement_extra)"
+    )
+    build = Schemas(wh, schema).sql(sql)  # everything else reads the views
+    assert f"FROM {stage}.measurement WHERE" in build and NEXT_PREFIX not in build
+    shard = Schemas(wh, schema, stage_name=f"{schema}_stage_1")
+    assert shard.reading_built().sql(sql) == shard.sql(sql)
+    assert NEXT_PREFIX not in shard.reading_built().sql(sql)
+    pg, pg_schema = pg_wh
+    assert Schemas(pg, pg_schema).reading_built().sql(sql) == Schemas(pg, pg_schema).sql(sql)
+
+
 def test_postgres_stage_is_unlogged_and_published_tables_are_not(pg_wh, tmp_path: Path) -> None:
     """On PostgreSQL the stage (rebuilt by every run) is written without WAL: every table
     the stage step and the build create is UNLOGGED, and a crash that empties them makes

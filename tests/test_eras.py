@@ -12,8 +12,10 @@ from etl.cdm.build.common import key_map_ddl
 from etl.cdm.build.eras import build_condition_era, build_dose_era, build_drug_era, build_eras
 from etl.cdm.schema import create_cdm
 from etl.pipeline.schemas import Schemas
+from etl.pipeline.stage import create_build_tables
 from etl.vocab import load_vocabulary
 from tests.conftest import DEMO_VOCAB
+from tests.pipeline_helpers import in_tonights_tables
 
 D = dt.date.fromisoformat
 
@@ -62,7 +64,7 @@ def eras_env(warehouse) -> Iterator[tuple[Schemas, sa.Engine]]:
     wh, schema = warehouse
     s = Schemas(wh, schema)
     create_cdm(wh, schema)
-    create_cdm(wh, s.stage)
+    create_build_tables(s)  # on DuckDB in the CDM schema, read through stage views
     load_vocabulary(wh, DEMO_VOCAB, schema)
     try:
         with wh.begin() as conn:
@@ -70,7 +72,8 @@ def eras_env(warehouse) -> Iterator[tuple[Schemas, sa.Engine]]:
             s.run(conn, key_map_ddl(wh.dialect))
             s.run(
                 conn,
-                "INSERT INTO {S}.condition_occurrence (condition_occurrence_id, person_id,"
+                in_tonights_tables(s, "INSERT INTO {S}.condition_occurrence (")
+                + "condition_occurrence_id, person_id,"
                 " condition_concept_id, condition_start_date, condition_end_date,"
                 " condition_type_concept_id) VALUES (:id, :p, :c, :st, :en, :t)",
                 [
@@ -80,7 +83,8 @@ def eras_env(warehouse) -> Iterator[tuple[Schemas, sa.Engine]]:
             )
             s.run(
                 conn,
-                "INSERT INTO {S}.drug_exposure (drug_exposure_id, person_id, drug_concept_id,"
+                in_tonights_tables(s, "INSERT INTO {S}.drug_exposure (")
+                + "drug_exposure_id, person_id, drug_concept_id,"
                 " drug_exposure_start_date, drug_exposure_end_date, drug_type_concept_id)"
                 " VALUES (:id, :p, :c, :st, :en, :t)",
                 [
@@ -205,7 +209,7 @@ def test_build_eras_fills_all_three_and_is_repeatable(eras_env) -> None:
     for _ in range(2):
         with wh.begin() as conn:
             for t in tables:
-                s.run(conn, "DELETE FROM {S}.{t}", t=t)
+                s.run(conn, in_tonights_tables(s, f"DELETE FROM {{S}}.{t}"))
             build_eras(s, conn)
             results.append(
                 [_rows(s, conn, "SELECT * FROM {S}.{t} ORDER BY 1", t=t) for t in tables]

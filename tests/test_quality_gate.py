@@ -18,11 +18,12 @@ from etl.cdm.spec import cdm_tables
 from etl.config import load_config
 from etl.pipeline.publish import published_tables
 from etl.pipeline.run import RunResult, run_pipeline
+from etl.pipeline.schemas import Schemas
 from etl.quality import expectations as expectations_module
 from etl.quality.checks import Check, OverRows, check_types, generate_checks
 from etl.warehouse import Warehouse
 from tests.conftest import DEMO_SYNTHEA, REPO, TEST_KEY
-from tests.pipeline_helpers import run, table_names, write_config
+from tests.pipeline_helpers import in_tonights_tables, run, table_names, write_config
 from tests.test_nightly_runs import snapshot
 
 S = "{S}"
@@ -216,7 +217,7 @@ def test_a_fatal_failure_refuses_the_load(published: Published, kind, sql, expec
         if step == "gate":
             with wh.begin() as conn:
                 for statement in sql:
-                    conn.execute(sa.text(statement.replace("{S}", f'"{schema}_stage"')))
+                    conn.execute(sa.text(in_tonights_tables(Schemas(wh, schema), statement)))
 
     result = run_pipeline(load_config(published.config), published.workdir, on_step=inject)
     assert (result.status, result.exit_code) == ("refused", 1), kind

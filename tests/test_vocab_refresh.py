@@ -12,9 +12,10 @@ import sqlalchemy as sa
 
 from etl.config import load_config
 from etl.pipeline.refresh import last_landed_run, refresh_vocabulary
+from etl.pipeline.schemas import Schemas
 from etl.pipeline.steps import NightlyRun
 from tests.conftest import DEMO_SYNTHEA, DEMO_VOCAB
-from tests.pipeline_helpers import run, scalar, write_config
+from tests.pipeline_helpers import in_tonights_tables, run, scalar, write_config
 from tests.test_nightly_runs import snapshot
 
 DEPRECATED = 4112343  # SNOMED 195662009 Acute viral pharyngitis: 2 demo conditions
@@ -81,9 +82,12 @@ def test_refused_refresh_reports_changes_and_swaps_nothing(duckdb_wh, tmp_path) 
             with wh.begin() as conn:
                 conn.execute(
                     sa.text(
-                        f'UPDATE "{schema}_stage".condition_occurrence SET person_id = NULL'
-                        " WHERE condition_occurrence_id = (SELECT min(condition_occurrence_id)"
-                        f' FROM "{schema}_stage".condition_occurrence)'
+                        in_tonights_tables(
+                            Schemas(wh, schema),
+                            "UPDATE {S}.condition_occurrence SET person_id = NULL"
+                            " WHERE condition_occurrence_id = (SELECT"
+                            " min(condition_occurrence_id) FROM {S}.condition_occurrence)",
+                        )
                     )
                 )
 

@@ -32,7 +32,7 @@ def _source_to_concept_map(s: Schemas, conn: sa.Connection) -> None:
     s.run(
         conn,
         """
-        INSERT INTO {S}.source_to_concept_map (source_code, source_concept_id,
+        INSERT INTO {b} (source_code, source_concept_id,
             source_vocabulary_id, target_concept_id, target_vocabulary_id,
             valid_start_date, valid_end_date)
         SELECT DISTINCT substr(m.source_code, 1, 50), 0, substr(m.source_vocabulary_id, 1, 20),
@@ -41,6 +41,7 @@ def _source_to_concept_map(s: Schemas, conn: sa.Connection) -> None:
         FROM {S}.local_map m LEFT JOIN {C}.concept c ON c.concept_id = m.target_concept_id
         WHERE m.mapping_type = 'MAPS_TO'
         """,
+        b=s.built("source_to_concept_map"),
     )
 
 

@@ -43,8 +43,7 @@ from etl.cdm.build.common import LINEAGE_COLUMNS
 from etl.cdm.build.imaging import RECORD_SET as IMAGING_RECORD_SET
 from etl.cdm.spec import ATHENA_TABLES, cdm_tables
 from etl.config import SiteConfig
-from etl.pipeline.publish import RESEARCHER_TABLES
-from etl.pipeline.schemas import Schemas
+from etl.pipeline.schemas import RESEARCHER_TABLES, Schemas
 from etl.pipeline.shards import COST_DOMAINS
 
 log = logging.getLogger(__name__)
@@ -212,8 +211,9 @@ def splice_published(s: Schemas, conn: sa.Connection) -> dict[str, int]:
         cols = ", ".join(wh.quote(f.name) for f in specs[t].fields)
         copied[t] = s.run(
             conn,
-            "INSERT INTO {S}.{t} ({cols}) SELECT {cols} FROM {P}.{t} x WHERE NOT EXISTS"
+            "INSERT INTO {b} ({cols}) SELECT {cols} FROM {P}.{t} x WHERE NOT EXISTS"
             " (SELECT 1 FROM {S}.scope_row r WHERE r.cdm_table = '{t}' AND r.id = x.{t}_id)",
+            b=s.built(t),
             t=t,
             cols=cols,
             P=P,

@@ -432,7 +432,8 @@ def _merge_table(
             exprs.append(f"t.{column}")
     return g.run(
         conn,
-        "INSERT INTO {S}.{t} ({cols}) SELECT {exprs} FROM {T}.{t} t {joins}",
+        "INSERT INTO {b} ({cols}) SELECT {exprs} FROM {T}.{t} t {joins}",
+        b=g.built(table),
         t=table,
         cols=", ".join(columns),
         exprs=", ".join(exprs),

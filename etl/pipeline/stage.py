@@ -19,8 +19,8 @@ from etl.cdm.build.common import KEY_MAP_INDEX, LINEAGE_DDL, UNCOMPRESSED, key_m
 from etl.cdm.schema import create_cdm, stage_prefixes
 from etl.cdm.spec import ATHENA_TABLES
 from etl.mapping.local_maps import LOCAL_MAP
-from etl.pipeline.publish import staged_lineage_run_column
-from etl.pipeline.schemas import Schemas
+from etl.pipeline.publish import create_next_tables, staged_lineage_run_column
+from etl.pipeline.schemas import RESEARCHER_TABLES, Schemas
 
 _ARROW_SQL = {
     pa.string(): sa.Text(),
@@ -93,10 +93,7 @@ def prepare(
         s.run(conn, key_map_ddl(wh.dialect))
         if wh.dialect == "postgresql":
             s.run(conn, KEY_MAP_INDEX, n=f"{s.etl}_key_map_key"[:63])
-    clinical = [t for t in _cdm_table_names() if t not in ATHENA_TABLES]
-    # No NOT NULL or key constraints in the stage: the quality gate checks them and names
-    # what is wrong; the published tables keep the specification's constraints.
-    create_cdm(wh, s.stage, indexes=False, tables=clinical, constraints=False, unlogged=True)
+    create_build_tables(s)
     md = sa.MetaData(schema=s.stage)
     prefixes = stage_prefixes(wh)
     landed = {
@@ -124,6 +121,23 @@ def prepare(
         for name in [*SOURCE_TABLES, "local_map"]:
             if name not in views:
                 wh.analyze(conn, s.stage, name)
+
+
+def create_build_tables(s: Schemas) -> None:
+    """The empty CDM tables the build fills: in the stage schema, or on DuckDB's main
+    stage in the CDM schema under other names with views in the stage (`Schemas.built`).
+
+    No NOT NULL or key constraints: the quality gate checks them and names what is wrong;
+    the published tables get the specification's constraints."""
+    wh = s.wh
+    clinical = [t for t in _cdm_table_names() if t not in ATHENA_TABLES]
+    if s.tables_in_cdm:
+        with wh.begin() as conn:
+            wh.create_schema(conn, s.cdm)
+            wh.create_schema(conn, s.stage)
+            create_next_tables(s, conn)
+        clinical = [t for t in clinical if t in RESEARCHER_TABLES]
+    create_cdm(wh, s.stage, indexes=False, tables=clinical, constraints=False, unlogged=True)
 
 
 def _cdm_table_names() -> list[str]:

@@ -47,15 +47,16 @@ from etl.pipeline import scope
 from etl.pipeline.build import build_steps
 from etl.pipeline.delta import TOUCHED_PERSONS
 from etl.pipeline.land import Landing, read_file_stats, replay_into
-from etl.pipeline.lock import warehouse_lock
+from etl.pipeline.lock import LockBusy, warehouse_lock
 from etl.pipeline.publish import (
-    discard_prepared,
     prepare_tables,
     prepares_first,
     publish,
     publish_lineage,
     published_counts,
     published_tables,
+    set_aside_build,
+    tonight_in_cdm,
 )
 from etl.pipeline.schemas import Schemas
 from etl.pipeline.stage import prepare
@@ -651,8 +652,11 @@ class NightlyRun:
 
     def gate(self, on_step: Callable[[str], None] | None = None) -> bool:
         """Run the quality gate on the staged build; False when it refuses the load."""
-        with self.recorded("gate", on_step) as frag, self.warehouse() as s:
-            self._check_stamp(s)
+        with self.recorded("gate", on_step) as frag, self.warehouse() as stage:
+            self._check_stamp(stage)
+            # the checks read the built tables themselves, not their views in the stage
+            # (`Schemas.reading_built`), unless the end of a run set them aside there
+            s = stage.reading_built() if tonight_in_cdm(stage) else stage
             tables = published_tables()
             sql_checks = sql_plan(tables, self.cfg.quality)
             with s.wh.begin() as conn:
@@ -715,34 +719,25 @@ class NightlyRun:
                 frag.state["published"] = True
                 return frag.report["tables"]
             self._check_delta_bases(s)
-            # DuckDB: tonight's tables filled and keyed beside the published ones first,
-            # so that the swap below only renames them
+            # DuckDB: tonight's tables, built in the CDM schema, keyed there first, so
+            # that the swap below only renames them
             prepared = prepares_first(s)
-            try:
-                if prepared:
-                    self._check_stamp(s)
-                    with frag.step("publish.prepare"):
-                        prepare_tables(s)
-                with s.wh.begin() as conn:  # one transaction: CDM tables, key map, lineage
-                    self._check_stamp(s, conn)
-                    with frag.step("publish"):
-                        frag.report["tables_before"] = published_counts(s, conn)
-                        frag.report["tables"] = publish(s, conn, prepared=prepared)
-                    if also is not None:
-                        with frag.step("publish.vocabulary"):
-                            also(s, conn)
-                    with frag.step("publish.lineage"):
-                        publish_lineage(s, conn, self.run_id)
-                        publish_merges(s, conn, self.run_id)
-                    s.run(conn, "DROP TABLE {S}.{t}", t=_STAMP)  # this build is spent
-            except BaseException:
-                if prepared:  # nothing was swapped in: what was prepared goes
-                    try:
-                        discard_prepared(s)
-                    except Exception as exc:  # the next run's prepare drops them
-                        log.warning("run %s: could not drop its prepared tables: %s",
-                                    self.run_id, exc)  # fmt: skip
-                raise
+            if prepared:
+                self._check_stamp(s)
+                with frag.step("publish.prepare"):
+                    prepare_tables(s)
+            with s.wh.begin() as conn:  # one transaction: CDM tables, key map, lineage
+                self._check_stamp(s, conn)
+                with frag.step("publish"):
+                    frag.report["tables_before"] = published_counts(s, conn)
+                    frag.report["tables"] = publish(s, conn, prepared=prepared)
+                if also is not None:
+                    with frag.step("publish.vocabulary"):
+                        also(s, conn)
+                with frag.step("publish.lineage"):
+                    publish_lineage(s, conn, self.run_id)
+                    publish_merges(s, conn, self.run_id)
+                s.run(conn, "DROP TABLE {S}.{t}", t=_STAMP)  # this build is spent
             frag.state["published"] = True
             log.info("run %s published into %s", self.run_id, s.cdm)
             try:
@@ -782,8 +777,11 @@ class NightlyRun:
         return "failed"
 
     def finish(self, extra: dict[str, Any] | None = None) -> RunResult:
-        """Merge the steps' fragments into report.json and report.html; the run's result."""
+        """Merge the steps' fragments into report.json and report.html; the run's result.
+        A run that did not publish sets its build aside (`publish.set_aside_build`)."""
         status = self.status()
+        if status != "published":
+            self._set_aside_build()
         report: dict[str, Any] = {
             "run_id": self.run_id,
             "status": status,
@@ -827,13 +825,36 @@ class NightlyRun:
     def report_path(self) -> Path:
         return self.run_dir / "report.json"
 
+    def _set_aside_build(self) -> None:
+        """On DuckDB, this run's unpublished tables out of the CDM schema, into its stage
+        (only while the stage is this run's: never another run's build)."""
+        if not self.cfg.warehouse.startswith("duckdb"):
+            return
+        try:
+            with run_log(self.run_dir), self.warehouse() as s:
+                if not s.tables_in_cdm or self._stamped_run(s) != self.run_id:
+                    return
+                started = time.perf_counter()
+                moved = set_aside_build(s)
+                if moved:
+                    log.info(
+                        "run %s not published: its %d tables moved from %s to %s in %.1fs",
+                        self.run_id, len(moved), s.cdm, s.stage, time.perf_counter() - started,
+                    )  # fmt: skip
+        except LockBusy:  # another run holds the warehouse: the stage is not this run's
+            return
+        except Exception as exc:  # the next build drops them
+            log.warning("run %s: could not set its build aside: %s", self.run_id, exc)
+
     # -- the stage's owner -------------------------------------------------------------
     def _stamp(self, s: Schemas) -> None:
         with s.wh.begin() as conn:
             s.run(conn, "CREATE TABLE {S}.{t} (run_id VARCHAR(64))", t=_STAMP)
             s.run(conn, "INSERT INTO {S}.{t} VALUES (:r)", {"r": self.run_id}, t=_STAMP)
 
-    def _check_stamp(self, s: Schemas, conn: sa.Connection | None = None) -> None:
+    def _stamped_run(self, s: Schemas, conn: sa.Connection | None = None) -> str | None:
+        """The run whose build the stage holds (None: no complete stage)."""
+
         def read(c: sa.Connection) -> str | None:
             present = sa.inspect(c).get_table_names(schema=s.stage)
             if _STAMP not in present:
@@ -842,9 +863,11 @@ class NightlyRun:
 
         if conn is None:
             with s.wh.begin() as c:
-                owner = read(c)
-        else:
-            owner = read(conn)
+                return read(c)
+        return read(conn)
+
+    def _check_stamp(self, s: Schemas, conn: sa.Connection | None = None) -> None:
+        owner = self._stamped_run(s, conn)
         if owner != self.run_id:
             raise RunFailed(
                 f"the stage schema {s.stage} holds "

@@ -28,7 +28,7 @@ def build_cdm_source(
     s.run(
         conn,
         """
-        INSERT INTO {S}.cdm_source (cdm_source_name, cdm_source_abbreviation, cdm_holder,
+        INSERT INTO {b} (cdm_source_name, cdm_source_abbreviation, cdm_holder,
             source_description, cdm_etl_reference, source_release_date, cdm_release_date,
             cdm_version, cdm_version_concept_id, vocabulary_version)
         VALUES (:name, :abbr, :holder, :description, :etl, :released, :released,
@@ -44,4 +44,5 @@ def build_cdm_source(
             "cdm_concept": CDM_V54_CONCEPT,
             "vocab": (version or "unknown")[:20],
         },
+        b=s.built("cdm_source"),
     )

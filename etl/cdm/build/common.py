@@ -151,7 +151,8 @@ def forget_source_rows(s: Schemas, conn: sa.Connection, ids_table: str) -> None:
 def insert_rows(
     s: Schemas, conn: sa.Connection, table: str, columns: dict[str, str], from_sql: str
 ) -> int:
-    """INSERT INTO stage.<table> the `columns` (CDM column -> SQL expression) of `from_sql`.
+    """INSERT INTO the build's `table` (`Schemas.built`) the `columns` (CDM column -> SQL
+    expression) of `from_sql`.
 
     Text is cut to the specification's varchar length so a long source value cannot
     fail the load on PostgreSQL; columns not given are NULL.
@@ -164,8 +165,8 @@ def insert_rows(
     cols = ", ".join(columns)
     result = s.run(
         conn,
-        "INSERT INTO {S}.{table} ({cols}) SELECT {exprs} {from_sql}",
-        table=table,
+        "INSERT INTO {table} ({cols}) SELECT {exprs} {from_sql}",
+        table=s.built(table),
         cols=cols,
         exprs=", ".join(exprs),
         from_sql=s.sql(from_sql),
