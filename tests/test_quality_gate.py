@@ -636,6 +636,63 @@ def test_checks_over_a_tables_rows_count_as_their_own_sql_does(
             conn.execute(sa.text(s.sql("DROP TABLE {S}.scratch")))
 
 
+def test_foreign_key_and_standard_concept_counts_equal_dqds_not_exists(
+    published: Published,
+) -> None:
+    """The foreign-key and standard-concept checks count their orphans with a LEFT JOIN
+    (`checks._missing`); DQD writes NOT EXISTS. Every such check on the demo counts what
+    NOT EXISTS counts, and so do orphans in a scratch table whose referenced keys repeat
+    and whose own key refers to itself."""
+    from etl.pipeline.schemas import Schemas
+    from etl.quality.checks import _missing
+
+    s = Schemas(published.wh, published.schema, stage_name=published.schema)
+    checks = [
+        c for c in generate_checks(published_tables())
+        if c.name in {"isForeignKey", "isStandardValidConcept"}
+    ]  # fmt: skip
+    assert len(checks) > 100 and all(c.over_rows and c.examples_sql for c in checks)
+    scratch = [
+        ("{S}.scratch", '"ref"', "{S}.scratch_ref", "k"),  # refs 3, 3 and 9 missing
+        ("{S}.scratch", '"up"', "{S}.scratch", "id"),  # up 8 missing
+    ]
+    try:
+        with published.wh.begin() as conn:
+            conn.execute(sa.text(s.sql("CREATE TABLE {S}.scratch_ref (k BIGINT)")))
+            conn.execute(sa.text(s.sql("INSERT INTO {S}.scratch_ref VALUES (1), (1), (2)")))
+            conn.execute(
+                sa.text(s.sql("CREATE TABLE {S}.scratch (id BIGINT, ref BIGINT, up BIGINT)"))
+            )  # noqa: E501
+            conn.execute(sa.text(s.sql(
+                "INSERT INTO {S}.scratch VALUES (1, 1, NULL), (2, 2, 1), (3, 3, 8), (4, NULL, 2),"
+                " (5, 3, 5), (6, 9, NULL), (7, 1, 1)"
+            )))  # fmt: skip
+            found: dict[str, tuple[int, int]] = {}
+            for c in checks:
+                assert c.over_rows is not None and c.examples_sql
+                joined = conn.execute(sa.text(s.sql(c.over_rows.violating))).scalar_one()
+                dqd = f"SELECT count(*) FROM {{S}}.{c.table} {c.examples_sql}"
+                found[c.key] = (joined, conn.execute(sa.text(s.sql(dqd))).scalar_one())
+            assert all(a == b for a, b in found.values()), {
+                k: v for k, v in found.items() if v[0] != v[1]
+            }
+            counted = []
+            for table, fld, ref, ref_field in scratch:
+                joined = conn.execute(
+                    sa.text(s.sql(_missing(table, fld, ref, ref_field).violating))
+                ).scalar_one()
+                dqd = conn.execute(sa.text(s.sql(
+                    f"SELECT count(*) FROM {table} WHERE {fld} IS NOT NULL AND NOT EXISTS"
+                    f" (SELECT 1 FROM {ref} x WHERE x.{ref_field} = {table}.{fld})"
+                ))).scalar_one()  # fmt: skip
+                counted.append((joined, dqd))
+            assert counted == [(3, 3), (1, 1)]
+    finally:
+        with published.wh.begin() as conn:
+            conn.execute(sa.text(s.sql("DROP TABLE IF EXISTS {S}.scratch")))
+            conn.execute(sa.text(s.sql("DROP TABLE IF EXISTS {S}.scratch_ref")))
+
+
 def test_a_violating_count_that_fails_leaves_its_checks_to_the_batches(
     duckdb_wh, monkeypatch
 ) -> None:

@@ -98,6 +98,22 @@ def _anti_join(table: str, bad: str) -> OverRows:
     return OverRows(table, f"SELECT count(*) FROM {table} WHERE {bad}")
 
 
+def _missing(table: str, fld: str, ref: str, ref_field: str, also: str = "") -> OverRows:
+    """(rows of `table` whose `fld` is set but not found in `ref`.`ref_field`, rows of
+    `table`), as a LEFT JOIN kept where nothing matched: uncorrelated, where NOT EXISTS
+    was a correlated subquery that DuckDB 2.0 decorrelates into a slower plan (a
+    million patients' foreign keys into visit_occurrence: 13.7 s as NOT EXISTS, 2.9 s as
+    anti-joins). A repeated `ref_field` value cannot change the count: only rows that
+    matched nothing are counted. PostgreSQL plans both forms as the same anti-join.
+    `also`: a further condition on the checked row."""
+    col = f"{table}.{fld}"
+    where = f"{col} IS NOT NULL AND x.{ref_field} IS NULL" + (f" AND {also}" if also else "")
+    return OverRows(
+        table,
+        f"SELECT count(*) FROM {table} LEFT JOIN {ref} x ON x.{ref_field} = {col} WHERE {where}",
+    )
+
+
 def _read(name: str) -> list[dict[str, str]]:
     path = resources.files("etl.quality").joinpath("dqd", name)
     with path.open(encoding="utf-8", newline="") as fh:
@@ -203,7 +219,7 @@ def _field_checks(tables: set[str]) -> list[Check]:
             missing = f"{f} IS NOT NULL AND NOT EXISTS (SELECT 1 FROM {ref} x WHERE x.{ref_field} = {t}.{f})"  # noqa: E501
             out.append(_new(
                 "isForeignKey", table, fld,
-                _anti_join(t, missing),
+                _missing(t, f, ref, ref_field),
                 r["isForeignKeyThreshold"], f"{table}.{fld} is in {fk_table}.{ref_field}",
                 examples_sql=f"WHERE {missing}",
             ))  # fmt: skip
@@ -220,9 +236,13 @@ def _field_checks(tables: set[str]) -> list[Check]:
                 f"{f} <> 0 AND NOT EXISTS (SELECT 1 FROM {{C}}.concept c WHERE c.concept_id"
                 f" = {t}.{f} AND c.standard_concept = 'S' AND c.invalid_reason IS NULL)"
             )
+            standard = (
+                "(SELECT concept_id FROM {C}.concept WHERE standard_concept = 'S'"
+                " AND invalid_reason IS NULL)"
+            )
             out.append(_new(
                 "isStandardValidConcept", table, fld,
-                _anti_join(t, bad),
+                _missing(t, f, standard, "concept_id", also=f"{t}.{f} <> 0"),
                 r["isStandardValidConceptThreshold"],
                 f"{table}.{fld} is a standard, valid concept", examples_sql=f"WHERE {bad}",
             ))  # fmt: skip
