@@ -662,7 +662,7 @@ def test_foreign_key_and_standard_concept_counts_equal_dqds_not_exists(
             conn.execute(sa.text(s.sql("INSERT INTO {S}.scratch_ref VALUES (1), (1), (2)")))
             conn.execute(
                 sa.text(s.sql("CREATE TABLE {S}.scratch (id BIGINT, ref BIGINT, up BIGINT)"))
-            )  # noqa: E501
+            )
             conn.execute(sa.text(s.sql(
                 "INSERT INTO {S}.scratch VALUES (1, 1, NULL), (2, 2, 1), (3, 3, 8), (4, NULL, 2),"
                 " (5, 3, 5), (6, 9, NULL), (7, 1, 1)"
