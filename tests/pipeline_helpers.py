@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import re
 from pathlib import Path
 from typing import Any
 
@@ -80,9 +79,10 @@ def write_feeds_config(
 
 
 def in_tonights_tables(s: Schemas, sql: str) -> str:
-    """`sql` with each `{S}.<table>` naming where the build stores it (`Schemas.built`):
-    DuckDB's stage holds its CDM tables as views, which take no INSERT or UPDATE."""
-    return re.sub(r"\{S\}\.(\w+)", lambda m: s.built(m.group(1)), sql)
+    """`sql` filled as the gate reads it (`Schemas.reading_built`): each `{S}.<CDM table>`
+    names where the build stores it, since DuckDB's stage holds its CDM tables as views,
+    which take no INSERT or UPDATE."""
+    return s.reading_built().sql(sql)
 
 
 def run(config: Path, workdir: Path, **kwargs: Any) -> RunResult:

@@ -652,6 +652,12 @@ def test_foreign_key_and_standard_concept_counts_equal_dqds_not_exists(
         if c.name in {"isForeignKey", "isStandardValidConcept"}
     ]  # fmt: skip
     assert len(checks) > 100 and all(c.over_rows and c.examples_sql for c in checks)
+    # counted by the uncorrelated join, DQD's NOT EXISTS kept for the examples
+    assert all(
+        " LEFT JOIN " in c.over_rows.violating and "EXISTS" not in c.over_rows.violating
+        and "NOT EXISTS" in (c.examples_sql or "")
+        for c in checks if c.over_rows
+    )  # fmt: skip
     scratch = [
         ("{S}.scratch", '"ref"', "{S}.scratch_ref", "k"),  # refs 3, 3 and 9 missing
         ("{S}.scratch", '"up"', "{S}.scratch", "id"),  # up 8 missing

@@ -171,7 +171,13 @@ def create_next_tables(s: Schemas, conn: sa.Connection) -> None:
     md = build_metadata(s.cdm, tables=tables, indexes=False, constraints=False)
     for name in tables:
         _create_without_keys(conn, md.tables[f"{s.cdm}.{name}"], NEXT_PREFIX + name)
-        s.run(conn, "CREATE VIEW {S}.{t} AS SELECT * FROM {b}", t=name, b=s.built(name))
+        _view_in_stage(s, conn, name)
+
+
+def _view_in_stage(s: Schemas, conn: sa.Connection, name: str) -> None:
+    """The view, under the table's own name in the stage schema, through which the build's
+    later steps and the report read tonight's table `name` (`Schemas.built`)."""
+    s.run(conn, "CREATE VIEW {S}.{t} AS SELECT * FROM {b}", t=name, b=s.built(name))
 
 
 def prepare_tables(s: Schemas) -> None:
@@ -184,7 +190,7 @@ def prepare_tables(s: Schemas) -> None:
     leaves tonight's tables as the build left them. Tables an earlier try keyed are left
     as they are; tables the run's end set aside in the stage are copied back first."""
     md = build_metadata(s.cdm, tables=published_tables(), indexes=False)
-    set_aside = _stage_base_tables(s) & set(published_tables())
+    set_aside = _set_aside_tables(s)
     if set_aside:  # by the end of the run that built them (set_aside_build): copied back
         with s.wh.begin() as conn:
             for name in sorted(set_aside):
@@ -193,7 +199,7 @@ def prepare_tables(s: Schemas) -> None:
                 _create_without_keys(conn, table, NEXT_PREFIX + name)
                 _fill(s, conn, table, NEXT_PREFIX + name)
                 s.run(conn, "DROP TABLE {S}.{t}", t=name)
-                s.run(conn, "CREATE VIEW {S}.{t} AS SELECT * FROM {b}", t=name, b=s.built(name))
+                _view_in_stage(s, conn, name)
     with s.wh.begin() as conn:
         keyed = set(  # by an earlier try whose swap did not commit
             conn.execute(
@@ -240,12 +246,15 @@ def set_aside_build(s: Schemas) -> list[str]:
 def tonight_in_cdm(s: Schemas) -> bool:
     """Whether tonight's tables lie in the CDM schema as the build wrote them (DuckDB's
     main stage), not set aside in the stage by the end of a run (`set_aside_build`)."""
-    return s.tables_in_cdm and not _stage_base_tables(s) & set(published_tables())
+    return s.tables_in_cdm and not _set_aside_tables(s)
 
 
-def _stage_base_tables(s: Schemas) -> set[str]:
+def _set_aside_tables(s: Schemas) -> set[str]:
+    """The published tables that lie in the stage schema as tables, not views: set aside
+    there by the end of their run (`set_aside_build`), or staged by an earlier version."""
     with s.wh.begin() as conn:
-        return set(sa.inspect(conn).get_table_names(schema=s.stage))
+        staged = set(sa.inspect(conn).get_table_names(schema=s.stage))
+    return staged & set(published_tables())
 
 
 def drop_next_tables(s: Schemas, conn: sa.Connection) -> None:

@@ -117,10 +117,10 @@ class Schemas:
         )
 
     def _built_name(self, match: re.Match[str]) -> str:
+        """`built` for a CDM table (which keeps the researchers' and the vocabulary's in
+        their schemas); any other `{S}.<name>` as it is."""
         table = match.group(1)
-        if table in RESEARCHER_TABLES or table in ATHENA_TABLES or table not in cdm_tables():
-            return match.group(0)
-        return self.built(table)
+        return self.built(table) if table in cdm_tables() else match.group(0)
 
     def run(self, conn: sa.Connection, text: str, params: dict | None = None, **extra: str):
         return conn.execute(sa.text(self.sql(text, **extra)), params or {})
