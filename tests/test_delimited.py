@@ -83,3 +83,39 @@ def test_every_column_is_parsed_when_an_unread_value_spans_lines(tmp_path: Path)
     names, rows = _rows(path, ["ID"])
     assert names == ["ID", "CODE", "DESCRIPTION", "START", LINE]
     assert [(r["ID"], r[LINE]) for r in rows] == [(b"1", 2), (b"2", 4), (b"3", 6)]
+
+
+def test_plain_columns_are_ascii_without_nul_or_edge_spaces() -> None:
+    """A column is plain when every value of every chunk is ASCII without NUL and starts
+    and ends with something other than a space; nulls and empty values are plain."""
+    import pyarrow as pa
+
+    binary = pa.binary()
+    columns = {
+        "plain": [b"a", b"", None, b"b c", b"x-1"],
+        "leading": [b"a", b" b", b"c", b"d", b"e"],
+        "trailing": [b"a ", b"b", b"c", b"d", b"e"],
+        "inner_space": [b"a b", b"c  d", b"e", b"f", b"g"],
+        "latin1": [b"caf\xe9", b"a", b"b", b"c", b"d"],
+        "utf8": ["café".encode(), b"a", b"b", b"c", b"d"],
+        "nul": [b"a\x00b", b"a", b"b", b"c", b"d"],
+        "tab": [b"\ta", b"b", b"c", b"d", b"e"],
+        "only_null": [None, None, None, None, None],
+    }
+    table = pa.table({k: pa.array(v, binary) for k, v in columns.items()})
+    large = pa.array([b"a", b"b", b"c", b"d", b"e"], pa.large_binary())
+    table = table.append_column("large", large)
+    table = table.append_column("text", pa.array(["a", "b", "c", "d", "e"]))  # not binary
+    names = [*table.column_names, "absent"]
+    assert delimited.plain_columns(table, names) == {
+        "plain", "inner_space", "tab", "only_null", "large"
+    }  # fmt: skip
+    # a slice sees only its own values; a column is plain only if every chunk is
+    assert "leading" in delimited.plain_columns(table.slice(2), ["leading"])
+    two = pa.concat_tables([table.slice(2), table.slice(0, 2)])
+    assert two["leading"].num_chunks == 2
+    assert delimited.plain_columns(two, ["leading", "plain"]) == {"plain"}
+    # a header that repeats a name: plain only if every column of that name is
+    repeated = pa.table([table["plain"], table["leading"]], names=["x", "x"])
+    assert delimited.plain_columns(repeated, ["x"]) == set()
+    assert delimited.plain_columns(repeated.slice(2), ["x"]) == {"x"}

@@ -145,3 +145,56 @@ def test_trimmed_is_exactly_duckdbs_trim() -> None:
     assert len(rows) == len(values)
     assert [r[2] for r in rows] == [r[1] for r in rows]
     assert any(r[1] != r[0] for r in rows)  # the cases do exercise trimming
+
+
+def test_plain_columns_skip_checks_without_changing_a_record(tmp_path: Path, monkeypatch) -> None:
+    """A block's plain columns (ASCII, no NUL, no edge space) are decoded without the
+    encoding check and the trim; the records, quarantine and accounting are those of
+    checking every column, also for a file whose values need the trim or are bad text."""
+    from etl.sources import ehr
+
+    feed = tmp_path / "feed"
+    shutil.copytree(DEMO_SYNTHEA, feed)
+    patient = rows(feed / "patients.csv")[0]["Id"]
+    last = len(rows(feed / "conditions.csv")) + 1 + 4  # the line of the last one appended
+    with (feed / "conditions.csv").open("ab") as fh:
+        fh.write(f"2020-01-01,, {patient} ,,195662009 ,Padded\n".encode())
+        fh.write(f"2020-01-02,,\u00a0{patient},,195662009,No-break space\n".encode())
+        fh.write(f"2020-01-03,,{patient},,1956\x0062009,NUL\n".encode())
+        fh.write(f"2020-01-04,,{patient},,19566\xe92009,Latin-1\n".encode("latin-1"))
+
+    seen: list[frozenset[str]] = []
+    real = ehr.plain_columns
+
+    def spy(table: pa.Table, columns: list[str]) -> frozenset[str]:
+        seen.append(real(table, columns))
+        return seen[-1]
+
+    monkeypatch.setattr(ehr, "plain_columns", spy)
+    fast = Extract()
+    fast_files = extract_ehr("ehr", feed, load_profile("synthea"), KEY, fast)
+    assert any("PATIENT" in s for s in seen) and any("CODE" not in s for s in seen)
+    monkeypatch.setattr(ehr, "plain_columns", lambda table, columns: frozenset())
+    checked = Extract()
+    checked_files = extract_ehr("ehr", feed, load_profile("synthea"), KEY, checked)
+
+    assert [vars(f) for f in fast_files] == [vars(f) for f in checked_files]
+    for shape in ("person", "visit", "event", "claim", "cost_line", "quarantine"):
+        assert fast.table(shape).equals(checked.table(shape)), shape
+    events = {
+        r["source_line"]: r
+        for r in fast.table("event").to_pylist()
+        if r["source_file"] == "conditions.csv" and r["source_line"] > last - 4
+    }
+    person = pseudonym(KEY, patient)[:32]
+    assert sorted(events) == [last - 3, last - 2]  # padded and no-break space: trimmed
+    assert {(e["code"], e["person_key"]) for e in events.values()} == {("195662009", person)}
+    quarantined = {
+        r["source_line"]: r["reason"]
+        for r in fast.table("quarantine").to_pylist()
+        if r["source_file"] == "conditions.csv"
+    }
+    assert quarantined == {
+        last - 1: "CODE is not valid text in the declared encoding",
+        last: "CODE is not valid text in the declared encoding",
+    }

@@ -170,6 +170,37 @@ def grouped(batches: Iterator[pa.RecordBatch], rows: int | None = None) -> Itera
         yield pa.Table.from_batches(held)
 
 
+def plain_columns(table: pa.Table, columns: Sequence[str]) -> frozenset[str]:
+    """The `columns` of `table` (binary) whose every value is plain text: ASCII without
+    NUL, with no space at either end. Such a value decodes in any ASCII-compatible
+    encoding, and no trim can change it (trim's other spaces are not ASCII). A few
+    vectorised passes over each column's buffers per block, not one per value."""
+    plain = set()
+    for name in columns:
+        found = table.schema.get_all_field_indices(name)  # a header may repeat a name
+        if found and all(_plain_chunk(c) for i in found for c in table.column(i).chunks):
+            plain.add(name)
+    return frozenset(plain)
+
+
+def _plain_chunk(col: pa.Array) -> bool:
+    if not (pa.types.is_binary(col.type) or pa.types.is_large_binary(col.type)):
+        return False
+    n = len(col)
+    _, offsets_buffer, data_buffer = col.buffers()
+    width = np.dtype(np.int64 if pa.types.is_large_binary(col.type) else np.int32)
+    offsets = np.frombuffer(offsets_buffer, width, count=n + 1, offset=col.offset * width.itemsize)
+    if n == 0 or data_buffer is None or offsets[-1] == offsets[0]:
+        return True
+    data = np.frombuffer(data_buffer, np.uint8, count=int(offsets[-1]))
+    values = data[int(offsets[0]) :]  # this chunk's bytes (a slice shares its buffer)
+    if values.max() >= 0x80 or values.min() == 0:
+        return False
+    starts, ends = offsets[:-1], offsets[1:]
+    filled = ends > starts  # a null or empty value has no first or last byte
+    return not (np.any(data[starts[filled]] == 0x20) or np.any(data[ends[filled] - 1] == 0x20))
+
+
 def _parquet_batches(pf: pq.ParquetFile, columns: list[str] | None) -> Iterator[pa.RecordBatch]:
     row = 1
     for batch in pf.iter_batches(batch_size=200_000, columns=columns):
