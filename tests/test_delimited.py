@@ -119,3 +119,18 @@ def test_plain_columns_are_ascii_without_nul_or_edge_spaces() -> None:
     repeated = pa.table([table["plain"], table["leading"]], names=["x", "x"])
     assert delimited.plain_columns(repeated, ["x"]) == set()
     assert delimited.plain_columns(repeated.slice(2), ["x"]) == {"x"}
+
+
+def test_plain_columns_are_given_as_text_without_a_copy() -> None:
+    """The plain columns become UTF-8 text over the same bytes; the others stay binary."""
+    import pyarrow as pa
+
+    table = pa.table(
+        {"a": pa.array([b"x", None, b"yz"]), "b": pa.array([b"x", b" y", b"z"])}
+    ).slice(1)
+    text = delimited.plain_as_text(table, delimited.plain_columns(table, ["a", "b"]))
+    assert text.schema.types == [pa.string(), pa.binary()]
+    assert text["a"].to_pylist() == [None, "yz"]
+    assert text["b"].equals(table["b"])
+    data = text["a"].chunk(0).buffers()[2]
+    assert data.address == table["a"].chunk(0).buffers()[2].address

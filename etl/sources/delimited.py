@@ -183,6 +183,15 @@ def plain_columns(table: pa.Table, columns: Sequence[str]) -> frozenset[str]:
     return frozenset(plain)
 
 
+def plain_as_text(table: pa.Table, plain: frozenset[str]) -> pa.Table:
+    """`table` with its `plain` columns (plain_columns) as UTF-8 text: ASCII is valid
+    UTF-8, and Arrow's cast keeps the buffers (no copy, where DuckDB's decode copies)."""
+    for i, name in enumerate(table.column_names):
+        if name in plain:
+            table = table.set_column(i, name, table.column(i).cast(pa.string()))
+    return table
+
+
 def _plain_chunk(col: pa.Array) -> bool:
     if not (pa.types.is_binary(col.type) or pa.types.is_large_binary(col.type)):
         return False

@@ -23,7 +23,14 @@ from etl import canonical
 from etl.pseudonym import duckdb_pseudonym_sql, install_duckdb_macro
 from etl.sources.background import RecordSink, prefetched
 from etl.sources.dates import parse_any
-from etl.sources.delimited import LINE, count_data_lines, grouped, plain_columns, stream
+from etl.sources.delimited import (
+    LINE,
+    count_data_lines,
+    grouped,
+    plain_as_text,
+    plain_columns,
+    stream,
+)
 from etl.sources.lanes import DEFAULT_LANES, lanes_by_shape, run_lanes
 from etl.sources.plausible import EARLIEST, latest
 from etl.sources.profile import Coded, EventSpec, Profile, ProfileError
@@ -186,8 +193,8 @@ class _Query:
             return f"({text(c)} IS NULL OR strpos({text(c)}, chr(0)) > 0)"
 
         def value(c: str) -> str:
-            if c in plain:
-                return f"nullif(decode({sql_identifier(c)}), '')"
+            if c in plain:  # given as text (plain_as_text)
+                return f"nullif({sql_identifier(c)}, '')"
             return f"CASE WHEN {invalid(c)} THEN NULL ELSE nullif({trimmed(text(c))}, '') END"
 
         decoded = ", ".join(f"{value(c)} AS {sql_identifier(c)}" for c in self.columns)
@@ -602,7 +609,7 @@ def _extract_file(plan: _Plan, out: RecordSink, con: duckdb.DuckDBPyConnection) 
             plain = plain_columns(batch, q.columns)
             if plain not in sql:
                 sql[plain] = q.sql("batch", plain)
-            con.register("batch", batch)
+            con.register("batch", plain_as_text(batch, plain))
             result = hash_repeated(con, q, con.sql(sql[plain]).to_arrow_table())
             con.unregister("batch")
             stats.records_in += result.num_rows
