@@ -115,6 +115,8 @@ def test_plain_columns_are_ascii_without_nul_or_edge_spaces() -> None:
     two = pa.concat_tables([table.slice(2), table.slice(0, 2)])
     assert two["leading"].num_chunks == 2
     assert delimited.plain_columns(two, ["leading", "plain"]) == {"plain"}
+    empty = pa.table({"e": pa.array([], binary), "n": pa.array([None, None], binary)[:0]})
+    assert delimited.plain_columns(empty, ["e", "n"]) == {"e", "n"}
     # a header that repeats a name: plain only if every column of that name is
     repeated = pa.table([table["plain"], table["leading"]], names=["x", "x"])
     assert delimited.plain_columns(repeated, ["x"]) == set()

@@ -172,9 +172,9 @@ def grouped(batches: Iterator[pa.RecordBatch], rows: int | None = None) -> Itera
 
 def plain_columns(table: pa.Table, columns: Sequence[str]) -> frozenset[str]:
     """The `columns` of `table` (binary) whose every value is plain text: ASCII without
-    NUL, with no space at either end. Such a value decodes in any ASCII-compatible
-    encoding, and no trim can change it (trim's other spaces are not ASCII). A few
-    vectorised passes over each column's buffers per block, not one per value."""
+    NUL, with no space at either end. Such a value is valid UTF-8 (what Arrow's reader
+    makes of any declared encoding), and no trim can change it (trim's other spaces are
+    not ASCII). A few vectorised passes over each column's buffers, not one per value."""
     plain = set()
     for name in columns:
         found = table.schema.get_all_field_indices(name)  # a header may repeat a name
@@ -197,9 +197,11 @@ def _plain_chunk(col: pa.Array) -> bool:
         return False
     n = len(col)
     _, offsets_buffer, data_buffer = col.buffers()
+    if n == 0 or data_buffer is None:
+        return True
     width = np.dtype(np.int64 if pa.types.is_large_binary(col.type) else np.int32)
     offsets = np.frombuffer(offsets_buffer, width, count=n + 1, offset=col.offset * width.itemsize)
-    if n == 0 or data_buffer is None or offsets[-1] == offsets[0]:
+    if offsets[-1] == offsets[0]:
         return True
     data = np.frombuffer(data_buffer, np.uint8, count=int(offsets[-1]))
     values = data[int(offsets[0]) :]  # this chunk's bytes (a slice shares its buffer)

@@ -180,10 +180,11 @@ class _Query:
         return code, f"CASE {system} {cases} ELSE {system} END" if cases else system
 
     def sql(self, source: str, plain: Collection[str] = ()) -> str:
-        """The query over the binary block `source`. The `plain` columns hold only ASCII
-        text without NUL, spaces at neither end of any value (delimited.plain_columns):
-        they are decoded as they are, with no check and no trim, which could change or
-        reject nothing (a third of the query's CPU on Synthea's files)."""
+        """The query over the block `source`, its columns binary but the `plain` ones:
+        those (delimited.plain_columns: ASCII without NUL, no space at either end of any
+        value) arrive as text (delimited.plain_as_text) and are taken as they are, with
+        no encoding check and no trim, which could reject or change none of them (a third
+        of the query's CPU on Synthea's files)."""
 
         # Text is valid when it decodes and holds no NUL (PostgreSQL cannot store U+0000).
         def text(c: str) -> str:
@@ -193,7 +194,7 @@ class _Query:
             return f"({text(c)} IS NULL OR strpos({text(c)}, chr(0)) > 0)"
 
         def value(c: str) -> str:
-            if c in plain:  # given as text (plain_as_text)
+            if c in plain:
                 return f"nullif({sql_identifier(c)}, '')"
             return f"CASE WHEN {invalid(c)} THEN NULL ELSE nullif({trimmed(text(c))}, '') END"
 
