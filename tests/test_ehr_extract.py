@@ -148,8 +148,8 @@ def test_trimmed_is_exactly_duckdbs_trim() -> None:
 
 
 def test_plain_columns_skip_checks_without_changing_a_record(tmp_path: Path, monkeypatch) -> None:
-    """A block's plain columns (ASCII, no NUL, no edge space) are decoded without the
-    encoding check and the trim; the records, quarantine and accounting are those of
+    """A block's plain columns (ASCII, no NUL, no edge space) are taken as text without
+    the encoding check and the trim; the records, quarantine and accounting are those of
     checking every column, also for a file whose values need the trim or are bad text."""
     from etl.sources import ehr
 
