@@ -603,15 +603,15 @@ def _extract_file(plan: _Plan, out: RecordSink, con: duckdb.DuckDBPyConnection) 
         out.write("quarantine", _whole_file_quarantine(record_set, reason, feed, file_name, n))
         log.error("%s/%s: %s; %d record(s) quarantined", feed, file_name, reason, n)
         return
-    sql: dict[frozenset[str], str] = {}  # by the block's plain columns (nearly always one)
+    queries: dict[frozenset[str], str] = {}  # by a block's plain columns (nearly always one)
     # parsed ahead in a thread; closed on the way out, so an error here stops it at once
     with closing(prefetched(batches)) as ahead:
         for batch in grouped(ahead):
             plain = plain_columns(batch, q.columns)
-            if plain not in sql:
-                sql[plain] = q.sql("batch", plain)
+            if plain not in queries:
+                queries[plain] = q.sql("batch", plain)
             con.register("batch", plain_as_text(batch, plain))
-            result = hash_repeated(con, q, con.sql(sql[plain]).to_arrow_table())
+            result = hash_repeated(con, q, con.sql(queries[plain]).to_arrow_table())
             con.unregister("batch")
             stats.records_in += result.num_rows
             if q.exclusions:
