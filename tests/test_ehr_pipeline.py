@@ -295,17 +295,19 @@ def test_published_tables_keep_the_specifications_keys_and_indexes(demo_run) -> 
 
 
 def test_duckdb_builds_tonights_tables_in_the_cdm_schema_and_renames_them(
-    duckdb_wh, tmp_path: Path
+    duckdb_wh, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """On DuckDB the build writes tonight's tables in the CDM schema under other names,
-    read through views of the stage schema; the publish gives them the specification's
-    NOT NULL and keys there and renames them: a published run leaves none of them (a stale
-    one from a run that stopped is dropped by the next stage). A duplicate key stops the
-    publish before anything is swapped, last night's tables and keys untouched, tonight's
-    kept; the run's end moves them into its stage, and once mended there a publish of the
-    same build goes through."""
+    read through views of the stage schema; the gate gives them the specification's
+    NOT NULL and keys there before its checks, and the publish renames them: a published
+    run leaves none of them (a stale one from a run that stopped is dropped by the next
+    stage). After the gate no duplicate gets in. A duplicate in tables the gate did not
+    key stops the publish before anything is swapped, last night's tables and keys
+    untouched, tonight's kept; the run's end moves them into its stage, and once mended
+    there a publish of the same build goes through."""
     import sqlalchemy as sa
 
+    import etl.pipeline.steps as steps_module
     from etl.cdm.schema import build_metadata
     from etl.config import load_config
     from etl.pipeline.publish import published_tables
@@ -365,8 +367,14 @@ def test_duckdb_builds_tonights_tables_in_the_cdm_schema_and_renames_them(
     second = _built(cfg, tmp_path / "second")
     assert second.gate()
     s = Schemas(wh, schema)
+    twice = "INSERT INTO {S}.person SELECT * FROM {S}.person ORDER BY person_id LIMIT 1"
+    with pytest.raises(Exception, match=r"(?i)duplicate|constraint"), wh.begin() as conn:
+        conn.execute(sa.text(in_tonights_tables(s, twice)))  # keyed by the gate
+    second = _built(cfg, tmp_path / "third")  # gated without keying its tables
+    with monkeypatch.context() as m:
+        m.setattr(steps_module, "_key_before_checks", lambda s: None)
+        assert second.gate()
     with wh.begin() as conn:  # a duplicate person the gate did not see
-        twice = "INSERT INTO {S}.person SELECT * FROM {S}.person ORDER BY person_id LIMIT 1"
         conn.execute(sa.text(in_tonights_tables(s, twice)))
     with pytest.raises(Exception, match=r"(?i)duplicate|constraint"):
         second.publish()

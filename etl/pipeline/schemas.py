@@ -82,10 +82,21 @@ class Schemas:
         them (DuckDB moves no table from one schema to another; the copy of 127 M rows at
         a million patients took 30 s). A shard's, PostgreSQL's and the researchers'
         tables (cohort) are the stage schema's own."""
-        q = self.wh.quote
+        schema, name = self._built_at(table)
+        return f"{self.wh.quote(schema)}.{self.wh.quote(name)}"
+
+    def _built_at(self, table: str) -> tuple[str, str]:
+        """The schema and table name `built` quotes."""
         if self.tables_in_cdm and table not in RESEARCHER_TABLES and table not in ATHENA_TABLES:
-            return f"{q(self.cdm)}.{q(NEXT_PREFIX + table)}"
-        return f"{q(self.stage)}.{q(table)}"
+            return self.cdm, NEXT_PREFIX + table
+        return self.stage, table
+
+    def located(self, table: str) -> tuple[str, str]:
+        """The schema and table name that `{S}.<table>` names in `sql` (unquoted): the
+        built table itself when reading built tables (`reading_built`), else the stage's."""
+        if self.reads_built and self.tables_in_cdm and table in cdm_tables():
+            return self._built_at(table)
+        return self.stage, table
 
     def reading_built(self) -> Schemas:
         """The same schemas, but `sql` names each built CDM table itself where the text
