@@ -21,6 +21,7 @@ from etl.pipeline.run import RunResult, run_pipeline
 from etl.pipeline.schemas import Schemas
 from etl.quality import expectations as expectations_module
 from etl.quality.checks import Check, OverRows, check_types, generate_checks
+from etl.quality.gate import DECLARED
 from etl.warehouse import Warehouse
 from tests.conftest import DEMO_SYNTHEA, REPO, TEST_KEY
 from tests.pipeline_helpers import in_tonights_tables, run, table_names, write_config
@@ -143,8 +144,15 @@ def test_demo_passes_its_gate_with_every_check_type(published: Published) -> Non
     checks = result.report["checks"]
     dqd_checks = [c for c in checks if c.get("engine") != "great_expectations"]
     assert {c["name"] for c in dqd_checks} == set(check_types())
+    # a column declared NOT NULL, integer or a one-column primary key answers its check
+    declared = {c["name"]: c["answered_by"] for c in dqd_checks if "answered_by" in c}
+    assert declared["cdmDatatype"] == "integer column type"
+    assert all(c.get("answered_by") for c in dqd_checks if c["name"] == "cdmDatatype")
+    assert not any(c.get("answered_by") for c in dqd_checks if c["name"] not in DECLARED)
     if published.wh.dialect == "duckdb":  # keyed before the checks: keys answered by them
         assert "gate.keys" in result.report["timings"]
+        assert declared["isRequired"] == "NOT NULL constraint"
+        assert all(c.get("answered_by") for c in dqd_checks if c["name"] == "isRequired")
         keys = [c for c in dqd_checks if c["name"] == "isPrimaryKey"]
         assert len(keys) == 23 and all(
             c["answered_by"] == "primary key constraint" and c["violating_rows"] == 0 for c in keys
@@ -562,6 +570,63 @@ def test_checks_run_in_batches_and_a_broken_check_fails_alone(warehouse, monkeyp
         conn.execute(sa.text(s.sql("DROP TABLE {S}.t")))
 
 
+def test_checks_a_declaration_answers_count_nothing_and_the_others_run(
+    warehouse, monkeypatch
+) -> None:
+    """A key, NOT NULL or integer check whose column the catalogue declares so is answered
+    by the declaration, (0, the table's rows), without its query; the same checks on
+    columns declared otherwise run their queries and count what they find."""
+    from etl.quality import gate
+
+    wh, schema = warehouse
+    s = Schemas(wh, schema, stage_name=schema + "_declared")
+    with wh.begin() as conn:
+        conn.execute(sa.text(f'CREATE SCHEMA IF NOT EXISTS "{s.stage}"'))
+        conn.execute(sa.text(s.sql(
+            "CREATE TABLE {S}.t (k INTEGER PRIMARY KEY, n BIGINT NOT NULL, v VARCHAR(10),"
+            " dup INTEGER)"
+        )))  # fmt: skip
+        conn.execute(sa.text(s.sql("INSERT INTO {S}.t VALUES (1, 1, '1.5', 7), (2, 2, NULL, 7)")))
+    t = "{S}.t"
+
+    def check(name: str, field: str, sql: str) -> Check:
+        return Check(name, "t", field, sql, 0, "fatal", "c")
+
+    checks = [
+        check("isPrimaryKey", "k", f"SELECT 99, count(*) FROM {t}"),
+        check("isPrimaryKey", "dup", f"SELECT coalesce(sum(n), 0), (SELECT count(*) FROM {t})"
+              f" FROM (SELECT count(*) AS n FROM {t} GROUP BY dup HAVING count(*) > 1) d"),
+        check("isRequired", "n", f"SELECT 99, count(*) FROM {t}"),
+        check("isRequired", "v", f"SELECT count(*) FILTER (WHERE v IS NULL), count(*) FROM {t}"),
+        check("cdmDatatype", "n", f"SELECT 99, count(*) FROM {t}"),
+        check("cdmDatatype", "v", f"SELECT count(*) FILTER (WHERE v IS NOT NULL AND"
+              f" CAST(v AS DOUBLE PRECISION) <> CAST(CAST(CAST(v AS DOUBLE PRECISION) AS BIGINT)"
+              f" AS DOUBLE PRECISION)), count(*) FROM {t}"),
+    ]  # fmt: skip
+    try:
+        alone, _ = _checks_run_alone(monkeypatch)
+        monkeypatch.setattr(gate, "BATCH", 1)  # every queried check goes through the spy
+        result = gate.run_checks(s, checks)
+        got = {
+            (c["name"], c["field"]): (c["violating_rows"], c["total_rows"]) for c in result.checks
+        }
+        assert got == {
+            ("isPrimaryKey", "k"): (0, 2), ("isPrimaryKey", "dup"): (2, 2),
+            ("isRequired", "n"): (0, 2), ("isRequired", "v"): (1, 2),
+            ("cdmDatatype", "n"): (0, 2), ("cdmDatatype", "v"): (1, 2),
+        }  # fmt: skip
+        answered = {(c["name"], c["field"]): c.get("answered_by") for c in result.checks}
+        assert answered[("isPrimaryKey", "k")] == "primary key constraint"
+        assert answered[("isRequired", "n")] == "NOT NULL constraint"
+        assert answered[("cdmDatatype", "n")] == "integer column type"
+        assert {(c.name, c.field) for c in alone} == {
+            ("isPrimaryKey", "dup"), ("isRequired", "v"), ("cdmDatatype", "v"),
+        }  # fmt: skip
+    finally:
+        with wh.begin() as conn:
+            conn.execute(sa.text(f'DROP SCHEMA "{s.stage}" CASCADE'))
+
+
 def test_catalogue_checks_answer_as_their_sql_does(warehouse, monkeypatch) -> None:
     """cdmTable and cdmField checks are answered from one read of the catalogue, not one
     information_schema query each: every answer equals the one the check's own SQL gives,
@@ -632,10 +697,8 @@ def test_checks_over_a_tables_rows_count_as_their_own_sql_does(
                 " WHERE p.person_id = ref)"),
         ]  # fmt: skip
         alone, one_by_one = _checks_run_alone(monkeypatch)
-        answered, by_key = gate._over_rows_counts(s, [*checks, *scratch])
+        answered = gate._over_rows_counts(s, [*checks, *scratch])
         assert set(answered) == {id(c) for c in [*checks, *scratch]} and not alone
-        # the published tables carry their primary keys: those checks are answered by them
-        assert by_key == {id(c) for c in checks if c.name == "isPrimaryKey"}
         for c in [*checks, *scratch]:
             assert answered[id(c)] == one_by_one(s, c), c.key
         assert answered[id(scratch[0])] == (2, 3) and answered[id(scratch[1])] == (1, 3)
@@ -747,4 +810,4 @@ def test_a_violating_count_that_fails_leaves_its_checks_to_the_batches(
     assert (entries["over_1"]["violating_rows"], entries["over_1"]["total_rows"]) == (1, 2)
     assert entries["over_1"]["passed"] is False and "error" not in entries["over_1"]
     assert not entries["orphan"]["passed"] and "gone" in entries["orphan"]["error"]
-    assert gate._over_rows_counts(s, [good]) == ({id(good): (1, 2)}, set())
+    assert gate._over_rows_counts(s, [good]) == {id(good): (1, 2)}

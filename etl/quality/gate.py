@@ -14,14 +14,17 @@ standard concepts, domains and classes, primary keys) run their violating count 
 the tables counted once: their own queries counted the table again each, a full scan per
 check on PostgreSQL.
 
-A primary key check (isPrimaryKey) on a table whose primary key constraint is that very
-column is answered by the constraint: the engine refuses a duplicate key, so the count is
-0 by construction (the report says so, `answered_by`). On DuckDB the gate keys tonight's
-tables before the checks (`steps.NightlyRun.gate`): the grouping of every key that each
-such check ran (18 of the DQD checks' 66 CPU seconds at a million patients) is then the
-key's own index build, which the publish needed anyway. A table without the constraint,
-or whose keying failed on a duplicate, is checked by its query, which counts and names
-the duplicates.
+Three kinds of check count what the warehouse's own declarations forbid, and are answered
+by them where the catalogue declares them (`DECLARED`; the report says so, `answered_by`):
+a primary key check (isPrimaryKey) by the table's primary key on that very column (the
+engine refuses a duplicate key), a required-field check (isRequired) by the column's NOT
+NULL, an integer-type check (cdmDatatype) by the column's integer type: 0 violating rows
+by construction, out of the table's rows. On DuckDB the gate keys tonight's tables before
+the checks (`steps.NightlyRun.gate`), so the grouping of every key that each key check ran
+(18 of the DQD checks' 66 CPU seconds at a million patients) is the key's own index
+build, which the publish needed anyway. Where a declaration is missing (a keying that
+failed on a duplicate or a NULL leaves the tables as built), the check runs its query,
+which counts and names what is wrong.
 
 The ~400 catalogue checks (cdmTable, cdmField: does the table, the column exist?) are
 answered from one read of the schema's catalogue instead of one information_schema query
@@ -45,6 +48,16 @@ from etl.quality.checks import Check
 log = logging.getLogger(__name__)
 EXAMPLES = 5
 BATCH = 50
+# check name -> the declaration that answers it (see the module's docstring)
+DECLARED = {
+    "isPrimaryKey": "primary key constraint",
+    "isRequired": "NOT NULL constraint",
+    "cdmDatatype": "integer column type",
+}
+_INTEGER_TYPES = {
+    "TINYINT", "SMALLINT", "INTEGER", "BIGINT", "HUGEINT",
+    "UTINYINT", "USMALLINT", "UINTEGER", "UBIGINT", "UHUGEINT",
+}  # fmt: skip
 
 
 @dataclass
@@ -76,7 +89,11 @@ def run_checks(s: Schemas, checks: list[Check]) -> GateResult:
     started = time.perf_counter()
     result = GateResult()
     in_catalog = _catalog_counts(s, [c for c in checks if c.catalog is not None])
-    answered, by_key = _over_rows_counts(s, [c for c in checks if c.catalog is None])
+    declared = _declared_counts(s, [c for c in checks if c.catalog is None])
+    answered = {
+        **_over_rows_counts(s, [c for c in checks if c.catalog is None and id(c) not in declared]),
+        **declared,
+    }
     queried = [c for c in checks if c.catalog is None and id(c) not in answered]
     by_query: list[tuple[int, int] | str] = []
     for first in range(0, len(queried), BATCH):
@@ -101,8 +118,8 @@ def run_checks(s: Schemas, checks: list[Check]) -> GateResult:
         }  # fmt: skip
         if error:
             entry["error"] = error
-        if id(check) in by_key:
-            entry["answered_by"] = "primary key constraint"
+        if id(check) in declared:
+            entry["answered_by"] = DECLARED[check.name]
         if not passed and check.examples_sql and error is None:
             with s.wh.begin() as conn:
                 entry["examples"] = _examples(s, conn, check)
@@ -160,18 +177,15 @@ def _catalog_counts(s: Schemas, checks: list[Check]) -> dict[int, tuple[int, int
     return out
 
 
-def _over_rows_counts(
-    s: Schemas, checks: list[Check]
-) -> tuple[dict[int, tuple[int, int]], set[int]]:
+def _over_rows_counts(s: Schemas, checks: list[Check]) -> dict[int, tuple[int, int]]:
     """(violating, total) of the checks whose total is their table's rows, keyed by
     id(check): each table counted once, the violating counts `BATCH` to a statement. What
     errors (a table that is missing, a check that cannot run) is left to the batches,
-    which run each such check's own query and name the one at fault. Also the ids of the
-    primary key checks answered by their table's constraint (`_primary_keys`)."""
+    which run each such check's own query and name the one at fault."""
     picked = [(c, c.over_rows) for c in checks if c.over_rows is not None and not c.params]
     tables = sorted({over.table for _, over in picked})
     if not tables:
-        return {}, set()
+        return {}
     try:
         with s.wh.begin() as conn:
             counted = conn.execute(
@@ -183,17 +197,9 @@ def _over_rows_counts(
             ).all()
     except sa.exc.DBAPIError as exc:
         log.debug("the checked tables could not be counted at once (%s)", exc.orig)
-        return {}, set()
+        return {}
     rows = {tables[int(i)]: int(n) for i, n in counted}
     out: dict[int, tuple[int, int]] = {}
-    keys = _primary_keys(s, {c.table for c, _ in picked if c.name == "isPrimaryKey"})
-    by_key = {
-        id(c) for c, _ in picked if c.name == "isPrimaryKey" and keys.get(c.table) == [c.field]
-    }
-    for c, over in picked:
-        if id(c) in by_key:
-            out[id(c)] = (0, rows[over.table])
-    picked = [(c, over) for c, over in picked if id(c) not in by_key]
     for first in range(0, len(picked), BATCH):
         batch = picked[first : first + BATCH]
         union = " UNION ALL ".join(
@@ -209,40 +215,80 @@ def _over_rows_counts(
         for i, (c, over) in enumerate(batch):
             if i in answers:
                 out[id(c)] = (answers[i], rows[over.table])
-    return out, by_key
+    return out
 
 
-def _primary_keys(s: Schemas, tables: set[str]) -> dict[str, list[str]]:
-    """The primary key columns, in order, of each of `tables` (CDM names) that has one, as
-    the warehouse's catalogue declares it for the table the checks read (`located`):
-    information_schema, the same on DuckDB and PostgreSQL. Empty when the catalogue
-    cannot be read: every check then runs its query."""
+def _declared_counts(s: Schemas, checks: list[Check]) -> dict[int, tuple[int, int]]:
+    """(0, the table's rows) of each check of `DECLARED` kind whose column the catalogue
+    declares as the check requires (`_declarations`), keyed by id(check). The rows of
+    those tables are counted in one statement; when the catalogue or the count cannot be
+    read, nothing is answered and every check runs its query."""
+    candidates = [c for c in checks if c.name in DECLARED and c.field and not c.params]
+    if not candidates:
+        return {}
+    declared = _declarations(s, {c.table for c in candidates})
+    holds = [c for c in candidates if (c.name, c.field) in declared.get(c.table, set())]
+    tables = sorted({c.table for c in holds})
     if not tables:
         return {}
-    where = {s.located(t): t for t in tables}
+    union = " UNION ALL ".join(
+        f"SELECT {i} AS _t, count(*) FROM {{S}}.{t}" for i, t in enumerate(tables)
+    )
     try:
         with s.wh.begin() as conn:
-            found = conn.execute(
+            rows = {tables[int(i)]: int(n) for i, n in conn.execute(sa.text(s.sql(union)))}
+    except sa.exc.DBAPIError as exc:
+        log.debug("the declared tables could not be counted (%s)", exc.orig)
+        return {}
+    return {id(c): (0, rows[c.table]) for c in holds}
+
+
+def _declarations(s: Schemas, tables: set[str]) -> dict[str, set[tuple[str, str]]]:
+    """Per table of `tables` (CDM names), the (check name, column) pairs its catalogue
+    entry answers (`DECLARED`): its primary key when that is one column, its NOT NULL
+    columns, its integer-typed columns. Read for the table the checks read (`located`)
+    from information_schema, the same on DuckDB and PostgreSQL; empty when it cannot be
+    read."""
+    where = {s.located(t): t for t in tables}
+    params = {"schemas": sorted({schema for schema, _ in where})}
+    try:
+        with s.wh.begin() as conn:
+            columns = conn.execute(
+                sa.text(
+                    "SELECT table_schema, table_name, column_name, is_nullable, data_type"
+                    " FROM information_schema.columns WHERE table_schema IN :schemas"
+                ).bindparams(sa.bindparam("schemas", expanding=True)),
+                params,
+            ).all()
+            keys = conn.execute(
                 sa.text(
                     "SELECT k.table_schema, k.table_name, k.column_name"
                     " FROM information_schema.table_constraints c"
                     " JOIN information_schema.key_column_usage k"
                     "   ON k.constraint_name = c.constraint_name"
                     "  AND k.table_schema = c.table_schema AND k.table_name = c.table_name"
-                    " WHERE c.constraint_type = 'PRIMARY KEY'"
-                    " AND c.table_schema IN :schemas"
-                    " ORDER BY k.table_schema, k.table_name, k.ordinal_position"
+                    " WHERE c.constraint_type = 'PRIMARY KEY' AND c.table_schema IN :schemas"
                 ).bindparams(sa.bindparam("schemas", expanding=True)),
-                {"schemas": sorted({schema for schema, _ in where})},
+                params,
             ).all()
     except sa.exc.DBAPIError as exc:
-        log.debug("the primary keys could not be read from the catalogue (%s)", exc.orig)
+        log.debug("the declarations could not be read from the catalogue (%s)", exc.orig)
         return {}
-    keys: dict[str, list[str]] = {}
-    for schema, name, column in found:
+    out: dict[str, set[tuple[str, str]]] = {}
+    for schema, name, column, nullable, kind in columns:
         if (schema, name) in where:
-            keys.setdefault(where[(schema, name)], []).append(column)
-    return keys
+            table = out.setdefault(where[(schema, name)], set())
+            if str(nullable).upper() == "NO":
+                table.add(("isRequired", column))
+            if str(kind).upper() in _INTEGER_TYPES:
+                table.add(("cdmDatatype", column))
+    key_columns: dict[tuple[str, str], list[str]] = {}
+    for schema, name, column in keys:
+        key_columns.setdefault((schema, name), []).append(column)
+    for located, columns_ in key_columns.items():
+        if located in where and len(columns_) == 1:
+            out.setdefault(where[located], set()).add(("isPrimaryKey", columns_[0]))
+    return out
 
 
 def _batch_counts(s: Schemas, batch: list[Check]) -> list[tuple[int, int] | str]:
