@@ -599,6 +599,8 @@ def test_checks_a_declaration_answers_count_nothing_and_the_others_run(
         check("isRequired", "n", f"SELECT 99, count(*) FROM {t}"),
         check("isRequired", "v", f"SELECT count(*) FILTER (WHERE v IS NULL), count(*) FROM {t}"),
         check("cdmDatatype", "n", f"SELECT 99, count(*) FROM {t}"),
+        # a site's own check named like one keeps its query
+        Check("isRequired", "t", "k", f"SELECT 1, count(*) FROM {t}", 0, "fatal", "Custom"),
         check("cdmDatatype", "v", f"SELECT count(*) FILTER (WHERE v IS NOT NULL AND"
               f" CAST(v AS DOUBLE PRECISION) <> CAST(CAST(CAST(v AS DOUBLE PRECISION) AS BIGINT)"
               f" AS DOUBLE PRECISION)), count(*) FROM {t}"),
@@ -614,6 +616,7 @@ def test_checks_a_declaration_answers_count_nothing_and_the_others_run(
             ("isPrimaryKey", "k"): (0, 2), ("isPrimaryKey", "dup"): (2, 2),
             ("isRequired", "n"): (0, 2), ("isRequired", "v"): (1, 2),
             ("cdmDatatype", "n"): (0, 2), ("cdmDatatype", "v"): (1, 2),
+            ("isRequired", "k"): (1, 2),
         }  # fmt: skip
         answered = {(c["name"], c["field"]): c.get("answered_by") for c in result.checks}
         assert answered[("isPrimaryKey", "k")] == "primary key constraint"
@@ -621,6 +624,7 @@ def test_checks_a_declaration_answers_count_nothing_and_the_others_run(
         assert answered[("cdmDatatype", "n")] == "integer column type"
         assert {(c.name, c.field) for c in alone} == {
             ("isPrimaryKey", "dup"), ("isRequired", "v"), ("cdmDatatype", "v"),
+            ("isRequired", "k"),
         }  # fmt: skip
     finally:
         with wh.begin() as conn:

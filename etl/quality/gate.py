@@ -223,7 +223,11 @@ def _declared_counts(s: Schemas, checks: list[Check]) -> dict[int, tuple[int, in
     declares as the check requires (`_declarations`), keyed by id(check). The rows of
     those tables are counted in one statement; when the catalogue or the count cannot be
     read, nothing is answered and every check runs its query."""
-    candidates = [c for c in checks if c.name in DECLARED and c.field and not c.params]
+    candidates = [  # a site's own check keeps its query, whatever its name
+        c
+        for c in checks
+        if c.name in DECLARED and c.field and not c.params and c.category != "Custom"
+    ]
     if not candidates:
         return {}
     declared = _declarations(s, {c.table for c in candidates})
