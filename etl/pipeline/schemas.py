@@ -94,9 +94,11 @@ class Schemas:
     def located(self, table: str) -> tuple[str, str]:
         """The schema and table name that `{S}.<table>` names in `sql` (unquoted): the
         built table itself when reading built tables (`reading_built`), else the stage's."""
-        if self.reads_built and self.tables_in_cdm and table in cdm_tables():
-            return self._built_at(table)
-        return self.stage, table
+        return self._built_at(table) if self._names_built(table) else (self.stage, table)
+
+    def _names_built(self, table: str) -> bool:
+        """Whether `sql` turns `{S}.<table>` into the built table (`located`)."""
+        return self.reads_built and self.tables_in_cdm and table in cdm_tables()
 
     def reading_built(self) -> Schemas:
         """The same schemas, but `sql` names each built CDM table itself where the text
@@ -131,7 +133,7 @@ class Schemas:
         """`built` for a CDM table (which keeps the researchers' and the vocabulary's in
         their schemas); any other `{S}.<name>` as it is."""
         table = match.group(1)
-        return self.built(table) if table in cdm_tables() else match.group(0)
+        return self.built(table) if self._names_built(table) else match.group(0)
 
     def run(self, conn: sa.Connection, text: str, params: dict | None = None, **extra: str):
         return conn.execute(sa.text(self.sql(text, **extra)), params or {})

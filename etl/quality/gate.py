@@ -89,12 +89,20 @@ def run_checks(s: Schemas, checks: list[Check]) -> GateResult:
     started = time.perf_counter()
     result = GateResult()
     in_catalog = _catalog_counts(s, [c for c in checks if c.catalog is not None])
-    declared = _declared_counts(s, [c for c in checks if c.catalog is None])
-    answered = {
-        **_over_rows_counts(s, [c for c in checks if c.catalog is None and id(c) not in declared]),
-        **declared,
+    rest = [c for c in checks if c.catalog is None]
+    holds = _declared(s, rest)
+    over_rows = [c for c in rest if id(c) not in holds]
+    # every table either kind needs, counted once
+    rows = _table_rows(
+        s,
+        {c.over_rows.table for c in over_rows if c.over_rows is not None and not c.params}
+        | {"{S}." + c.table for c in rest if id(c) in holds},
+    )
+    declared = {
+        id(c): (0, rows["{S}." + c.table]) for c in rest if id(c) in holds and rows is not None
     }
-    queried = [c for c in checks if c.catalog is None and id(c) not in answered]
+    answered = {**_over_rows_counts(s, over_rows, rows), **declared}
+    queried = [c for c in rest if id(c) not in answered]
     by_query: list[tuple[int, int] | str] = []
     for first in range(0, len(queried), BATCH):
         by_query.extend(_batch_counts(s, queried[first : first + BATCH]))
@@ -177,28 +185,37 @@ def _catalog_counts(s: Schemas, checks: list[Check]) -> dict[int, tuple[int, int
     return out
 
 
-def _over_rows_counts(s: Schemas, checks: list[Check]) -> dict[int, tuple[int, int]]:
-    """(violating, total) of the checks whose total is their table's rows, keyed by
-    id(check): each table counted once, the violating counts `BATCH` to a statement. What
-    errors (a table that is missing, a check that cannot run) is left to the batches,
-    which run each such check's own query and name the one at fault."""
-    picked = [(c, c.over_rows) for c in checks if c.over_rows is not None and not c.params]
-    tables = sorted({over.table for _, over in picked})
-    if not tables:
+def _table_rows(s: Schemas, tables: set[str]) -> dict[str, int] | None:
+    """The rows of each of `tables` (SQL such as `{S}.measurement`), in one statement;
+    None when one of them cannot be counted (a missing table): the checks over them then
+    run their own queries, which name the one at fault."""
+    ordered = sorted(tables)
+    if not ordered:
         return {}
+    union = " UNION ALL ".join(
+        f"SELECT {i} AS _t, count(*) FROM {s.sql(t)}" for i, t in enumerate(ordered)
+    )
     try:
         with s.wh.begin() as conn:
-            counted = conn.execute(
-                sa.text(
-                    " UNION ALL ".join(
-                        f"SELECT {i} AS _t, count(*) FROM {s.sql(t)}" for i, t in enumerate(tables)
-                    )
-                )
-            ).all()
+            return {ordered[int(i)]: int(n) for i, n in conn.execute(sa.text(union))}
     except sa.exc.DBAPIError as exc:
         log.debug("the checked tables could not be counted at once (%s)", exc.orig)
+        return None
+
+
+def _over_rows_counts(
+    s: Schemas, checks: list[Check], rows: dict[str, int] | None = None
+) -> dict[int, tuple[int, int]]:
+    """(violating, total) of the checks whose total is their table's rows, keyed by
+    id(check): each table counted once (`rows`, else `_table_rows` here), the violating
+    counts `BATCH` to a statement. What errors (a table that is missing, a check that
+    cannot run) is left to the batches, which run each such check's own query and name
+    the one at fault."""
+    picked = [(c, c.over_rows) for c in checks if c.over_rows is not None and not c.params]
+    if rows is None or any(over.table not in rows for _, over in picked):
+        rows = _table_rows(s, {over.table for _, over in picked})
+    if not picked or rows is None:
         return {}
-    rows = {tables[int(i)]: int(n) for i, n in counted}
     out: dict[int, tuple[int, int]] = {}
     for first in range(0, len(picked), BATCH):
         batch = picked[first : first + BATCH]
@@ -218,33 +235,19 @@ def _over_rows_counts(s: Schemas, checks: list[Check]) -> dict[int, tuple[int, i
     return out
 
 
-def _declared_counts(s: Schemas, checks: list[Check]) -> dict[int, tuple[int, int]]:
-    """(0, the table's rows) of each check of `DECLARED` kind whose column the catalogue
-    declares as the check requires (`_declarations`), keyed by id(check). The rows of
-    those tables are counted in one statement; when the catalogue or the count cannot be
-    read, nothing is answered and every check runs its query."""
+def _declared(s: Schemas, checks: list[Check]) -> set[int]:
+    """The ids of the checks of `DECLARED` kind whose column the catalogue declares as the
+    check requires (`_declarations`): each counts 0 of its table's rows. Empty when the
+    catalogue cannot be read: every check then runs its query."""
     candidates = [  # a site's own check keeps its query, whatever its name
         c
         for c in checks
         if c.name in DECLARED and c.field and not c.params and c.category != "Custom"
     ]
     if not candidates:
-        return {}
+        return set()
     declared = _declarations(s, {c.table for c in candidates})
-    holds = [c for c in candidates if (c.name, c.field) in declared.get(c.table, set())]
-    tables = sorted({c.table for c in holds})
-    if not tables:
-        return {}
-    union = " UNION ALL ".join(
-        f"SELECT {i} AS _t, count(*) FROM {{S}}.{t}" for i, t in enumerate(tables)
-    )
-    try:
-        with s.wh.begin() as conn:
-            rows = {tables[int(i)]: int(n) for i, n in conn.execute(sa.text(s.sql(union)))}
-    except sa.exc.DBAPIError as exc:
-        log.debug("the declared tables could not be counted (%s)", exc.orig)
-        return {}
-    return {id(c): (0, rows[c.table]) for c in holds}
+    return {id(c) for c in candidates if (c.name, c.field) in declared.get(c.table, set())}
 
 
 def _declarations(s: Schemas, tables: set[str]) -> dict[str, set[tuple[str, str]]]:
