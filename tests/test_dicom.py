@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pydicom
+import pytest
 from pydicom.dataset import Dataset
 
 from etl.config import FeedConfig
@@ -219,3 +220,62 @@ def test_a_bare_dataset_without_preamble_loads(tmp_path: Path) -> None:
         "MR",
         headers()["MR_small.dcm"]["StudyInstanceUID"],
     )
+
+
+def _compare_plain_values(converted: Dataset, raw: Dataset) -> int:
+    """Assert `headers._text` on `raw` (values not yet converted) gives, for every
+    plain-VR tag, pydicom's converted value as text (trimmed), in `converted` (a second
+    read of the same file); items of sequences too. Returns the values compared."""
+    from etl.sources.dicom.headers import PLAIN_TEXT_VRS, _text
+
+    compared = 0
+    for tag in converted.keys():  # noqa: SIM118 (iterating a Dataset yields elements)
+        elem = converted[tag]  # converts it
+        if elem.VR == "SQ":
+            for c_item, r_item in zip(elem.value, raw[tag].value, strict=True):
+                compared += _compare_plain_values(c_item, r_item)
+        elif elem.VR in PLAIN_TEXT_VRS and elem.keyword:
+            text = "" if elem.value is None else str(elem.value).strip().strip("\0").strip()
+            assert _text(raw, elem.keyword) == (text or None), elem.keyword
+            compared += 1
+    return compared
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR")
+def test_plain_values_read_from_their_bytes_equal_pydicoms_conversion(tmp_path: Path) -> None:
+    """`_text` decodes a plain value's bytes itself; pydicom's conversion of the same
+    file gives the same text, for every plain-VR tag of every test file and of values
+    made to differ: padding, NUL, multiple values, non-ASCII, ISO 2022 escapes."""
+    from etl.sources.dicom.headers import _text
+
+    made = Dataset()
+    made.SpecificCharacterSet = ["", "ISO 2022 IR 87"]
+    made.PatientID = " PAD ID  "
+    made.StudyInstanceUID = "1.2.3\0"
+    made.Modality = "CT\\MR"  # two values: pydicom's text is the list's
+    made.BodyPartExamined = "\u00d6SOPHAGUS"
+    made.InstitutionName = "\x1b$B;3ED\x1b(B"
+    made.StudyDate = "20200101"
+    made.StudyTime = "120000.5 "
+    made.AccessionNumber = ""
+    made.file_meta = pydicom.dataset.FileMetaDataset()
+    made.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    made.file_meta.MediaStorageSOPClassUID = made.file_meta.MediaStorageSOPInstanceUID = "1.2"
+    made_path = tmp_path / "made.dcm"
+    made.save_as(made_path, enforce_file_format=True)
+    corpus = Path(__file__).parent / "corpus" / "dicom"
+    files = [*sorted(DICOM_DATA.glob("*.dcm")), *sorted(corpus.glob("*.dcm")), made_path]
+    compared = 0
+    for path in files:
+        try:
+            converted = pydicom.dcmread(path, force=True)
+            converted.keys()
+        except Exception:  # a file pydicom cannot read at all: no values to compare
+            continue
+        compared += _compare_plain_values(converted, pydicom.dcmread(path, force=True))
+    assert compared > 100
+    ds = pydicom.dcmread(made_path)
+    assert _text(ds, "PatientID") == "PAD ID"
+    assert _text(ds, "StudyInstanceUID") == "1.2.3"
+    assert _text(ds, "Modality") == "['CT', 'MR']"
+    assert _text(ds, "AccessionNumber") is None
