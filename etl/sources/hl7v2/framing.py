@@ -9,6 +9,7 @@ their own, which parsing rejects ("no MSH segment").
 from __future__ import annotations
 
 import codecs
+import re
 from dataclasses import dataclass
 
 ENVELOPE = (b"FHS", b"BHS", b"BTS", b"FTS")
@@ -34,14 +35,46 @@ class RawMessage:
 
     number: int  # 1-based position in the file
     text: str  # segments joined with CR
-    segments: list[str]
     note: str | None = None  # e.g. decoded as latin-1
     error: str | None = None  # cannot be read at all (NUL bytes, no MSH)
+
+    @property
+    def segments(self) -> list[str]:
+        """Its segments (split when asked: the bulk reader needs only the text)."""
+        return self.text.split("\r")
 
     @property
     def record_count(self) -> int:
         """The records this message holds: its OBX (results) and SPM (specimens)."""
         return sum(1 for s in self.segments if s[:3] in ("OBX", "SPM"))
+
+
+# What only the general framing handles, at a segment's start: whitespace (a segment that
+# starts with it, or is only whitespace), an envelope segment (FHS, BHS, BTS, FTS)
+_NOT_PLAIN = re.compile(rb"\r[ \t\x0b\x0c]|\r[FB][HT]S")
+_EMPTY_SEGMENTS = re.compile(rb"\r\r+")
+
+
+def _plain_file(data: bytes) -> list[RawMessage] | None:
+    """The messages of a file whose segments need no per-segment care (the usual feed),
+    framed by whole-file operations; None for any other file. Gives exactly what the
+    general framing gives: segments start with their name (no leading whitespace, no
+    envelope, no NUL), every message starts with MSH, and the file is valid UTF-8, so
+    that each message is (a message cut at segment ends stays valid UTF-8)."""
+    if b"\r\r" in data:
+        data = _EMPTY_SEGMENTS.sub(b"\r", data)
+    data = data.strip(b"\r")
+    if not data.startswith(b"MSH") or b"\x00" in data or _NOT_PLAIN.search(data):
+        return None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    parts = text.split("\rMSH")
+    return [
+        _message(number, part if number == 1 else "MSH" + part)
+        for number, part in enumerate(parts, start=1)
+    ]
 
 
 def _segments(data: bytes) -> list[bytes]:
@@ -86,6 +119,11 @@ def split_messages(data: bytes) -> list[RawMessage]:
             file_note = "decoded as UTF-16 (byte-order mark)"
         except UnicodeDecodeError:
             pass  # left as bytes: its messages are rejected (NUL bytes)
+    else:
+        data = data.replace(b"\r\n", b"\r").replace(b"\n", b"\r")
+        plain = _plain_file(data)
+        if plain is not None:
+            return plain
     chunks: list[list[bytes]] = []
     current: list[bytes] | None = None
     for seg in _segments(data):
@@ -116,4 +154,4 @@ def split_messages(data: bytes) -> list[RawMessage]:
 
 
 def _message(number: int, text: str, **kw: str | None) -> RawMessage:
-    return RawMessage(number, text, text.split("\r"), **kw)
+    return RawMessage(number, text, **kw)
