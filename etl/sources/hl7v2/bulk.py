@@ -154,7 +154,8 @@ _SEGMENTS = """
 # segment other than MSH is f[n + 1]).
 _PIDS = """
     WITH f AS (
-        SELECT number, pos, string_split(seg, '|') AS f FROM hl7_segments WHERE name = 'PID'
+        SELECT number, pos, string_split(seg, '|') AS f, strpos(coalesce(f[4], ''), '~') > 0 AS many
+        FROM hl7_segments WHERE name = 'PID'
     ),
     ids AS (
         SELECT number, pos, f,
@@ -163,13 +164,22 @@ _PIDS = """
                                   lambda r: list_transform(string_split(r, '^'),
                                                            lambda c: trim(c))),
                    lambda r: r[1] <> '') AS ids
-        FROM f
+        FROM f WHERE many
+    ),
+    patients AS (
+        -- one identifier (nearly always): its first component, whatever its type
+        SELECT number, pos, f, trim(split_part(coalesce(f[4], ''), '^', 1)) AS patient_id
+        FROM f WHERE NOT many
+        UNION ALL
+        -- several (PID-3 repeated): the first of type MR, else the first
+        SELECT number, pos, f,
+               coalesce(list_filter(ids, lambda r: len(r) >= 5 AND upper(r[5]) = 'MR')[1][1],
+                        ids[1][1], '') AS patient_id
+        FROM ids
     )
-    SELECT number, pos,
-           coalesce(list_filter(ids, lambda r: len(r) >= 5 AND upper(r[5]) = 'MR')[1][1],
-                    ids[1][1], '') AS patient_id,
+    SELECT number, pos, patient_id,
            hl7_comp(f[8], 1) AS pid7, nullif(upper(hl7_comp(f[9], 1)), '') AS gender_code
-    FROM ids
+    FROM patients
 """
 
 _PV1S = """
@@ -242,6 +252,26 @@ _TIMES = f"""
     FROM t
 """
 
+# Every distinct reference range text of the rows (OBX-7), read once (message.py's
+# reference_range): a range "low-high" or a bound "<high", ">low".
+_RANGES = f"""
+    CREATE OR REPLACE TEMP TABLE hl7_ranges AS
+    SELECT v,
+           CASE WHEN regexp_full_match(v, '{_RANGE}')
+                    THEN TRY_CAST(regexp_extract(v, '{_RANGE}', 1) AS DOUBLE)
+                WHEN regexp_full_match(v, '{_BOUND}')
+                     AND NOT starts_with(regexp_extract(v, '{_BOUND}', 1), '<')
+                    THEN TRY_CAST(regexp_extract(v, '{_BOUND}', 2) AS DOUBLE)
+           END AS low,
+           CASE WHEN regexp_full_match(v, '{_RANGE}')
+                    THEN TRY_CAST(regexp_extract(v, '{_RANGE}', 2) AS DOUBLE)
+                WHEN regexp_full_match(v, '{_BOUND}')
+                     AND starts_with(regexp_extract(v, '{_BOUND}', 1), '<')
+                    THEN TRY_CAST(regexp_extract(v, '{_BOUND}', 2) AS DOUBLE)
+           END AS high
+    FROM (SELECT DISTINCT range_text AS v FROM hl7_fields WHERE range_text <> '')
+"""
+
 # The OBX and SPM rows, and whether every field is plain: a datetime text that is not
 # empty is valid and plausible (one that is not finds no time, or one not ok).
 _ROWS = f"""
@@ -311,27 +341,14 @@ _ROWS = f"""
                name = 'OBX' AND coalesce(({_identifying()}), FALSE) AS identifying
         FROM n
     )
-    SELECT * EXCLUDE (range_text, value_as_number, value_as_string, value_code,
-                      value_vocabulary),
+    SELECT o.* EXCLUDE (range_text, value_as_number, value_as_string, value_code,
+                        value_vocabulary),
            CASE WHEN NOT identifying THEN value_as_number END AS value_as_number,
            CASE WHEN NOT identifying THEN value_as_string END AS value_as_string,
            CASE WHEN NOT identifying THEN value_code END AS value_code,
            CASE WHEN NOT identifying THEN value_vocabulary END AS value_vocabulary,
-           CASE WHEN range_text = '' THEN NULL
-                WHEN regexp_full_match(range_text, '{_RANGE}')
-                    THEN TRY_CAST(regexp_extract(range_text, '{_RANGE}', 1) AS DOUBLE)
-                WHEN regexp_full_match(range_text, '{_BOUND}')
-                     AND NOT starts_with(regexp_extract(range_text, '{_BOUND}', 1), '<')
-                    THEN TRY_CAST(regexp_extract(range_text, '{_BOUND}', 2) AS DOUBLE)
-           END AS range_low,
-           CASE WHEN range_text = '' THEN NULL
-                WHEN regexp_full_match(range_text, '{_RANGE}')
-                    THEN TRY_CAST(regexp_extract(range_text, '{_RANGE}', 2) AS DOUBLE)
-                WHEN regexp_full_match(range_text, '{_BOUND}')
-                     AND starts_with(regexp_extract(range_text, '{_BOUND}', 1), '<')
-                    THEN TRY_CAST(regexp_extract(range_text, '{_BOUND}', 2) AS DOUBLE)
-           END AS range_high
-    FROM o
+           ranges.low AS range_low, ranges.high AS range_high
+    FROM o LEFT JOIN hl7_ranges ranges ON ranges.v = o.range_text
 """
 
 _PLAIN_ROWS = """
@@ -404,7 +421,7 @@ def read_plain(files: list[list[RawMessage]]) -> PlainRows:
     con.execute("SET VARIABLE hl7_latest = ?", [latest()])
     con.register("hl7_messages", pa.table({"number": pa.array(keys, pa.int64()), "text": texts}))
     try:
-        for step in (_MESSAGES, _SEGMENTS, _FIELDS, _TIMES, _ROWS):
+        for step in (_MESSAGES, _SEGMENTS, _FIELDS, _TIMES, _RANGES, _ROWS):
             con.execute(step)
         summary = con.sql("""
             SELECT m.number, m.structure, m.version, r.n
@@ -420,6 +437,7 @@ def read_plain(files: list[list[RawMessage]]) -> PlainRows:
         con.unregister("hl7_plain")
     finally:
         con.unregister("hl7_messages")
-        for name in ("hl7_candidates", "hl7_segments", "hl7_fields", "hl7_times", "hl7_rows"):
+        tables = ("hl7_candidates", "hl7_segments", "hl7_fields", "hl7_times", "hl7_ranges")
+        for name in (*tables, "hl7_rows"):
             con.execute(f"DROP TABLE IF EXISTS {name}")
     return PlainRows(counts, table)
