@@ -154,7 +154,8 @@ _SEGMENTS = """
 # segment other than MSH is f[n + 1]).
 _PIDS = """
     WITH f AS (
-        SELECT number, pos, string_split(seg, '|') AS f, strpos(coalesce(f[4], ''), '~') > 0 AS many
+        SELECT number, pos, string_split(seg, '|') AS f,
+               strpos(split_part(seg, '|', 4), '~') > 0 AS many  -- PID-3 repeated
         FROM hl7_segments WHERE name = 'PID'
     ),
     ids AS (
