@@ -78,7 +78,7 @@ def _plain_file(data: bytes) -> list[RawMessage] | None:
 
 
 def _segments(data: bytes) -> list[bytes]:
-    data = data.replace(b"\r\n", b"\r").replace(b"\n", b"\r")
+    """The non-blank segments of `data`, whose line ends are CR already."""
     return [s for s in data.split(b"\r") if s.strip()]
 
 
@@ -119,8 +119,8 @@ def split_messages(data: bytes) -> list[RawMessage]:
             file_note = "decoded as UTF-16 (byte-order mark)"
         except UnicodeDecodeError:
             pass  # left as bytes: its messages are rejected (NUL bytes)
-    else:
-        data = data.replace(b"\r\n", b"\r").replace(b"\n", b"\r")
+    data = data.replace(b"\r\n", b"\r").replace(b"\n", b"\r")
+    if file_note is None:  # a decoded UTF-16 file's messages carry its note
         plain = _plain_file(data)
         if plain is not None:
             return plain
