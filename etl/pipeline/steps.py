@@ -39,6 +39,7 @@ from etl import canonical
 from etl.cdm.build.merges import merge_summary, publish_merges
 from etl.cdm.schema import create_cdm
 from etl.config import FeedConfig, SiteConfig
+from etl.huge_pages import disable_transparent_huge_pages
 from etl.json_text import readable
 from etl.mapping.local_maps import read_local_maps
 from etl.paths import MAPPINGS_DIR
@@ -188,6 +189,9 @@ class NightlyRun:
         self.run_id = run_id
         self.run_dir = self.workdir / "runs" / run_id
         self.meta: dict[str, Any] = {}
+        # every step, in whatever process runs it (etl/huge_pages.py: 12% of the EHR
+        # feed's CPU went to zeroing huge pages)
+        disable_transparent_huge_pages()
 
     # -- lifecycle ---------------------------------------------------------------------
     @classmethod
