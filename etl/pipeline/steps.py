@@ -189,8 +189,8 @@ class NightlyRun:
         self.run_id = run_id
         self.run_dir = self.workdir / "runs" / run_id
         self.meta: dict[str, Any] = {}
-        # every step, in whatever process runs it (etl/huge_pages.py: 12% of the EHR
-        # feed's CPU went to zeroing huge pages)
+        # every step, in whatever process runs it (etl/huge_pages.py: without them the
+        # EHR feed took 12% less CPU at 100,000 patients)
         disable_transparent_huge_pages()
 
     # -- lifecycle ---------------------------------------------------------------------
