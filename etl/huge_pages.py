@@ -7,7 +7,9 @@ zeroed whole when first touched, whether the buffer uses it all or not. Under `p
 100,000-patient run spent about 6% of its CPU in the kernel zeroing pages
 (clear_page_erms), most of it under huge-page faults. With huge pages off for the
 process, the EHR feed's extraction at 100,000 patients took 22.0 s of CPU where it took
-24.9-25.0 s (12% less), and whole runs 103-105 s where they took 108-111 s.
+24.9-25.0 s (12% less), and whole runs 103-105 s where they took 108-111 s. At a million
+patients the whole runs did not show a difference (bench/HISTORY.md, twenty-eighth
+session).
 
 `prctl(PR_SET_THP_DISABLE)` applies to this process and to every process it starts (the
 lab and PACS feeds' workers): it is inherited across fork and exec. It changes nothing
