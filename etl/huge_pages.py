@@ -30,6 +30,23 @@ _PR_SET_THP_DISABLE = 41  # linux/prctl.h
 _PR_GET_THP_DISABLE = 42
 
 
+def _prctl(option: int, arg: int) -> int | None:
+    """prctl(option, arg) on Linux; None where there is no such call."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl(option, arg, 0, 0, 0)
+    except (OSError, AttributeError) as exc:
+        log.debug("no prctl: %s", exc)
+        return None
+
+
+def huge_pages_disabled() -> bool | None:
+    """Whether transparent huge pages are off for this process (None: unknown)."""
+    state = _prctl(_PR_GET_THP_DISABLE, 0)
+    return None if state is None or state < 0 else state == 1
+
+
 def disable_transparent_huge_pages() -> bool:
     """Turn transparent huge pages off for this process and its children.
 
@@ -37,27 +54,9 @@ def disable_transparent_huge_pages() -> bool:
     (not Linux, a kernel before 3.15) or OMOP_ETL_HUGE_PAGES=keep asks to leave them."""
     if os.environ.get(HUGE_PAGES_ENV, "").strip().lower() == "keep":
         return False
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.prctl(_PR_GET_THP_DISABLE, 0, 0, 0, 0) == 1:
-            return True
-        if libc.prctl(_PR_SET_THP_DISABLE, 1, 0, 0, 0) != 0:
-            log.debug("transparent huge pages left on: prctl errno %d", ctypes.get_errno())
-            return False
-    except (OSError, AttributeError) as exc:
-        log.debug("transparent huge pages left on: %s", exc)
+    if huge_pages_disabled():
+        return True
+    if _prctl(_PR_SET_THP_DISABLE, 1) != 0:
+        log.debug("transparent huge pages left on: prctl errno %d", ctypes.get_errno())
         return False
     return True
-
-
-def huge_pages_disabled() -> bool | None:
-    """Whether transparent huge pages are off for this process (None: unknown)."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        state = ctypes.CDLL(None, use_errno=True).prctl(_PR_GET_THP_DISABLE, 0, 0, 0, 0)
-    except (OSError, AttributeError):
-        return None
-    return None if state < 0 else state == 1
