@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import sqlalchemy as sa
 
 from etl.cdm.spec import cdm_tables
@@ -91,6 +93,7 @@ def assign_ids(
     natural_keys_sql: str,
     *,
     source_row: bool = False,
+    carry: Sequence[str] = (),
 ) -> str:
     """Map every natural key `natural_keys_sql` yields to a stable integer id.
 
@@ -104,10 +107,14 @@ def assign_ids(
     caller joins its rows back on an integer instead of rebuilding and hashing the key
     text. A rowid holds only within the transaction that read it: join back in the same
     transaction, then `forget_source_rows`.
+
+    `carry`: more columns the query yields, one value per key, kept after `is_new` for the
+    steps that look the ids up (a visit's provider, which its events take when they name
+    none, saves them a join of the visits).
     """
     target = f"ids_{cdm_table}"
     s.run(conn, "DROP TABLE IF EXISTS {S}.{target}", target=target)
-    row = ", source_row" if source_row else ""
+    row = "".join(f", {c}" for c in [*carry, *(["source_row"] if source_row else [])])
     create_table_as(
         s,
         conn,

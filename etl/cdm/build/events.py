@@ -196,7 +196,7 @@ SELECT e.record_key, e.record_set, e.code, e.vocabulary_id, e.type_concept_id,
             AS unit_source_concept_id,
        p.id AS person_id,
        v.id AS visit_occurrence_id,
-       coalesce(pr.id, vo.provider_id) AS provider_id
+       coalesce(pr.id, v.provider_id) AS provider_id
 FROM {{S}}.event_ok e
 JOIN {{S}}.ids_person p ON p.natural_key = e.person_key
 LEFT JOIN {{S}}.code_map m ON m.vocabulary_id = e.vocabulary_id AND m.code = e.code
@@ -205,7 +205,6 @@ LEFT JOIN {{S}}.code_map_single vc
        ON vc.vocabulary_id = e.value_vocabulary AND vc.code = e.value_code
 LEFT JOIN {{S}}.code_map_single u ON u.vocabulary_id = e.unit_vocabulary AND u.code = e.unit_code
 LEFT JOIN {{S}}.ids_visit_occurrence v ON v.natural_key = e.visit_key
-LEFT JOIN {{S}}.visit_occurrence vo ON vo.visit_occurrence_id = v.id
 LEFT JOIN {{S}}.ids_provider pr ON pr.natural_key = e.provider_key
 """
 

@@ -95,6 +95,11 @@ def _key_ranked(
     window: ranking every row would sort the whole, wide table, which at a million
     patients spilled over 100 M event rows to disk; a unique key is only hashed. Rows
     without a key rank among themselves, as one partition, as a window over all would.
+    Those rows are ranked once, here, into stage table `<name>_repeats`, which the SQL
+    returned reads: each reader of the SQL then scans `src` once instead of once more
+    for them (the kept events, read by the imaging visits and the events steps: at a
+    million patients 74,074 rows, whose second scan of the landed events took 8.4 and
+    5.9 CPU seconds in those steps).
 
     The table also gets one row with a NULL key when some row has no key (equality
     joins never match it). When it is empty, as on most nights, every rank is 1 and the
@@ -108,19 +113,34 @@ def _key_ranked(
     s.run(conn, _REPEATED_KEYS[hashed_first], t=repeated, key=key, src=s.sql(looked_in))
     if not s.run(conn, "SELECT count(*) FROM {S}.{t}", t=repeated).scalar_one():
         return s.sql("(SELECT t.*, CAST(1 AS BIGINT) AS key_rank FROM {src} t)", src=s.sql(src))
-    # the feed last: a total order, so a view over the ranks gives the same ranks each time
+    # the feed last: a total order, so the ranks are the same whoever computes them
     order = "ORDER BY t.source_file, t.source_line, t.feed"
+    keyless = f"""
+        UNION ALL
+        SELECT t.*, row_number() OVER ({order}) AS key_rank
+        FROM {{src}} t WHERE t.{key} IS NULL"""
+    has_keyless = s.run(
+        conn, "SELECT count(*) FROM {S}.{t} WHERE repeated_key IS NULL", t=repeated
+    ).scalar_one()
+    ranked_rows = f"{name}_repeats"
+    s.run(conn, "DROP TABLE IF EXISTS {S}.{t}", t=ranked_rows)
+    s.run(
+        conn,
+        f"""
+        CREATE TABLE {{S}}.{ranked_rows} AS
+        SELECT t.*, row_number() OVER (PARTITION BY t.{key} {order}) AS key_rank
+        FROM {{src}} t JOIN {{S}}.{repeated} r ON r.repeated_key = t.{key}
+        {keyless if has_keyless else ""}
+        """,
+        src=s.sql(src),
+    )
     return s.sql(
         f"""(
         SELECT t.*, CAST(1 AS BIGINT) AS key_rank FROM {{src}} t
         LEFT JOIN {{S}}.{repeated} r ON r.repeated_key = t.{key}
         WHERE r.repeated_key IS NULL AND t.{key} IS NOT NULL
         UNION ALL
-        SELECT t.*, row_number() OVER (PARTITION BY t.{key} {order}) AS key_rank
-        FROM {{src}} t JOIN {{S}}.{repeated} r ON r.repeated_key = t.{key}
-        UNION ALL
-        SELECT t.*, row_number() OVER ({order}) AS key_rank
-        FROM {{src}} t WHERE t.{key} IS NULL
+        SELECT * FROM {{S}}.{ranked_rows}
     )""",
         src=s.sql(src),
     )

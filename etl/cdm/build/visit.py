@@ -18,7 +18,6 @@ def _joins(by_row: bool) -> str:
     FROM {{S}}.visit_ok v
     JOIN {{S}}.ids_visit_occurrence i ON {link}
     JOIN {{S}}.ids_person p ON p.natural_key = v.person_key
-    LEFT JOIN {{S}}.ids_provider pr ON pr.natural_key = v.provider_key
     LEFT JOIN {{S}}.ids_care_site cs ON cs.natural_key = v.care_site_key
     LEFT JOIN {{S}}.code_map_single m
            ON m.vocabulary_id = v.class_vocabulary AND m.code = v.class_code
@@ -30,16 +29,19 @@ def build_visit(s: Schemas, conn: sa.Connection) -> None:
 
     On DuckDB the ids keep the rowid of their `visit_ok` row (one row per visit key) and
     the rows and lineage join back on it, as the events step does: an integer join where
-    the visit key is a 32-character digest (a million patients: 22 M visits)."""
+    the visit key is a 32-character digest (a million patients: 22 M visits). The ids
+    carry each visit's provider, for the visit's row and for its events that name none."""
     by_row = s.wh.dialect == "duckdb"
     ids = assign_ids(
         s,
         conn,
         "visit_occurrence",
-        "SELECT visit_key AS natural_key"
-        + (", rowid AS source_row" if by_row else "")
-        + " FROM {S}.visit_ok",
+        "SELECT v.visit_key AS natural_key, pr.id AS provider_id"
+        + (", v.rowid AS source_row" if by_row else "")
+        + " FROM {S}.visit_ok v"
+        " LEFT JOIN {S}.ids_provider pr ON pr.natural_key = v.provider_key",
         source_row=by_row,
+        carry=("provider_id",),
     )
     joins = _joins(by_row)
     start, end = "v.start_datetime", "coalesce(v.end_datetime, v.start_datetime)"
@@ -56,7 +58,7 @@ def build_visit(s: Schemas, conn: sa.Connection) -> None:
             "visit_end_date": f"CAST({end} AS DATE)",
             "visit_end_datetime": end,
             "visit_type_concept_id": str(EHR_ENCOUNTER_RECORD),
-            "provider_id": "pr.id",
+            "provider_id": "i.provider_id",
             "care_site_id": "cs.id",
             "visit_source_value": "v.class_code",
             "visit_source_concept_id": "coalesce(m.source_concept_id, 0)",
