@@ -99,8 +99,9 @@ def assign_ids(
 
     Known keys keep their id from the persistent key map; new keys get the next ids in
     natural-key order (deterministic, so two engines given the same input agree).
-    Creates and returns the stage table `ids_<cdm_table>(natural_key, id, is_new)`; the
-    new keys join the key map only when the run publishes.
+    Creates and returns the stage table `ids_<cdm_table>` (natural_key, id, is_new, by
+    name: DuckDB's has id last); the new keys join the key map only when the run
+    publishes.
 
     `source_row`: the query also yields `source_row`, the DuckDB rowid of the row each key
     comes from (one key per row), and the ids table keeps it after `is_new`, so the
@@ -115,38 +116,94 @@ def assign_ids(
     target = f"ids_{cdm_table}"
     s.run(conn, "DROP TABLE IF EXISTS {S}.{target}", target=target)
     row = "".join(f", {c}" for c in [*carry, *(["source_row"] if source_row else [])])
-    create_table_as(
-        s,
-        conn,
-        target,
-        """
-        WITH n AS (
-            SELECT {distinct} natural_key{row} FROM ({keys}) q WHERE natural_key IS NOT NULL
-        ),
-        known AS (
-            SELECT n.natural_key, k.id{row} FROM n
-            JOIN {E}.key_map k ON k.cdm_table = :t AND k.natural_key = n.natural_key
-        ),
-        fresh AS (
-            SELECT n.natural_key{row} FROM n
-            WHERE NOT EXISTS (
-                SELECT 1 FROM {E}.key_map k WHERE k.cdm_table = :t AND k.natural_key = n.natural_key
-            )
-        ),
-        base AS (SELECT coalesce(max(id), 0) AS top FROM {E}.key_map WHERE cdm_table = :t)
-        SELECT natural_key, id, FALSE AS is_new{row} FROM known
-        UNION ALL
-        SELECT f.natural_key,
-               CAST(b.top + row_number() OVER (ORDER BY f.natural_key) AS INTEGER), TRUE{row}
-        FROM fresh f CROSS JOIN base b
-        """,
-        {"t": cdm_table},
-        uncompressed=("natural_key",),
+    keys = dict(
         keys=s.sql(natural_keys_sql),
         row=row,
         distinct="" if source_row else "DISTINCT",  # a row gives one key
     )
+    if s.wh.dialect == "duckdb":
+        _assign_ids_in_order(s, conn, cdm_table, target, keys)
+        return target
+    create_table_as(
+        s,
+        conn,
+        target,
+        f"""
+        WITH {_KEYS},
+        known AS (
+            SELECT n.natural_key, k.id{{row}} FROM n
+            JOIN {{E}}.key_map k ON k.cdm_table = :t AND k.natural_key = n.natural_key
+        ),
+        fresh AS ({_FRESH}),
+        base AS (SELECT coalesce(max(id), 0) AS top FROM {{E}}.key_map WHERE cdm_table = :t)
+        SELECT natural_key, id, FALSE AS is_new{{row}} FROM known
+        UNION ALL
+        SELECT f.natural_key,
+               CAST(b.top + row_number() OVER (ORDER BY f.natural_key) AS INTEGER), TRUE{{row}}
+        FROM fresh f CROSS JOIN base b
+        """,
+        {"t": cdm_table},
+        uncompressed=("natural_key",),
+        **keys,
+    )
     return target
+
+
+# the keys of `assign_ids`' query, one row each, and those the key map does not know
+_KEYS = """n AS (
+    SELECT {distinct} natural_key{row} FROM ({keys}) q WHERE natural_key IS NOT NULL
+)"""
+_FRESH = """
+    SELECT n.natural_key{row} FROM n
+    WHERE NOT EXISTS (
+        SELECT 1 FROM {E}.key_map k WHERE k.cdm_table = :t AND k.natural_key = n.natural_key
+    )"""
+
+
+def _assign_ids_in_order(
+    s: Schemas, conn: sa.Connection, cdm_table: str, target: str, keys: dict[str, str]
+) -> None:
+    """DuckDB: `assign_ids`' table with the new keys written in natural-key order (ORDER
+    BY) and numbered after, in that order, by an added column whose default draws from a
+    sequence; then the known keys with their ids. The same ids as a row_number() window
+    over the keys, which DuckDB computes over one partition, mostly on one core: for
+    observation's 29.3 M keys at a million patients the window took 26 s and 31-35 CPU
+    s, the sorted write 11-13 s and the numbering 2 s."""
+    params = {"t": cdm_table}
+    top = s.run(
+        conn, "SELECT coalesce(max(id), 0) FROM {E}.key_map WHERE cdm_table = :t", params
+    ).scalar_one()
+    fresh = _FRESH if top else "SELECT n.natural_key{row} FROM n"  # nothing is known yet
+    create_table_as(
+        s,
+        conn,
+        target,
+        f"WITH {_KEYS} SELECT f.natural_key, TRUE AS is_new{{row}} FROM ({fresh}) f"
+        " ORDER BY f.natural_key",
+        params,
+        uncompressed=("natural_key",),
+        **keys,
+    )
+    sequence = f"{target}_next"
+    s.run(conn, "DROP SEQUENCE IF EXISTS {S}.{q}", q=sequence)
+    s.run(conn, f"CREATE SEQUENCE {{S}}.{sequence} START {int(top) + 1}")
+    # the column is filled row by row in the table's order: the keys' order
+    s.run(
+        conn,
+        f"ALTER TABLE {{S}}.{target} ADD COLUMN id INTEGER"
+        f" DEFAULT nextval('{s.sql('{S}')}.{sequence}')",
+    )
+    s.run(conn, f"ALTER TABLE {{S}}.{target} ALTER COLUMN id DROP DEFAULT")
+    s.run(conn, "DROP SEQUENCE {S}.{q}", q=sequence)
+    if top:
+        s.run(
+            conn,
+            f"INSERT INTO {{S}}.{target} (natural_key, is_new{{row}}, id)"
+            f" WITH {_KEYS} SELECT n.natural_key, FALSE{{row}}, k.id FROM n"
+            " JOIN {E}.key_map k ON k.cdm_table = :t AND k.natural_key = n.natural_key",
+            params,
+            **keys,
+        )
 
 
 def forget_source_rows(s: Schemas, conn: sa.Connection, ids_table: str) -> None:
