@@ -150,7 +150,12 @@ def _key_ranked(
         find_repeated_by_hash(raw, repeated, s.sql(looked_in), key, s.sql("{S}"))
     else:
         s.run(conn, _REPEATED_KEYS, t=repeated, key=key, src=s.sql(looked_in))
-    if not s.run(conn, "SELECT count(*) FROM {S}.{t}", t=repeated).scalar_one():
+    found, has_keyless = s.run(
+        conn,
+        "SELECT count(*), count(*) FILTER (WHERE repeated_key IS NULL) FROM {S}.{t}",
+        t=repeated,
+    ).one()
+    if not found:
         return s.sql("(SELECT t.*, CAST(1 AS BIGINT) AS key_rank FROM {src} t)", src=s.sql(src))
     # the feed last: a total order, so the ranks are the same whoever computes them
     order = "ORDER BY t.source_file, t.source_line, t.feed"
@@ -158,9 +163,6 @@ def _key_ranked(
         UNION ALL
         SELECT t.*, row_number() OVER ({order}) AS key_rank
         FROM {{src}} t WHERE t.{key} IS NULL"""
-    has_keyless = s.run(
-        conn, "SELECT count(*) FROM {S}.{t} WHERE repeated_key IS NULL", t=repeated
-    ).scalar_one()
     ranked_rows = f"{name}_repeats"
     s.run(conn, "DROP TABLE IF EXISTS {S}.{t}", t=ranked_rows)
     s.run(
