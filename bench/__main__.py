@@ -13,8 +13,10 @@ report) in a fresh process into a new warehouse (bench/ehr_build.py's worker; th
 vocabulary step loads the demo vocabulary), and once per N the floor (bench/floor.py):
 DuckDB alone reading the same input files and writing as many rows to Parquet as the
 run published. Prints per step seconds, rows/s and peak RSS, then a summary with the
-ratio pipeline / floor. Figures go to OUT/bench.json (merged with earlier sizes) and a
-plot of time and memory against N to OUT/bench.png.
+ratio pipeline / floor and the share of the machine's CPU stolen by its hypervisor
+during the run and during the floor (bench/host.py; a contended run is not a slow one).
+Figures go to OUT/bench.json (merged with earlier sizes) and a plot of time and memory
+against N to OUT/bench.png.
 
 Above --billing-max-patients the EHR export is scaled without Synthea's billing files
 (claims, claims_transactions, payer_transitions: ~70% of the rows, ~80% of the bytes;
@@ -41,6 +43,7 @@ from typing import Any
 
 from bench.ehr_build import _code_version, _print_run, _run_worker
 from bench.feeds import write_lab, write_pacs
+from bench.host import contention, cpu_times
 from bench.measure import print_table
 from bench.synthea_scaler import scale
 
@@ -201,6 +204,7 @@ def _summary(runs: list[dict[str, Any]]) -> None:
                 f"{cpu:,.0f}" if (cpu := _cpu(r)) else "-",
                 f"{floor.get('cpu_seconds', 0):,.0f}",
                 f"{cpu / floor['cpu_seconds']:.1f}x" if cpu and floor.get("cpu_seconds") else "-",
+                _steal(r.get("host")) + " / " + _steal(floor.get("host")),
             ]
         )
     print_table(
@@ -220,9 +224,15 @@ def _summary(runs: list[dict[str, Any]]) -> None:
             "CPU s",
             "floor CPU s",
             "CPU ratio",
+            "CPU stolen",
         ],
         rows,
     )
+
+
+def _steal(host: dict[str, float] | None) -> str:
+    """The share of the machine's CPU stolen during a run (bench/host.py), or '-'."""
+    return f"{host['steal_pct']:.1f}%" if host else "-"
 
 
 def _per_feed(files: dict[str, Any]) -> dict[str, Any]:
@@ -388,10 +398,14 @@ def main(argv: list[str] | None = None) -> None:
             if engine == "postgresql" and n > args.pg_max_patients:
                 print(f"PostgreSQL skipped at N = {n:,} (--pg-max-patients)")
                 continue
+            before = cpu_times()
             fig = {**_pipeline(engine, n, data, args), "inputs": inputs}
+            fig["host"] = contention(before, cpu_times())
             fig["lab_messages"] = data["lab_messages"]
             if floor is None and fig.get("status") == "published":
+                before = cpu_times()
                 floor = _floor(n, data, fig["tables"], args)
+                floor["host"] = contention(before, cpu_times())
             fig["floor"] = floor
             runs.append(fig)
         _summary(runs)

@@ -59,6 +59,10 @@ def test_every_step_is_measured(bench_run: dict) -> None:
     assert [c[0] for c in run["step_calls"]].count("extract") == 1
     assert run["timings"]["extract.wall"] <= run["timings"]["extract"] + 1e-6
     assert run["duckdb_settings"] == {"threads": 2, "memory_limit": "1GB"}
+    # the host's contention during the run and during the floor (bench/host.py)
+    for host in (run["host"], run["floor"]["host"]):
+        assert set(host) == {"steal_pct", "iowait_pct", "steal_seconds"}
+        assert 0 <= host["steal_pct"] <= 100 and 0 <= host["iowait_pct"] <= 100
     assert bench_run["json"]["machine"]["cores"] >= 1
     assert (bench_run["out"] / "bench.png").stat().st_size > 0
 
@@ -141,3 +145,22 @@ def test_the_delta_benchmark_resends_every_row_of_the_chosen_patients(tmp_path: 
     with (tmp_path / "delta" / "conditions.csv").open(encoding="utf-8", newline="") as fh:
         assert list(csv.DictReader(fh)) == expected
     assert counts["conditions.csv"] == len(expected) > 0
+
+
+def test_contention_is_the_share_of_cpu_time_stolen_and_waiting() -> None:
+    """bench/host.py over two readings of /proc/stat's aggregate line: of 1,000 ticks
+    spent, 100 stolen and 50 waiting for I/O; an older kernel's shorter line reads as
+    zeros, and without two readings there are no figures."""
+    from bench.host import contention, parse_proc_stat
+
+    before = parse_proc_stat("cpu  100 0 50 800 10 0 0 40 0 0\ncpu0 50 0 25 400 5 0 0 20 0 0\n")
+    after = parse_proc_stat("cpu  600 0 150 1050 60 0 0 140 0 0\n")
+    figures = contention(before, after)
+    assert figures is not None
+    assert figures["steal_pct"] == 10.0 and figures["iowait_pct"] == 5.0
+    assert figures["steal_seconds"] == round(100 / os.sysconf("SC_CLK_TCK"), 1)
+    old_kernel = parse_proc_stat("cpu 1 2 3 4\n")
+    assert old_kernel.ticks["steal"] == 0 and old_kernel.total == 10
+    assert contention(None, after) is None and contention(before, before) is None
+    with pytest.raises(ValueError):
+        parse_proc_stat("intr 0\n")
