@@ -53,13 +53,13 @@ def contention(before: CpuTimes | None, after: CpuTimes | None) -> dict[str, flo
     and spent idle waiting for I/O, and the seconds stolen; None without both readings."""
     if before is None or after is None:
         return None
-    spent = {k: after.ticks[k] - before.ticks[k] for k in FIELDS}
-    total = sum(spent.values())
+    total = after.total - before.total
     if total <= 0:
         return None
-    hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    steal = after.ticks["steal"] - before.ticks["steal"]
+    iowait = after.ticks["iowait"] - before.ticks["iowait"]
     return {
-        "steal_pct": round(100 * spent["steal"] / total, 2),
-        "iowait_pct": round(100 * spent["iowait"] / total, 2),
-        "steal_seconds": round(spent["steal"] / hz, 1),
+        "steal_pct": round(100 * steal / total, 2),
+        "iowait_pct": round(100 * iowait / total, 2),
+        "steal_seconds": round(steal / os.sysconf("SC_CLK_TCK"), 1),  # readings: Linux
     }
