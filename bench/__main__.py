@@ -2,7 +2,7 @@
 
     python -m bench [--patients 1000,10000,100000,1000000] [--engines duckdb,postgresql]
                     [--pg-max-patients 100000] [--billing-max-patients 100000]
-                    [--memory-limit 6GB|none] [--threads 2]
+                    [--memory-limit 6GB|none] [--threads 2] [--nights 1]
                     [--workdir bench/out] [--out bench/out] [--no-plot]
 
 For each N (patients): the demo population (demo/synthea27) scaled to N patients
@@ -17,6 +17,12 @@ ratio pipeline / floor and the share of the machine's CPU stolen by its hypervis
 during the run and during the floor (bench/host.py; a contended run is not a slow one).
 Figures go to OUT/bench.json (merged with earlier sizes) and a plot of time and memory
 against N to OUT/bench.png.
+
+--nights 2 (or more) runs the nightly job again on the same warehouse over the same
+input, as a site's every night after its first: every key is in the key map, tonight's
+build replaces last night's. Each later night is printed and kept in bench.json
+(`later_nights` of the first night's entry) with its ratio to the same floor; the first
+night's `host` figures then cover every night.
 
 Above --billing-max-patients the EHR export is scaled without Synthea's billing files
 (claims, claims_transactions, payer_transitions: ~70% of the rows, ~80% of the bytes;
@@ -126,30 +132,47 @@ def _extract_seconds(run_dir: Path) -> dict[str, float]:
     return out
 
 
+def _duckdb_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The DuckDB settings the run's site config gets (`duckdb:`), those given only."""
+    settings = {"threads": args.threads, "memory_limit": args.memory_limit}
+    return {k: v for k, v in settings.items() if v}
+
+
 def _pipeline(
     engine: str, n: int, data: dict[str, Any], args: argparse.Namespace
 ) -> dict[str, Any]:
-    """One first-night run over the three feeds in a fresh process; its figures."""
+    """The nightly job over the three feeds in a fresh process, `args.nights` times on
+    one new warehouse; the first night's figures, the later nights' in `later_nights`."""
     workdir = args.workdir / f"runs_{engine}"
     workdir.mkdir(parents=True, exist_ok=True)
-    settings = {"threads": args.threads, "memory_limit": args.memory_limit}
-    settings = {k: v for k, v in settings.items() if v}
-    extra = ["--duckdb-settings", json.dumps(settings)]
+    extra = ["--duckdb-settings", json.dumps(_duckdb_settings(args))]
     if args.feeds == "all":
         extra += ["--lab", str(data["lab"]), "--pacs", str(data["pacs"])]
     _, results, killed = _run_worker(
-        engine, n, data["synthea"], workdir, 1, args.timeout, args.max_rss_gib * 1024, extra
-    )
-    if killed or not results:
+        engine, n, data["synthea"], workdir, args.nights, args.timeout,
+        args.max_rss_gib * 1024, extra,
+    )  # fmt: skip
+    if not results:
         return {"engine": engine, "patients": n, "status": "killed", "reason": killed}
-    r = results[0]
+    first, *later = (_night_figures(engine, n, data, args, r) for r in results)
+    first["later_nights"] = [{k: v for k, v in f.items() if k != "files"} for f in later]
+    if killed and len(results) < args.nights:  # a later night was killed: those before stand
+        first["later_nights"].append({"run": len(results) + 1, "status": "killed",
+                                      "reason": killed})  # fmt: skip
+    return first
+
+
+def _night_figures(
+    engine: str, n: int, data: dict[str, Any], args: argparse.Namespace, r: dict[str, Any]
+) -> dict[str, Any]:
+    """One night's figures from the worker's result `r`, printed."""
     fig = {
         "engine": engine,
         "patients": n,
         **{k: v for k, v in r.items() if k != "event"},
         "input_records": sum(f["records_in"] for f in r["feeds"].values()),
         "cdm_rows": sum(r["tables"].values()),
-        "duckdb_settings": settings if engine == "duckdb" else {},
+        "duckdb_settings": _duckdb_settings(args) if engine == "duckdb" else {},
         "feed_set": args.feeds,
         "billing": data["billing"],
         "extract_seconds": _extract_seconds(Path(r["run_dir"])),
@@ -228,6 +251,39 @@ def _summary(runs: list[dict[str, Any]]) -> None:
         ],
         rows,
     )
+    _later_nights_summary(runs)
+
+
+def _later_nights_summary(runs: list[dict[str, Any]]) -> None:
+    """The later nights (`--nights`), each beside its first night and the same floor."""
+    rows = []
+    for r in runs:
+        first, floor = r.get("wall_seconds"), r.get("floor") or {}
+        for night in r.get("later_nights", []):
+            wall = night.get("wall_seconds")
+            steps = {k: v for k, v in night.get("timings", {}).items() if k != "extract"}
+            top = sorted(steps.items(), key=lambda kv: -kv[1])[:3]  # extract: the feeds summed
+            rows.append(
+                [
+                    f"{r['patients']:,}",
+                    r["engine"],
+                    str(night.get("run", "?")),
+                    night.get("status", "?"),
+                    f"{wall:,.1f}" if wall else "-",
+                    f"{night.get('peak_mb', 0):,.0f}",
+                    f"{wall / first:.2f}x" if wall and first else "-",
+                    f"{wall / floor['seconds']:.1f}x" if wall and floor.get("seconds") else "-",
+                    f"{cpu:,.0f}" if (cpu := _cpu(night)) else "-",
+                    ", ".join(f"{k} {v:,.0f}s" for k, v in top),
+                ]
+            )
+    if rows:
+        print("\nlater nights (same warehouse, same input):")
+        print_table(
+            ["patients", "engine", "night", "status", "pipeline s", "peak MiB",
+             "vs night 1", "ratio", "CPU s", "longest steps"],
+            rows,
+        )  # fmt: skip
 
 
 def _steal(host: dict[str, float] | None) -> str:
@@ -356,6 +412,10 @@ def main(argv: list[str] | None = None) -> None:
         " own default, 80%% of RAM)",
     )
     ap.add_argument("--threads", type=int, help="DuckDB threads (site config)")
+    ap.add_argument(
+        "--nights", type=int, default=1,
+        help="nightly runs per N on the same warehouse (2: also a night whose keys are known)",
+    )  # fmt: skip
     ap.add_argument("--workdir", type=Path, default=REPO / "bench" / "out", help="data, runs")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "out", help="JSON and PNG")
     ap.add_argument("--timeout", type=float, default=0, help="seconds per run; 0: none")
@@ -367,6 +427,8 @@ def main(argv: list[str] | None = None) -> None:
     args.workdir, args.out = args.workdir.resolve(), args.out.resolve()
     args.workdir.mkdir(parents=True, exist_ok=True)
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.nights < 1:
+        ap.error("--nights must be 1 or more")
     engines = [e.strip() for e in args.engines.split(",") if e.strip()]
     unknown = set(engines) - {"duckdb", "postgresql"}
     if unknown:
