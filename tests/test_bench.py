@@ -18,12 +18,12 @@ PATIENTS = 60
 
 @pytest.fixture(scope="module")
 def bench_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """One benchmark run (DuckDB, 60 patients, three feeds); the JSON it wrote."""
+    """One benchmark run (DuckDB, 60 patients, three feeds, two nights); the JSON it wrote."""
     work = tmp_path_factory.mktemp("bench")
     out = work / "out"
     env = {k: v for k, v in os.environ.items() if not k.startswith("OMOP_ETL_DUCKDB_")}
     args = ["--patients", str(PATIENTS), "--engines", "duckdb", "--memory-limit", "1GB"]
-    args += ["--threads", "2", "--workdir", str(work), "--out", str(out)]
+    args += ["--threads", "2", "--nights", "2", "--workdir", str(work), "--out", str(out)]
     done = subprocess.run(
         [sys.executable, "-m", "bench", *args],
         cwd=REPO,
@@ -34,7 +34,8 @@ def bench_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "ratio" in done.stdout  # the summary table was printed
-    return {"json": json.loads((out / "bench.json").read_text()), "out": out, "work": work}
+    figures = json.loads((out / "bench.json").read_text())
+    return {"json": figures, "out": out, "work": work, "stdout": done.stdout}
 
 
 def _run(bench_run: dict) -> dict:
@@ -94,6 +95,33 @@ def test_the_floor_reads_the_same_input_and_writes_as_many_rows(bench_run: dict)
     assert floor["csv_rows"] == run["feeds"]["ehr"]["records_in"]
     assert floor["dicom_files"] == run["inputs"]["dicom_files"]
     assert floor["hl7_segments"] > run["inputs"]["lab_messages"]
+
+
+def test_a_second_night_rebuilds_the_same_rows_with_the_same_ids(bench_run: dict) -> None:
+    import duckdb
+
+    run = _run(bench_run)
+    [night] = run["later_nights"]
+    assert night["run"] == 2 and night["status"] == "published"
+    assert night["run_dir"] != run["run_dir"] and "files" not in night
+    assert night["tables"] == run["tables"]  # the same input: the same rows
+    report = json.loads((Path(night["run_dir"]) / "report.json").read_text())
+    assert report["status"] == "published" and report["tables"] == run["tables"]
+    assert night["wall_seconds"] > 0 and night["peak_mb"] > 0
+    assert "build.events" in night["timings"]
+    assert "later nights" in bench_run["stdout"]
+    # every key of the second night was already known: the key map holds one id per row
+    # of each keyed table, numbered 1..rows, not a second set minted on the second night
+    db = bench_run["work"] / "runs_duckdb" / f"ehr_{PATIENTS}.duckdb"
+    with duckdb.connect(str(db), read_only=True) as con:
+        keys = dict(
+            (t, (n, top))
+            for t, n, top in con.sql(
+                "SELECT cdm_table, count(*), max(id) FROM main_etl.key_map GROUP BY 1"
+            ).fetchall()
+        )
+    for table in ("person", "visit_occurrence", "drug_exposure", "measurement"):
+        assert keys[table] == (run["tables"][table], run["tables"][table]), table
 
 
 def test_the_generated_feeds_are_deterministic(bench_run: dict, tmp_path: Path) -> None:

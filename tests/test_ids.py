@@ -93,3 +93,44 @@ def test_first_ids_start_at_one_without_a_window_on_duckdb(warehouse) -> None:
     ]  # fmt: skip
     windows = [q for q in statements if "row_number()" in q]
     assert bool(windows) == (wh.dialect != "duckdb")
+
+
+def test_a_later_night_keeps_every_key_of_a_million(duckdb_wh) -> None:
+    """A night after the first, every key already known, at the size of a million
+    patients' persons: each key keeps its id and its text. The DuckDB 2.0 statements of
+    an earlier version (an empty write of the new keys, a column added, then the known
+    keys inserted) lost the text of every key above some hundred thousand rows, so
+    nothing joined and the million-patient benchmark's second night built no rows."""
+    wh, cdm = duckdb_wh
+    s = Schemas(wh, cdm)
+    n = 1_000_000
+    with wh.begin() as conn:
+        s.wh.create_schema(conn, s.stage)
+        s.wh.create_schema(conn, s.etl)
+        s.run(conn, key_map_ddl(s.wh.dialect))
+        s.run(
+            conn,
+            "CREATE TABLE {S}.thing AS SELECT md5(CAST(i AS VARCHAR)) AS thing_key"
+            f" FROM range({n}) r(i)",
+        )
+        s.run(
+            conn,
+            "INSERT INTO {E}.key_map SELECT 'thing', md5(CAST(i AS VARCHAR)),"
+            f" CAST(i + 1 AS INTEGER) FROM range({n}) r(i)",
+        )
+    with wh.begin() as conn:
+        ids = assign_ids(
+            s,
+            conn,
+            "thing",
+            "SELECT thing_key AS natural_key, rowid AS source_row FROM {S}.thing",
+            source_row=True,
+        )
+        kept, known, joined = s.run(
+            conn,
+            f"SELECT count(i.natural_key), count(*) FILTER (WHERE NOT i.is_new),"
+            f" count(*) FILTER (WHERE k.id = i.id) FROM {{S}}.{ids} i"
+            " JOIN {S}.thing t ON t.rowid = i.source_row AND t.thing_key = i.natural_key"
+            " LEFT JOIN {E}.key_map k ON k.cdm_table = 'thing' AND k.natural_key = i.natural_key",
+        ).one()
+    assert (kept, known, joined) == (n, n, n)

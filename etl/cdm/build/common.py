@@ -163,30 +163,35 @@ _FRESH = """
 def _assign_ids_in_order(
     s: Schemas, conn: sa.Connection, cdm_table: str, target: str, keys: dict[str, str]
 ) -> None:
-    """DuckDB: `assign_ids`' table with the new keys written in natural-key order (ORDER
-    BY) and numbered after, in that order, by an added column whose default draws from a
-    sequence; then the known keys with their ids. The same ids as a row_number() window
-    over the keys, which DuckDB computes over one partition, mostly on one core: for
-    observation's 29.3 M keys at a million patients the window took 26 s and 31-35 CPU
-    s, the sorted write 11-13 s and the numbering 2 s."""
+    """DuckDB: `assign_ids`' table, the new keys numbered in natural-key order.
+
+    A first night (the key map knows no key of the table): the keys are written in
+    natural-key order (ORDER BY) and numbered after, in that order, by an added column
+    whose default draws from a sequence. The same ids as a row_number() window over the
+    keys, which DuckDB computes over one partition, mostly on one core: for observation's
+    29.3 M keys at a million patients the window took 26 s and 31-35 CPU s, the sorted
+    write 11-13 s and the numbering 2 s.
+
+    A later night: `_look_up_then_number`."""
     params = {"t": cdm_table}
     top = s.run(
         conn, "SELECT coalesce(max(id), 0) FROM {E}.key_map WHERE cdm_table = :t", params
     ).scalar_one()
-    fresh = _FRESH if top else "SELECT n.natural_key{row} FROM n"  # nothing is known yet
+    if top:
+        _look_up_then_number(s, conn, target, keys, params, int(top))
+        return
     create_table_as(
         s,
         conn,
         target,
-        f"WITH {_KEYS} SELECT f.natural_key, TRUE AS is_new{{row}} FROM ({fresh}) f"
-        " ORDER BY f.natural_key",
+        f"WITH {_KEYS} SELECT n.natural_key, TRUE AS is_new{{row}} FROM n ORDER BY n.natural_key",
         params,
         uncompressed=("natural_key",),
         **keys,
     )
     sequence = f"{target}_next"
     s.run(conn, "DROP SEQUENCE IF EXISTS {S}.{q}", q=sequence)
-    s.run(conn, f"CREATE SEQUENCE {{S}}.{sequence} START {int(top) + 1}")
+    s.run(conn, f"CREATE SEQUENCE {{S}}.{sequence} START 1")
     # the column is filled row by row in the table's order: the keys' order
     s.run(
         conn,
@@ -195,15 +200,43 @@ def _assign_ids_in_order(
     )
     s.run(conn, f"ALTER TABLE {{S}}.{target} ALTER COLUMN id DROP DEFAULT")
     s.run(conn, "DROP SEQUENCE {S}.{q}", q=sequence)
-    if top:
-        s.run(
-            conn,
-            f"INSERT INTO {{S}}.{target} (natural_key, is_new{{row}}, id)"
-            f" WITH {_KEYS} SELECT n.natural_key, FALSE{{row}}, k.id FROM n"
-            " JOIN {E}.key_map k ON k.cdm_table = :t AND k.natural_key = n.natural_key",
-            params,
-            **keys,
-        )
+
+
+def _look_up_then_number(
+    s: Schemas,
+    conn: sa.Connection,
+    target: str,
+    keys: dict[str, str],
+    params: dict[str, str],
+    top: int,
+) -> None:
+    """DuckDB, a night after the first: every key looked up in the key map once (a LEFT
+    JOIN) and written with its id, or none when it is new; then the new keys, usually
+    few, numbered after `top` (the key map's highest id for the table) in natural-key
+    order, by an UPDATE from a row_number() window over them alone. The same ids as
+    numbering the new keys found by NOT EXISTS and joining the known ones apart, which
+    read the keys and the key map twice."""
+    create_table_as(
+        s,
+        conn,
+        target,
+        f"WITH {_KEYS} SELECT n.natural_key, k.id IS NULL AS is_new{{row}}, k.id FROM n"
+        " LEFT JOIN {E}.key_map k ON k.cdm_table = :t AND k.natural_key = n.natural_key",
+        params,
+        uncompressed=("natural_key",),
+        **keys,
+    )
+    s.run(
+        conn,
+        f"""
+        UPDATE {{S}}.{target} AS i SET id = x.id FROM (
+            SELECT rowid AS r,
+                   CAST({top} + row_number() OVER (ORDER BY natural_key) AS INTEGER) AS id
+            FROM {{S}}.{target} WHERE is_new
+        ) x
+        WHERE i.rowid = x.r
+        """,
+    )
 
 
 def forget_source_rows(s: Schemas, conn: sa.Connection, ids_table: str) -> None:
