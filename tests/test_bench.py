@@ -114,12 +114,8 @@ def test_a_second_night_rebuilds_the_same_rows_with_the_same_ids(bench_run: dict
     # of each keyed table, numbered 1..rows, not a second set minted on the second night
     db = bench_run["work"] / "runs_duckdb" / f"ehr_{PATIENTS}.duckdb"
     with duckdb.connect(str(db), read_only=True) as con:
-        keys = dict(
-            (t, (n, top))
-            for t, n, top in con.sql(
-                "SELECT cdm_table, count(*), max(id) FROM main_etl.key_map GROUP BY 1"
-            ).fetchall()
-        )
+        counted = con.sql("SELECT cdm_table, count(*), max(id) FROM main_etl.key_map GROUP BY 1")
+        keys = {t: (n, top) for t, n, top in counted.fetchall()}
     for table in ("person", "visit_occurrence", "drug_exposure", "measurement"):
         assert keys[table] == (run["tables"][table], run["tables"][table]), table
 

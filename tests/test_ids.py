@@ -99,8 +99,8 @@ def test_a_later_night_keeps_every_key_of_a_million(duckdb_wh) -> None:
     """A night after the first, every key already known, at the size of a million
     patients' persons: each key keeps its id and its text. The DuckDB 2.0 statements of
     an earlier version (an empty write of the new keys, a column added, then the known
-    keys inserted) lost the text of every key above some hundred thousand rows, so
-    nothing joined and the million-patient benchmark's second night built no rows."""
+    keys inserted) kept the rows but lost the text of every key here, so nothing joined
+    and the million-patient benchmark's second night built no rows."""
     wh, cdm = duckdb_wh
     s = Schemas(wh, cdm)
     n = 1_000_000
