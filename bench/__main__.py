@@ -461,7 +461,9 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"PostgreSQL skipped at N = {n:,} (--pg-max-patients)")
                 continue
             before = cpu_times()
-            fig = {**_pipeline(engine, n, data, args), "inputs": inputs}
+            # each run names its machine: bench.json merges runs of several hosts, and its
+            # top-level `machine` is only the latest run's
+            fig = {**_pipeline(engine, n, data, args), "inputs": inputs, "machine": machine}
             fig["host"] = contention(before, cpu_times())
             fig["lab_messages"] = data["lab_messages"]
             if floor is None and fig.get("status") == "published":

@@ -65,6 +65,7 @@ def test_every_step_is_measured(bench_run: dict) -> None:
         assert set(host) == {"steal_pct", "iowait_pct", "steal_seconds"}
         assert 0 <= host["steal_pct"] <= 100 and 0 <= host["iowait_pct"] <= 100
     assert bench_run["json"]["machine"]["cores"] >= 1
+    assert run["machine"] == bench_run["json"]["machine"]  # each run names its host
     assert (bench_run["out"] / "bench.png").stat().st_size > 0
 
 
