@@ -279,3 +279,31 @@ def test_plain_values_read_from_their_bytes_equal_pydicoms_conversion(tmp_path: 
     assert _text(ds, "StudyInstanceUID") == "1.2.3"
     assert _text(ds, "Modality") == "['CT', 'MR']"
     assert _text(ds, "AccessionNumber") is None
+
+
+def test_the_walk_finds_what_rglob_finds_in_the_same_order(tmp_path: Path) -> None:
+    """`_files` walks with os.scandir; it lists what `Path.rglob` and `is_file` list (and
+    skips media indexes), in the same order: nested folders, hidden files, a symbolic link
+    to a file taken, one to a folder not descended into."""
+    from etl.sources.dicom import INDEX_FILES, _files
+
+    root = tmp_path / "pacs"
+    for relative in ["b/2.dcm", "a/x/1.dcm", "a/10.dcm", "a/9.dcm", ".hidden", "a/DICOMDIR", "z"]:
+        (root / relative).parent.mkdir(parents=True, exist_ok=True)
+        (root / relative).write_bytes(b"x")
+    (root / "c").mkdir()
+    (root / "link.dcm").symlink_to(root / "z")
+    (root / "c" / "linked_folder").symlink_to(root / "a", target_is_directory=True)
+    expected = sorted(
+        (
+            (p, p.relative_to(root).as_posix())
+            for p in root.rglob("*")
+            if p.is_file() and p.name.upper() not in INDEX_FILES
+        ),
+        key=lambda item: item[1],
+    )
+    found = _files(root)
+    assert found == expected
+    assert [r for _, r in found] == [
+        ".hidden", "a/10.dcm", "a/9.dcm", "a/x/1.dcm", "b/2.dcm", "link.dcm", "z",
+    ]  # fmt: skip
