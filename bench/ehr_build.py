@@ -254,8 +254,16 @@ def _worker(
     lab: Path | None = None,
     pacs: Path | None = None,
     duckdb_settings: dict[str, Any] | None = None,
+    *,
+    first_run: int = 1,
+    keep: bool = False,
 ) -> None:
-    """Run the pipeline `runs` times over `data`; JSON lines on stdout (steps, then results)."""
+    """Run the pipeline `runs` times over `data`; JSON lines on stdout (steps, then results).
+
+    `first_run` > 1: the nights before it ran in earlier workers; this one goes on with
+    their warehouse and site config instead of starting a new one. `keep`: leave the
+    warehouse for a later worker (PostgreSQL's schemas are otherwise dropped at the end).
+    """
     import sqlalchemy as sa
 
     from etl.config import load_config
@@ -264,18 +272,23 @@ def _worker(
 
     os.environ[KEY_ENV] = BENCH_KEY
     run_root = workdir / f"ehr_{n}"
-    shutil.rmtree(run_root / "runs", ignore_errors=True)
-    run_root.mkdir(parents=True, exist_ok=True)
-    if engine == "duckdb":
-        db = workdir / f"ehr_{n}.duckdb"
-        db.unlink(missing_ok=True)
-        db.with_name(db.name + ".wal").unlink(missing_ok=True)
-        url, schema = f"duckdb:///{db}", "main"
+    if first_run > 1:
+        config = run_root / "site.yaml"  # the first night's (`_write_config`)
+        site = load_config(config)
+        url, schema = site.warehouse, site.cdm_schema
     else:
-        url, schema = postgres_url("OMOP_ETL_BENCH_PG"), f"bench_{uuid.uuid4().hex[:8]}"
-    config = _write_config(run_root, url, schema, data, lab, pacs, duckdb_settings)
+        shutil.rmtree(run_root / "runs", ignore_errors=True)
+        run_root.mkdir(parents=True, exist_ok=True)
+        if engine == "duckdb":
+            db = workdir / f"ehr_{n}.duckdb"
+            db.unlink(missing_ok=True)
+            db.with_name(db.name + ".wal").unlink(missing_ok=True)
+            url, schema = f"duckdb:///{db}", "main"
+        else:
+            url, schema = postgres_url("OMOP_ETL_BENCH_PG"), f"bench_{uuid.uuid4().hex[:8]}"
+        config = _write_config(run_root, url, schema, data, lab, pacs, duckdb_settings)
     try:
-        for run in range(1, runs + 1):
+        for run in range(first_run, first_run + runs):
             probe = _StepProbe(run)
             result = run_pipeline(load_config(config), run_root, on_step=probe)
             report = result.report
@@ -306,7 +319,7 @@ def _worker(
                 }
             )
     finally:
-        if engine == "postgresql":
+        if engine == "postgresql" and not keep:
             wh_engine = sa.create_engine(url)
             with wh_engine.begin() as conn:
                 for s in (schema, f"{schema}_stage", f"{schema}_etl"):
@@ -359,14 +372,20 @@ def _run_worker(
     timeout: float,
     max_rss_mb: float,
     extra: list[str] | None = None,
+    *,
+    first_run: int = 1,
+    keep: bool = False,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], str | None]:
     """Start the worker; relay its progress; returns (step events, results, why it was killed).
 
     `extra`: more worker arguments (--lab DIR --pacs DIR --duckdb-settings JSON).
+    `first_run`, `keep`: see `_worker` (a night of `python -m bench --nights`).
     """
-    log_path = workdir / f"ehr_{n}_{engine}.log"
+    night = f"_run{first_run}" if first_run > 1 else ""
+    log_path = workdir / f"ehr_{n}_{engine}{night}.log"
     cmd = [sys.executable, __file__, "--worker", engine, "--n", str(n), "--data", str(data)]
     cmd += ["--workdir", str(workdir), "--runs", str(runs), *(extra or [])]
+    cmd += ["--first-run", str(first_run)] + (["--keep"] if keep else [])
     steps: list[dict[str, Any]] = []
     results: list[dict[str, Any]] = []
     with log_path.open("w", encoding="utf-8") as log:
@@ -519,6 +538,8 @@ def main() -> None:
     ap.add_argument("--lab", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--pacs", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--duckdb-settings", type=json.loads, help=argparse.SUPPRESS)
+    ap.add_argument("--first-run", type=int, default=1, help=argparse.SUPPRESS)
+    ap.add_argument("--keep", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     args.workdir = args.workdir.resolve()
     args.workdir.mkdir(parents=True, exist_ok=True)
@@ -532,6 +553,8 @@ def main() -> None:
             args.lab,
             args.pacs,
             args.duckdb_settings,
+            first_run=args.first_run,
+            keep=args.keep,
         )
         return
 

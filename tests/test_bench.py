@@ -111,6 +111,10 @@ def test_a_second_night_rebuilds_the_same_rows_with_the_same_ids(bench_run: dict
     assert night["wall_seconds"] > 0 and night["peak_mb"] > 0
     assert "build.events" in night["timings"]
     assert "later nights" in bench_run["stdout"]
+    # each night ran in its own worker process, as a site's nightly job does
+    workers = bench_run["work"] / "runs_duckdb"
+    assert (workers / f"ehr_{PATIENTS}_duckdb.log").is_file()
+    assert (workers / f"ehr_{PATIENTS}_duckdb_run2.log").is_file()
     # every key of the second night was already known: the key map holds one id per row
     # of each keyed table, numbered 1..rows, not a second set minted on the second night
     db = bench_run["work"] / "runs_duckdb" / f"ehr_{PATIENTS}.duckdb"
