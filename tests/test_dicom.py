@@ -307,3 +307,29 @@ def test_the_walk_finds_what_rglob_finds_in_the_same_order(tmp_path: Path) -> No
     assert [r for _, r in found] == [
         ".hidden", "a/10.dcm", "a/9.dcm", "a/x/1.dcm", "b/2.dcm", "link.dcm", "z",
     ]  # fmt: skip
+
+
+def test_a_folder_that_cannot_be_listed_is_logged_and_the_rest_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A subfolder the walk cannot list (permissions) stops nothing: its name is logged
+    and every other file is listed."""
+    import os
+
+    from etl.sources import dicom
+
+    for relative in ["a/1.dcm", "locked/2.dcm", "b/3.dcm"]:
+        (tmp_path / relative).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / relative).write_bytes(b"x")
+    scandir = os.scandir
+
+    def refusing(path):  # type: ignore[no-untyped-def]
+        if Path(path).name == "locked":
+            raise PermissionError(13, "Permission denied")
+        return scandir(path)
+
+    monkeypatch.setattr(dicom.os, "scandir", refusing)
+    with caplog.at_level("ERROR"):
+        found = dicom._files(tmp_path)
+    assert [r for _, r in found] == ["a/1.dcm", "b/3.dcm"]
+    assert "locked/: folder cannot be listed" in caplog.text
