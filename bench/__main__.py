@@ -19,10 +19,10 @@ Figures go to OUT/bench.json (merged with earlier sizes) and a plot of time and 
 against N to OUT/bench.png.
 
 --nights 2 (or more) runs the nightly job again on the same warehouse over the same
-input, as a site's every night after its first: every key is in the key map, tonight's
-build replaces last night's. Each later night is printed and kept in bench.json
-(`later_nights` of the first night's entry) with its ratio to the same floor; the first
-night's `host` figures then cover every night.
+input, each night in a fresh process, as a site's every night after its first: every key
+is in the key map, tonight's build replaces last night's. Each later night is printed
+and kept in bench.json (`later_nights` of the first night's entry) with its ratio to the
+same floor; the first night's `host` figures then cover every night.
 
 Above --billing-max-patients the EHR export is scaled without Synthea's billing files
 (claims, claims_transactions, payer_transitions: ~70% of the rows, ~80% of the bytes;

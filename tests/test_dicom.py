@@ -333,3 +333,13 @@ def test_a_folder_that_cannot_be_listed_is_logged_and_the_rest_read(
         found = dicom._files(tmp_path)
     assert [r for _, r in found] == ["a/1.dcm", "b/3.dcm"]
     assert "locked/: folder cannot be listed" in caplog.text
+    # and the feed counts the folder as a quarantined record, with the reason
+    stats, sink = _extract(tmp_path)
+    locked = next(st for st in stats if st.file == "locked/")
+    assert (locked.records_in, locked.quarantined) == (1, 1)
+    assert "cannot be listed (PermissionError)" in (locked.message or "")
+    quarantine = sink.table("quarantine").to_pylist()
+    assert [
+        (q["source_file"], q["reason"]) for q in quarantine if q["source_file"] == "locked/"
+    ] == [("locked/", locked.message)]
+    assert sum(st.records_in for st in stats) == 3  # 2 unreadable files + the folder
