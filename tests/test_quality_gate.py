@@ -324,6 +324,18 @@ def test_the_sql_checks_are_planned_without_importing_great_expectations() -> No
     assert done.stdout.strip() == "[]", done.stdout + done.stderr
 
 
+def test_the_orm_is_imported_before_great_expectations_thread_starts() -> None:
+    """SQLAlchemy's ORM is imported with the run's modules, in the main thread: the gate's
+    SQL calls load parts of it lazily while GE's thread imports it, and two threads
+    importing it at once failed the gate now and then on PostgreSQL ("partially
+    initialized module 'sqlalchemy.orm.exc'")."""
+    code = "import sys, etl.pipeline.steps\nprint('sqlalchemy.orm' in sys.modules)\n"
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO
+    )
+    assert done.stdout.strip() == "True", done.stdout + done.stderr
+
+
 def test_a_bad_override_file_names_the_key(tmp_path: Path) -> None:
     from etl.quality.overrides import OverrideError, load_overrides
 

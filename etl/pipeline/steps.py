@@ -35,6 +35,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import sqlalchemy as sa
 
+# SQLAlchemy's ORM, imported here, before the gate's Great Expectations thread imports it:
+# the gate's own SQLAlchemy calls load parts of it lazily, and the two threads importing it
+# at once left one with a partially initialised module ("sqlalchemy.orm.exc has no
+# attribute UnmappedClassError"), which failed the gate on PostgreSQL now and then
+import sqlalchemy.orm
+
 from etl import canonical
 from etl.cdm.build.merges import merge_summary, publish_merges
 from etl.cdm.schema import create_cdm
