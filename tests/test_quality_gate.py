@@ -827,3 +827,38 @@ def test_a_violating_count_that_fails_leaves_its_checks_to_the_batches(
     assert entries["over_1"]["passed"] is False and "error" not in entries["over_1"]
     assert not entries["orphan"]["passed"] and "gone" in entries["orphan"]["error"]
     assert gate._over_rows_counts(s, [good]) == {id(good): (1, 2)}
+
+
+def test_checks_run_without_jit_on_postgresql(warehouse: tuple[Warehouse, str]) -> None:
+    """The checks' statements are many small aggregates in one UNION ALL, which
+    PostgreSQL's JIT compiled for longer than they ran (Warehouse.without_jit): in the
+    gate's transactions it is off, even where the planner would compile everything, and
+    a transaction that turns it off for a statement has it back afterwards."""
+    wh, _ = warehouse
+    union = " UNION ALL ".join(
+        f"SELECT {i} AS n, (SELECT count(*) FROM generate_series(1, 1000) g WHERE g % 7 = {i})"
+        for i in range(5)
+    )
+    if wh.dialect != "postgresql":
+        with wh.begin_checks() as conn:  # elsewhere: a plain transaction
+            assert sorted(conn.execute(sa.text(union)).all())[0][1] == 142
+        return
+
+    def jit_compiled(conn: sa.Connection) -> bool:
+        plan = [r[0] for r in conn.execute(sa.text(f"EXPLAIN (ANALYZE) {union}"))]
+        return any(line.startswith("JIT:") for line in plan)
+
+    force = "SET LOCAL jit = on; SET LOCAL jit_above_cost = 0"
+    with wh.begin() as conn:
+        conn.execute(sa.text(force))
+        available = jit_compiled(conn)  # a server built without LLVM never compiles
+    with wh.begin_checks() as conn:
+        conn.execute(sa.text("SET LOCAL jit_above_cost = 0"))
+        assert conn.execute(sa.text("SELECT current_setting('jit')")).scalar_one() == "off"
+        assert not jit_compiled(conn)
+    with wh.begin() as conn:
+        conn.execute(sa.text(force))
+        with wh.without_jit(conn):
+            assert not jit_compiled(conn)
+        assert conn.execute(sa.text("SELECT current_setting('jit')")).scalar_one() == "on"
+        assert jit_compiled(conn) == available

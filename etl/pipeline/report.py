@@ -177,8 +177,10 @@ def concept_gaps(s: Schemas, conn: sa.Connection, tables: list[str]) -> list[dic
     ]
     if not parts:
         return []
-    result = s.run(conn, " UNION ALL ".join(parts) + " ORDER BY n DESC, cdm_table, field").all()
-    return [{"table": t, "field": f, "concept_id": c, "rows": n} for t, f, c, n in result]
+    with s.wh.without_jit(conn):  # one part per concept column (Warehouse.without_jit)
+        result = s.run(conn, " UNION ALL ".join(parts) + " ORDER BY n DESC, cdm_table, field")
+        rows = result.all()
+    return [{"table": t, "field": f, "concept_id": c, "rows": n} for t, f, c, n in rows]
 
 
 def trace_samples(s: Schemas, conn: sa.Connection, per_table: int = 3) -> dict[str, list[int]]:

@@ -129,7 +129,7 @@ def run_checks(s: Schemas, checks: list[Check]) -> GateResult:
         if id(check) in declared:
             entry["answered_by"] = DECLARED[check.name]
         if not passed and check.examples_sql and error is None:
-            with s.wh.begin() as conn:
+            with s.wh.begin_checks() as conn:
                 entry["examples"] = _examples(s, conn, check)
         result.checks.append(entry)
     result.seconds = time.perf_counter() - started
@@ -153,7 +153,7 @@ def _catalog_counts(s: Schemas, checks: list[Check]) -> dict[int, tuple[int, int
     if not checks:
         return {}
     try:
-        with s.wh.begin() as conn:
+        with s.wh.begin_checks() as conn:
             tables = {
                 r[0]
                 for r in conn.execute(
@@ -196,7 +196,7 @@ def _table_rows(s: Schemas, tables: set[str]) -> dict[str, int] | None:
         f"SELECT {i} AS _t, count(*) FROM {s.sql(t)}" for i, t in enumerate(ordered)
     )
     try:
-        with s.wh.begin() as conn:
+        with s.wh.begin_checks() as conn:
             return {ordered[int(i)]: int(n) for i, n in conn.execute(sa.text(union))}
     except sa.exc.DBAPIError as exc:
         log.debug("the checked tables could not be counted at once (%s)", exc.orig)
@@ -224,7 +224,7 @@ def _over_rows_counts(
             for i, (_, over) in enumerate(batch)
         )
         try:
-            with s.wh.begin() as conn:
+            with s.wh.begin_checks() as conn:
                 answers = {int(i): int(v or 0) for i, v in conn.execute(sa.text(union))}
         except sa.exc.DBAPIError as exc:
             log.debug("a batch of violating counts failed (%s); left to the batches", exc.orig)
@@ -259,7 +259,7 @@ def _declarations(s: Schemas, tables: set[str]) -> dict[str, set[tuple[str, str]
     where = {s.located(t): t for t in tables}
     params = {"schemas": sorted({schema for schema, _ in where})}
     try:
-        with s.wh.begin() as conn:
+        with s.wh.begin_checks() as conn:
             columns = conn.execute(
                 sa.text(
                     "SELECT table_schema, table_name, column_name, is_nullable, data_type"
@@ -306,7 +306,7 @@ def _batch_counts(s: Schemas, batch: list[Check]) -> list[tuple[int, int] | str]
             f"SELECT {i} AS _check, _c.* FROM ({s.sql(c.sql)}) AS _c" for i, c in enumerate(batch)
         )
         try:
-            with s.wh.begin() as conn:
+            with s.wh.begin_checks() as conn:
                 rows = conn.execute(sa.text(union)).all()
         except sa.exc.DBAPIError as exc:
             log.debug("a batch of checks failed (%s); running them one by one", exc.orig)
@@ -320,7 +320,7 @@ def _batch_counts(s: Schemas, batch: list[Check]) -> list[tuple[int, int] | str]
 def _counts(s: Schemas, check: Check) -> tuple[int, int] | str:
     """(violating, total) of one check in its own transaction, or why it could not run."""
     try:
-        with s.wh.begin() as conn:
+        with s.wh.begin_checks() as conn:
             violating, total = conn.execute(sa.text(s.sql(check.sql)), check.params).one()
         return int(violating or 0), int(total or 0)
     except (sa.exc.DBAPIError, sa.exc.InvalidRequestError) as exc:

@@ -35,6 +35,19 @@ class Warehouse(ABC):
         with self.engine.begin() as conn:
             yield conn
 
+    @contextmanager
+    def begin_checks(self) -> Iterator[sa.Connection]:
+        """`begin` for the quality checks' statements (many small aggregates, batched into
+        large UNION ALL statements), with `without_jit` for the whole transaction."""
+        with self.begin() as conn, self.without_jit(conn):
+            yield conn
+
+    @contextmanager
+    def without_jit(self, conn: sa.Connection) -> Iterator[None]:
+        """The statements run inside, in `conn`'s transaction, without just-in-time
+        compilation where the engine has it (PostgreSQL); a no-op elsewhere."""
+        yield
+
     def close(self) -> None:
         self.engine.dispose()
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import io
 import itertools
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 
 import pyarrow as pa
 import pyarrow.csv as pacsv
@@ -54,6 +55,25 @@ class PostgresWarehouse(Warehouse):
                 copy.write(memoryview(sink.getvalue()))
                 total += batch.num_rows
         return total
+
+    @contextmanager
+    def without_jit(self, conn: sa.Connection) -> Iterator[None]:
+        """Just-in-time compilation off for the statements inside (`SET LOCAL`), then as it
+        was. For the statements that are many small expressions in one large UNION ALL: the
+        planner's cost of such a statement passes `jit_above_cost` once its tables reach a
+        few hundred thousand rows, and PostgreSQL then compiles every expression of every
+        part before running any. At 100,000 patients one batch of 50 foreign-key checks ran
+        7.4 s without JIT and 47.7 s with it (17,928 functions, 78 s of compilation over
+        the parallel workers): the quality checks took 367.6 s, 106.6 s without; the
+        report's concept gaps 17.3 s, 4.7 s without. Not for every statement: the
+        report's trace samples ran 15.3 s with JIT and 20.2 s without."""
+        was = conn.execute(sa.text("SELECT current_setting('jit')")).scalar_one()
+        conn.execute(sa.text("SET LOCAL jit = off"))
+        try:
+            yield
+        finally:
+            if conn.in_transaction() and not conn.invalidated:
+                conn.execute(sa.text("SELECT set_config('jit', :was, true)"), {"was": was})
 
     def analyze(self, conn: sa.Connection, schema: str | None, table: str) -> None:
         conn.execute(sa.text(f"ANALYZE {self.qualified(schema, table)}"))
