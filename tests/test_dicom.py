@@ -282,10 +282,10 @@ def test_plain_values_read_from_their_bytes_equal_pydicoms_conversion(tmp_path: 
 
 
 def test_the_walk_finds_what_rglob_finds_in_the_same_order(tmp_path: Path) -> None:
-    """`_files` walks with os.scandir; it lists what `Path.rglob` and `is_file` list (and
+    """`_walk` walks with os.scandir; it lists what `Path.rglob` and `is_file` list (and
     skips media indexes), in the same order: nested folders, hidden files, a symbolic link
     to a file taken, one to a folder not descended into."""
-    from etl.sources.dicom import INDEX_FILES, _files
+    from etl.sources.dicom import INDEX_FILES, _walk
 
     root = tmp_path / "pacs"
     for relative in ["b/2.dcm", "a/x/1.dcm", "a/10.dcm", "a/9.dcm", ".hidden", "a/DICOMDIR", "z"]:
@@ -302,7 +302,7 @@ def test_the_walk_finds_what_rglob_finds_in_the_same_order(tmp_path: Path) -> No
         ),
         key=lambda item: item[1],
     )
-    found = _files(root)
+    found, _ = _walk(root)
     assert found == expected
     assert [r for _, r in found] == [
         ".hidden", "a/10.dcm", "a/9.dcm", "a/x/1.dcm", "b/2.dcm", "link.dcm", "z",
@@ -330,7 +330,7 @@ def test_a_folder_that_cannot_be_listed_is_logged_and_the_rest_read(
 
     monkeypatch.setattr(dicom.os, "scandir", refusing)
     with caplog.at_level("ERROR"):
-        found = dicom._files(tmp_path)
+        found, _ = dicom._walk(tmp_path)
     assert [r for _, r in found] == ["a/1.dcm", "b/3.dcm"]
     assert "locked/: folder cannot be listed" in caplog.text
     # and the feed counts the folder as a quarantined record, with the reason

@@ -834,7 +834,7 @@ def test_checks_run_without_jit_on_postgresql(warehouse: tuple[Warehouse, str]) 
     PostgreSQL's JIT compiled for longer than they ran (Warehouse.without_jit): in the
     gate's transactions it is off, even where the planner would compile everything, and
     a transaction that turns it off for a statement has it back afterwards."""
-    wh, _ = warehouse
+    wh, schema = warehouse
     union = " UNION ALL ".join(
         f"SELECT {i} AS n, (SELECT count(*) FROM generate_series(1, 1000) g WHERE g % 7 = {i})"
         for i in range(5)
@@ -862,3 +862,20 @@ def test_checks_run_without_jit_on_postgresql(warehouse: tuple[Warehouse, str]) 
             assert not jit_compiled(conn)
         assert conn.execute(sa.text("SELECT current_setting('jit')")).scalar_one() == "on"
         assert jit_compiled(conn) == available
+    # the gate itself: checks that count 1 where JIT is on, batched and alone (with
+    # parameters), count 0 through `run_checks`, where a plain transaction counts 1
+    from etl.quality import gate
+
+    jit_on = "CASE WHEN current_setting('jit') = 'on' THEN 1 ELSE 0 END"
+    with wh.begin() as conn:
+        assert conn.execute(sa.text(f"SELECT {jit_on}")).scalar_one() == 1  # server default
+    checks = [
+        Check(f"jit_{k}", "t", None, f"SELECT {jit_on} + :zero, 1" if k == 2 else
+              f"SELECT {jit_on}, 1", threshold_pct=0, severity="fatal", category="c",
+              params={"zero": 0} if k == 2 else {})
+        for k in range(3)
+    ]  # fmt: skip
+    result = gate.run_checks(Schemas(wh, schema), checks)
+    assert [(c["name"], c["violating_rows"]) for c in result.checks] == [
+        ("jit_0", 0), ("jit_1", 0), ("jit_2", 0),
+    ]  # fmt: skip

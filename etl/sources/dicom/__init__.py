@@ -37,11 +37,6 @@ PARALLEL_FILES = 2000  # a feed with this many files is read in several processe
 CHUNK_FILES = 500  # files a worker reads per task
 
 
-def _files(root: Path) -> list[tuple[Path, str]]:
-    """`_walk`'s files."""
-    return _walk(root)[0]
-
-
 def _walk(root: Path) -> tuple[list[tuple[Path, str]], list[tuple[str, str]]]:
     """Every file under `root` but media indexes, with its path relative to `root`, in the
     order of that path; and each folder inside `root` that cannot be listed, with why
