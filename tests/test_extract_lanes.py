@@ -120,3 +120,32 @@ def test_lanes_run_side_by_side() -> None:
     one_at_a_time = _work_meeting_at(threading.Barrier(2, timeout=1), [])
     with pytest.raises(threading.BrokenBarrierError):
         run_lanes([[0], [1]], one_at_a_time, Extract(), workers=1)
+
+
+def test_landed_files_skip_dictionaries_and_text_statistics_where_they_cost(
+    tmp_path: Path,
+) -> None:
+    """The record's own key, its source line and its timestamps are written without a
+    dictionary; codes, referred keys and provenance with one; statistics only for columns
+    that are not text (etl/pipeline/land.py, writer_options)."""
+    _land(DEMO_SYNTHEA, tmp_path / "out", lanes=2)
+    meta = pq.ParquetFile(tmp_path / "out" / "event.parquet").metadata
+    assert meta.num_rows > 1000
+    chunks = {}
+    for g in range(meta.num_row_groups):
+        group = meta.row_group(g)
+        for c in range(group.num_columns):
+            chunks.setdefault(group.column(c).path_in_schema, []).append(group.column(c))
+
+    def dictionary(name: str) -> bool:
+        return all("RLE_DICTIONARY" in c.encodings for c in chunks[name])
+
+    assert not any(dictionary(n) for n in ("event_key", "source_line", "start_datetime"))
+    assert all(dictionary(n) for n in ("person_key", "code", "vocabulary_id", "source_file"))
+    assert all(c.statistics is None for n in ("event_key", "code") for c in chunks[n])
+    start = chunks["start_datetime"][0].statistics
+    assert start is not None and start.has_min_max
+    # read back as written
+    landed = pq.read_table(tmp_path / "out" / "event.parquet")
+    assert landed.schema == canonical.EVENT
+    assert landed["event_key"].null_count == 0

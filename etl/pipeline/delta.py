@@ -37,6 +37,7 @@ import pyarrow.parquet as pq
 
 from etl import canonical
 from etl.json_text import readable
+from etl.pipeline.land import landing_writer
 from etl.sources.ehr import FileStats
 from etl.sql_text import sql_literal
 
@@ -131,7 +132,7 @@ def _rewrite(src: Path, dst: Path, shape: str, prefix: str | None = None) -> Non
     """Stream `src` into `dst` batch by batch with the shape's canonical schema (DuckDB
     writes every column nullable), prefixing source_file when `prefix` is given."""
     schema = canonical.SHAPES[shape]
-    with pq.ParquetWriter(dst, schema, compression="zstd") as writer:
+    with landing_writer(dst, shape) as writer:
         for batch in pq.ParquetFile(src).iter_batches(batch_size=256_000):
             table = pa.Table.from_batches([batch])
             if prefix is not None:
