@@ -5,11 +5,30 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from etl.sources import delimited
 from etl.sources.delimited import LINE, lines_are_records, stream
 
 HEADER = b"ID,CODE,DESCRIPTION,START\n"
+# the line scan compiled (etl/native/_lines.c) and with NumPy: every test runs both
+SCANS = [
+    pytest.param(
+        "compiled",
+        marks=pytest.mark.skipif(
+            delimited._line_kernel() is None, reason="no compiled line scan: NumPy is used"
+        ),
+    ),
+    "numpy",
+]
+
+
+@pytest.fixture(params=SCANS)
+def scan(request, monkeypatch) -> str:
+    if request.param == "numpy":
+        monkeypatch.setattr(delimited, "_line_kernel", lambda: None)
+    return request.param
 
 
 def _write(tmp_path: Path, body: bytes, name: str = "f.csv") -> Path:
@@ -31,14 +50,15 @@ def _write(tmp_path: Path, body: bytes, name: str = "f.csv") -> Path:
         (b'1,A,"never closed,2020-01-01\n2,B,x,2020-01-02\n', False),
     ],
 )
-def test_lines_are_records(tmp_path: Path, body: bytes, expected: bool) -> None:
+def test_lines_are_records(tmp_path: Path, body: bytes, expected: bool, scan: str) -> None:
     assert lines_are_records(_write(tmp_path, body), "utf-8") is expected
 
 
-def test_lines_are_records_across_chunk_boundaries(tmp_path: Path, monkeypatch) -> None:
+def test_lines_are_records_across_chunk_boundaries(tmp_path: Path, monkeypatch, scan) -> None:
     """The scan reads in chunks: a quote opened in one chunk and a blank line split
     between two are still seen."""
     monkeypatch.setattr(delimited, "_BLOCK_SIZE", 8)
+    monkeypatch.setattr(delimited, "_SCAN_BLOCK", 8)
     quoted = _write(tmp_path, b'1,A,"a long value\nacross chunks",2020-01-01\n', "q.csv")
     assert lines_are_records(quoted, "utf-8") is False
     for split in range(1, 12):  # the blank line at every offset of a chunk
@@ -46,6 +66,30 @@ def test_lines_are_records_across_chunk_boundaries(tmp_path: Path, monkeypatch) 
         assert lines_are_records(_write(tmp_path, body, f"b{split}.csv"), "utf-8") is False
     clean = _write(tmp_path, b'1,A,"x, y",2020-01-01\n2,"B",z,2020-01-02\n' * 5, "c.csv")
     assert lines_are_records(clean, "utf-8") is True
+
+
+@pytest.mark.skipif(delimited._line_kernel() is None, reason="no compiled line scan")
+@settings(max_examples=300, deadline=None)
+@given(
+    body=st.lists(st.sampled_from([b"a", b",", b'"', b"\n", b"\r", b"\r\n", b"xyz"]), max_size=40),
+    block=st.integers(1, 9),
+)
+def test_the_compiled_line_scan_agrees_with_numpy(tmp_path_factory, body, block) -> None:
+    """Bodies of quotes, line ends and text, in blocks of every size: the same answer."""
+    path = tmp_path_factory.mktemp("scan") / "f.csv"
+    path.write_bytes(HEADER + b"".join(body))
+    compiled = delimited._line_kernel().lines_are_records(path, len(HEADER), block)
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(delimited, "_BLOCK_SIZE", block)
+        assert compiled is delimited._lines_are_records_numpy(path)
+
+
+def test_the_compiled_line_scan_reports_a_missing_file(tmp_path: Path) -> None:
+    kernel = delimited._line_kernel()
+    if kernel is None:
+        pytest.skip("no compiled line scan")
+    with pytest.raises(FileNotFoundError):
+        kernel.lines_are_records(tmp_path / "missing.csv", 0, 1024)
 
 
 def test_lines_are_records_is_false_for_utf16(tmp_path: Path) -> None:
