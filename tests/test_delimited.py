@@ -180,3 +180,9 @@ def test_plain_columns_are_given_as_text_without_a_copy() -> None:
     assert text["b"].equals(table["b"])
     data = text["a"].chunk(0).buffers()[2]
     assert data.address == table["a"].chunk(0).buffers()[2].address
+    wide = pa.table({"w": pa.array([b"a", None, b"bc"], pa.large_binary())}).slice(1)
+    as_text = delimited.plain_as_text(wide, frozenset({"w"}))
+    assert as_text.schema.types == [pa.large_string()]
+    assert as_text["w"].to_pylist() == [None, "bc"]
+    as_text.validate(full=True)
+    text.validate(full=True)

@@ -206,11 +206,24 @@ def plain_columns(table: pa.Table, columns: Sequence[str]) -> frozenset[str]:
 
 def plain_as_text(table: pa.Table, plain: frozenset[str]) -> pa.Table:
     """`table` with its `plain` columns (plain_columns) as UTF-8 text: ASCII is valid
-    UTF-8, and Arrow's cast keeps the buffers (no copy, where DuckDB's decode copies)."""
+    UTF-8, so each column's buffers are taken as they are, neither copied nor validated
+    again (Arrow's cast would check every byte: 2 CPU s over a million patients' EHR)."""
     for i, name in enumerate(table.column_names):
         if name in plain:
-            table = table.set_column(i, name, table.column(i).cast(pa.string()))
+            table = table.set_column(i, name, _as_text(table.column(i)))
     return table
+
+
+def _as_text(col: pa.ChunkedArray) -> pa.ChunkedArray:
+    """A binary column whose values are all ASCII, as text over the same buffers."""
+    text = pa.large_string() if pa.types.is_large_binary(col.type) else pa.string()
+    return pa.chunked_array(
+        [
+            pa.Array.from_buffers(text, len(c), c.buffers(), c.null_count, c.offset)
+            for c in col.chunks
+        ],
+        text,
+    )
 
 
 def _plain_chunk(col: pa.Array) -> bool:
