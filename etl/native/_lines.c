@@ -3,7 +3,8 @@
    compiled. It reads the file once in small blocks with the GIL released, jumping from
    line break to line break and from quote to quote with memchr; the NumPy version builds
    several arrays as large as each block (observations.csv at a million patients, 6.3 GB
-   with a quoted value in every block: 13.9 CPU s there, about 2 s here). */
+   with a quoted value in every block, from a warm page cache: 2.95 CPU s there, 0.56 s
+   here). */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
