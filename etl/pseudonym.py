@@ -20,6 +20,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from etl.native import compiled
+
 log = logging.getLogger(__name__)
 
 DIGEST_CHARS = 32  # 128 bits of the HMAC, hex: fits person_source_value varchar(50)
@@ -71,11 +73,7 @@ _NATIVE_FUNCTION = "omop_etl_hmac"
 
 def native_kernel():  # type: ignore[no-untyped-def]
     """The compiled kernel (etl/native/_hmac.c), or None where it was not built."""
-    try:
-        from etl.native import _hmac
-    except ImportError:
-        return None
-    return _hmac
+    return compiled("_hmac")
 
 
 def install_duckdb_macro(con, key: bytes, *, native: bool | None = None) -> None:  # type: ignore[no-untyped-def]

@@ -28,6 +28,12 @@ SCANS = [
 def scan(request, monkeypatch) -> str:
     if request.param == "numpy":
         monkeypatch.setattr(delimited, "_line_kernel", lambda: None)
+    else:  # the compiled scan answers alone: the NumPy one must not be reached
+
+        def not_numpy(path: Path) -> bool:
+            raise AssertionError("the NumPy scan ran where the compiled one is built")
+
+        monkeypatch.setattr(delimited, "_lines_are_records_numpy", not_numpy)
     return request.param
 
 

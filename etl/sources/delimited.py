@@ -27,6 +27,8 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from etl.native import compiled
+
 LINE = "_line"
 _BLOCK_SIZE = 16 << 20
 _SCAN_BLOCK = 1 << 20  # the compiled line scan's reads: a block that stays in the cache
@@ -137,11 +139,7 @@ def lines_are_records(path: Path, encoding: str) -> bool:
 
 def _line_kernel():  # type: ignore[no-untyped-def]
     """The compiled line scan (etl/native/_lines.c), or None where it was not built."""
-    try:
-        from etl.native import _lines
-    except ImportError:
-        return None
-    return _lines
+    return compiled("_lines")
 
 
 def _lines_are_records_numpy(path: Path) -> bool:
