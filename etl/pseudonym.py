@@ -133,6 +133,28 @@ def _arrow_pseudonyms(kernel, key: bytes):  # type: ignore[no-untyped-def]
     return pseudonyms
 
 
+def repeated_pseudonyms(con, values: pa.Array | pa.ChunkedArray) -> pa.Array:  # type: ignore[no-untyped-def]
+    """The pseudonym of every value of `values` (NULL stays NULL), each distinct value
+    hashed once, in `values`' order: a key that repeats (a result's patient, an event's
+    visit) costs one HMAC per distinct value, not one per row.
+
+    One hashing pass (Arrow's dictionary encoding gives the distinct values and each row's
+    index into them); the distinct values are hashed by `con`'s pseudonym function
+    (`install_duckdb_macro`) in a single-table SELECT, whose output keeps its input's
+    order, and taken back by index. Unique, then a look-up of every row in the hashed
+    values, hashed them three times."""
+    if isinstance(values, pa.ChunkedArray):
+        values = values.chunk(0) if values.num_chunks == 1 else values.combine_chunks()
+    encoded = values.dictionary_encode()
+    con.register("_distinct_values", pa.table({"v": encoded.dictionary}))
+    try:
+        hashed = con.sql(f"SELECT {duckdb_pseudonym_sql('v')} AS h FROM _distinct_values")
+        digests = hashed.to_arrow_table()["h"]
+    finally:
+        con.unregister("_distinct_values")
+    return pc.take(digests, encoded.indices).combine_chunks()
+
+
 def _blob_literal(hex_bytes: str) -> str:
     """A DuckDB BLOB literal of the bytes `hex_bytes` spells, every byte escaped."""
     escaped = "".join(f"\\x{hex_bytes[i : i + 2]}" for i in range(0, len(hex_bytes), 2))

@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from etl import canonical
-from etl.pseudonym import duckdb_pseudonym_sql, install_duckdb_macro
+from etl.pseudonym import duckdb_pseudonym_sql, install_duckdb_macro, repeated_pseudonyms
 from etl.sources.background import RecordSink, prefetched
 from etl.sources.dates import parse_any
 from etl.sources.delimited import (
@@ -236,16 +236,10 @@ class _Query:
 
 def hash_repeated(con: duckdb.DuckDBPyConnection, q: _Query, result: pa.Table) -> pa.Table:
     """`result` with each repeated key's text replaced by its pseudonym, hashed once per
-    distinct value of the block and taken back by Arrow's `index_in` (the rows keep their
-    order: no join, no sort). The table returned holds no repeated key's text."""
+    distinct value of the block (`repeated_pseudonyms`: the rows keep their order, no join,
+    no sort). The table returned holds no repeated key's text."""
     for names in q.repeated_columns().values():
-        values = result[names[0]]
-        distinct = pa.table({"v": pc.unique(values).drop_null()})
-        con.register("_distinct", distinct)
-        hashed = con.sql(f"SELECT v, {duckdb_pseudonym_sql('v')} AS h FROM _distinct")
-        table = hashed.to_arrow_table()
-        con.unregister("_distinct")
-        pseudonyms = pc.take(table["h"], pc.index_in(values, value_set=table["v"]))
+        pseudonyms = repeated_pseudonyms(con, result[names[0]])
         for name in names:
             result = result.set_column(result.schema.get_field_index(name), name, pseudonyms)
     return result
