@@ -62,10 +62,10 @@ def test_two_feeds_are_extracted_at_once(tmp_path: Path, monkeypatch) -> None:
     both_started = threading.Barrier(2, timeout=60)
     original = NightlyRun.extract
 
-    def extract(self: NightlyRun, feed: str, on_step=None) -> int:  # type: ignore[no-untyped-def]
+    def extract(self: NightlyRun, feed: str, on_step=None, *, cores=None) -> int:  # type: ignore[no-untyped-def]
         if feed in ("ehr", "lab"):
             both_started.wait()
-        return original(self, feed, on_step)
+        return original(self, feed, on_step, cores=cores)
 
     monkeypatch.setattr(NightlyRun, "extract", extract)
     night = NightlyRun.start(config, tmp_path / "run")
@@ -112,3 +112,26 @@ def test_overlapping_run_logs_write_each_record_once(tmp_path: Path) -> None:
         "record of b",
     ]
     assert not logging.getLogger("etl").handlers  # every handler removed
+
+
+def test_each_feed_gets_its_share_of_the_cores(tmp_path: Path, monkeypatch) -> None:
+    """Feeds extracted at once share the machine: on 2 vCPUs with two feeds at a time the
+    lab feed is told it has one core (and parses in its own thread), alone all of them."""
+    from etl.pipeline import steps
+
+    config = load_config(_config(tmp_path, "c", lab=DEMO_LAB, pacs=DEMO_PACS))
+    given: dict[str, int | None] = {}
+
+    def dispatch(feed, cfg, key, landing, cores=None):  # type: ignore[no-untyped-def]
+        given[feed.name] = cores
+        return []
+
+    monkeypatch.setattr(steps, "_dispatch", dispatch)
+    monkeypatch.setattr(steps.os, "cpu_count", lambda: 2)
+    NightlyRun.start(config, tmp_path / "two").extract_all(workers=2)
+    assert given == {"ehr": 1, "lab": 1, "pacs": 1}
+    monkeypatch.setattr(steps.os, "cpu_count", lambda: 8)
+    NightlyRun.start(config, tmp_path / "eight").extract_all(workers=2)
+    assert given == {"ehr": 4, "lab": 4, "pacs": 4}
+    NightlyRun.start(config, tmp_path / "alone").extract("lab")
+    assert given["lab"] is None  # one feed on its own: the machine's

@@ -417,3 +417,23 @@ def test_future_dates_are_judged_against_todays_clock(monkeypatch) -> None:
     assert plausible._latest_seen == plausible.latest()
     assert plausible.date_problem("X", today + dt.timedelta(days=5)) == "X is in the future"
     assert plausible.date_problem("X", today + dt.timedelta(days=5), end=True) is None
+
+
+def test_a_large_feed_parses_in_no_more_processes_than_its_cores(
+    tmp_path: Path, monkeypatch
+) -> None:
+    from etl.sources.hl7v2 import extract as hl7_extract
+
+    monkeypatch.delenv(hl7_extract.WORKERS_ENV, raising=False)
+    monkeypatch.setattr(hl7_extract, "PARALLEL_BYTES", 1)
+    monkeypatch.setattr(hl7_extract.os, "cpu_count", lambda: 8)
+    paths = []
+    for i in range(6):
+        paths.append(tmp_path / f"{i}.hl7")
+        paths[-1].write_text(message(f"M{i}", "20240301090000", obx("2339-0", "95", "F")))
+    assert hl7_extract._workers(paths) == 4  # at most 4
+    assert hl7_extract._workers(paths, cores=2) == 2
+    assert hl7_extract._workers(paths, cores=1) == 1  # in this process
+    assert hl7_extract._workers(paths[:1], cores=8) == 1  # one file
+    monkeypatch.setenv(hl7_extract.WORKERS_ENV, "3")
+    assert hl7_extract._workers(paths, cores=1) == 3  # the site's setting wins

@@ -268,18 +268,21 @@ def _chunks(jobs: list[tuple[str, int, str, Path]]) -> list[list[tuple[int, str,
     return chunks
 
 
-def _workers(paths: list[Path]) -> int:
-    """Processes to parse with: OMOP_ETL_HL7_WORKERS, else up to 4 for a large feed."""
+def _workers(paths: list[Path], cores: int | None = None) -> int:
+    """Processes to parse with: OMOP_ETL_HL7_WORKERS, else up to 4 for a large feed, no
+    more than the `cores` it may use (default: the machine's). One process means in this
+    one: beside another feed on 2 vCPUs, two parsing processes more than the cores took
+    44% more CPU for the same work (bench/HISTORY.md, thirty-fifth session)."""
     configured = os.environ.get(WORKERS_ENV)
     if configured:
         return max(1, int(configured))
     if len(paths) < 2 or sum(p.stat().st_size for p in paths) < PARALLEL_BYTES:
         return 1
-    return max(1, min(4, os.cpu_count() or 1, len(paths)))
+    return max(1, min(4, cores or os.cpu_count() or 1, len(paths)))
 
 
 def _read_all(
-    feed: str, root: Path, paths: list[Path]
+    feed: str, root: Path, paths: list[Path], cores: int | None = None
 ) -> Iterator[tuple[FileStats, pa.Table, pa.Table]]:
     """Every file parsed, in file order; in worker processes when the feed is large
     (reading is the cost; the result does not depend on the number of workers or chunks)."""
@@ -287,7 +290,7 @@ def _read_all(
         (feed, idx, p.relative_to(root).as_posix() if p != root else p.name, p)
         for idx, p in enumerate(paths)
     ]
-    workers = _workers(paths)
+    workers = _workers(paths, cores)
     chunks = _chunks(jobs)
     if workers > 1:
         log.info("%s: parsing %d file(s) in %d processes", feed, len(jobs), workers)
@@ -301,9 +304,15 @@ def _read_all(
 
 
 def extract_hl7(
-    feed: FeedConfig, key: bytes, sink: RecordSink, duckdb_config: dict[str, str] | None = None
+    feed: FeedConfig,
+    key: bytes,
+    sink: RecordSink,
+    duckdb_config: dict[str, str] | None = None,
+    *,
+    cores: int | None = None,
 ) -> list[FileStats]:
-    """Read every HL7 file of the feed folder into `sink`; per-file accounting.
+    """Read every HL7 file of the feed folder into `sink`; per-file accounting; parsed
+    in up to `cores` processes (`_workers`).
 
     Parsed results are spooled to a Parquet file, not held in memory, and the status
     rules run in DuckDB over it with `duckdb_config` (the site's memory_limit, threads,
@@ -320,7 +329,7 @@ def extract_hl7(
     with tempfile.TemporaryDirectory(prefix="hl7-", dir=config.get("temp_directory")) as tmp:
         spool = Path(tmp) / "results.parquet"
         with pq.ParquetWriter(spool, RESULT) as writer:
-            for stats, table, quarantine in _read_all(feed.name, root, input_files(root)):
+            for stats, table, quarantine in _read_all(feed.name, root, input_files(root), cores):
                 writer.write_table(table)
                 if quarantine.num_rows:
                     sink.write("quarantine", quarantine)
