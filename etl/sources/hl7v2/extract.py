@@ -271,8 +271,8 @@ def _chunks(jobs: list[tuple[str, int, str, Path]]) -> list[list[tuple[int, str,
 def _workers(paths: list[Path], cores: int | None = None) -> int:
     """Processes to parse with: OMOP_ETL_HL7_WORKERS, else up to 4 for a large feed, no
     more than the `cores` it may use (default: the machine's). One process means in this
-    one: beside another feed on 2 vCPUs, two parsing processes more than the cores took
-    44% more CPU for the same work (bench/HISTORY.md, thirty-fifth session)."""
+    one: beside another feed on 2 vCPUs, two parsing processes took 36-44% more CPU for
+    the same work than alone (bench/HISTORY.md, thirty-fifth session)."""
     configured = os.environ.get(WORKERS_ENV)
     if configured:
         return max(1, int(configured))
@@ -505,7 +505,7 @@ def _write_events(
             pa.array(~np.isin(rows, set_aside, assume_unique=True)),
         )
         results = pa.Table.from_batches([batch])
-        if pc.min(kept).as_py() is False:
+        if not pc.all(kept).as_py():  # nearly always all kept: no copy then
             results = results.filter(kept)
         if not results.num_rows:
             continue
@@ -534,7 +534,8 @@ def _resolve(
     The rules run over a narrow table of every result's key, order and status; the events
     are then read from the spool batch by batch in file order, without the results the
     rules set aside (at a million patients, keying a copy of all 9.3 M results with every
-    column, then sorting the kept ones back into file order, took 27 of 33 CPU seconds)."""
+    column, 14.6 CPU s, then sorting the kept ones back into file order, about 10, were
+    most of the 25-30 CPU s this took; now 18.2 CPU s)."""
     con = duckdb.connect(config=config)
     try:
         install_duckdb_macro(con, key)
