@@ -15,6 +15,7 @@ from etl.pseudonym import (
     install_duckdb_macro,
     native_kernel,
     pseudonym,
+    repeated_pseudonyms,
 )
 
 KEYS = [
@@ -124,3 +125,23 @@ def test_a_kernel_asked_for_but_not_built_is_an_error(monkeypatch: pytest.Monkey
     con = duckdb.connect()
     install_duckdb_macro(con, KEYS[0])  # by default: the SQL macro
     assert con.execute("SELECT omop_etl_pseudonym('a')").fetchall() == [(pseudonym(KEYS[0], "a"),)]
+
+
+@pytest.mark.parametrize("native", NATIVE)
+def test_repeated_values_get_their_own_pseudonym_in_their_rows_order(native: bool) -> None:
+    """Each distinct value hashed once, every row given its own value's HMAC, in order,
+    NULL kept; a chunked column (several blocks) the same as a whole one."""
+    key = KEYS[0]
+    con = duckdb.connect()
+    install_duckdb_macro(con, key, native=native)
+    rng = random.Random(3)
+    values = [rng.choice([*VALUES, None, "P1", "P2"]) for _ in range(500)]
+    expected = [None if v is None else pseudonym(key, v) for v in values]
+    whole = repeated_pseudonyms(con, pa.array(values, pa.string()))
+    chunked = repeated_pseudonyms(
+        con, pa.chunked_array([pa.array(values[:123], pa.string()), pa.array(values[123:])])
+    )
+    assert whole.to_pylist() == expected
+    assert chunked.to_pylist() == expected
+    assert repeated_pseudonyms(con, pa.array([None, None], pa.string())).to_pylist() == [None, None]
+    assert repeated_pseudonyms(con, pa.array([], pa.string())).to_pylist() == []
