@@ -141,8 +141,8 @@ def repeated_pseudonyms(con, values: pa.Array | pa.ChunkedArray) -> pa.Array:  #
     One hashing pass (Arrow's dictionary encoding gives the distinct values and each row's
     index into them); the distinct values are hashed by `con`'s pseudonym function
     (`install_duckdb_macro`) in a single-table SELECT, whose output keeps its input's
-    order, and taken back by index. Unique, then a look-up of every row in the hashed
-    values, hashed them three times."""
+    order, and taken back by index (where `unique` and then `index_in` against the
+    hashed values had hashed every value three times)."""
     if isinstance(values, pa.ChunkedArray):
         values = values.chunk(0) if values.num_chunks == 1 else values.combine_chunks()
     encoded = values.dictionary_encode()

@@ -143,5 +143,20 @@ def test_repeated_values_get_their_own_pseudonym_in_their_rows_order(native: boo
     )
     assert whole.to_pylist() == expected
     assert chunked.to_pylist() == expected
+
+    class Recording:  # the connection, recording what is handed to it to hash
+        def __init__(self) -> None:
+            self.hashed: list[int] = []
+
+        def register(self, name: str, table: pa.Table) -> None:
+            self.hashed.append(table.num_rows)
+            con.register(name, table)
+
+        def __getattr__(self, name: str):  # type: ignore[no-untyped-def]
+            return getattr(con, name)
+
+    recording = Recording()
+    assert repeated_pseudonyms(recording, pa.array(values, pa.string())).to_pylist() == expected
+    assert recording.hashed == [len({v for v in values if v is not None})]  # each once
     assert repeated_pseudonyms(con, pa.array([None, None], pa.string())).to_pylist() == [None, None]
     assert repeated_pseudonyms(con, pa.array([], pa.string())).to_pylist() == []

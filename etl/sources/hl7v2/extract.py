@@ -2,10 +2,13 @@
 
 Files are framed into messages (framing.py); the plain messages of about 8 MiB of files
 are read together in DuckDB (bulk.py), any other message one by one (message.py, hl7apy);
-both give the same rows. Everything after is set-based in DuckDB over one Arrow
-table of the feed's results: pseudonyms, result identity, and the status rules (a
-correction replaces, a cancellation removes, a preliminary result counts only while no
-final one exists), so a correction in tomorrow's file still wins over today's.
+both give the same rows, spooled to one Parquet file of the feed's results in file and
+line order. Everything after is set-based over that spool: the status rules in DuckDB
+over a narrow table of each result's identity, order and status (a correction replaces,
+a cancellation removes, a preliminary result counts only while no final one exists), so
+a correction in tomorrow's file still wins over today's; then the kept results read back
+batch by batch in the spool's order, their keys pseudonymised (repeated ids once per
+distinct value), as events.
 
 Accounting per file: records_in = OBX (results) and SPM (specimens) segments + 1 for each
 message with neither (or rejected with none); each ends as an event, a quarantine row
