@@ -76,6 +76,39 @@ def test_reading_in_worker_processes_gives_the_same_extract(
     assert sum(s.extracted for s in stats) > 0 and sum(s.quarantined for s in stats) > 0
 
 
+def test_a_large_feed_reads_in_no_more_processes_than_its_cores(
+    tmp_path: Path, monkeypatch, caplog
+) -> None:
+    """Given one core (beside other feeds on 2 vCPUs), a large feed reads its headers in
+    this process; given more, in as many processes (up to 4); the site's setting wins."""
+    import etl.sources.dicom as dicom
+
+    monkeypatch.delenv(dicom.WORKERS_ENV, raising=False)
+    monkeypatch.setattr(dicom.os, "cpu_count", lambda: 8)
+    assert dicom._workers(dicom.PARALLEL_FILES - 1) == 1  # a small feed
+    assert dicom._workers(dicom.PARALLEL_FILES) == 4  # at most 4
+    assert dicom._workers(dicom.PARALLEL_FILES, cores=2) == 2
+    assert dicom._workers(dicom.PARALLEL_FILES, cores=1) == 1  # in this process
+    monkeypatch.setenv(dicom.WORKERS_ENV, "3")
+    assert dicom._workers(dicom.PARALLEL_FILES, cores=1) == 3
+
+    monkeypatch.delenv(dicom.WORKERS_ENV)
+    monkeypatch.setattr(dicom, "PARALLEL_FILES", 2)  # the 11 test files count as large
+    monkeypatch.setattr(dicom, "CHUNK_FILES", 3)
+    write_test_tree(tmp_path)
+    feed = FeedConfig(name="pacs", kind="dicom", path=tmp_path)
+    with caplog.at_level("INFO", logger="etl.sources.dicom"):
+        one = Extract()
+        extract_dicom(feed, KEY, one, cores=1)
+        assert "processes" not in caplog.text  # read here
+        two = Extract()
+        extract_dicom(feed, KEY, two, cores=2)
+        assert "reading 11 file(s) in 2 processes" in caplog.text
+    assert sorted(two.tables) == sorted(one.tables)
+    for shape in one.tables:
+        assert two.table(shape).equals(one.table(shape)), shape
+
+
 def test_study_series_modality_date_and_body_part_match_the_headers(tmp_path: Path) -> None:
     write_test_tree(tmp_path)
     _, sink = _extract(tmp_path)

@@ -83,22 +83,26 @@ def read_files(files: list[tuple[Path, str]]) -> list[Instance | str]:
     return out
 
 
-def _workers(n_files: int) -> int:
-    """Processes to read with: OMOP_ETL_DICOM_WORKERS, else up to 4 for a large feed."""
+def _workers(n_files: int, cores: int | None = None) -> int:
+    """Processes to read with: OMOP_ETL_DICOM_WORKERS, else up to 4 for a large feed, no
+    more than the `cores` it may use (default: the machine's). One process means in this
+    one."""
     configured = os.environ.get(WORKERS_ENV)
     if configured:
         return max(1, int(configured))
     if n_files < PARALLEL_FILES:
         return 1
-    return max(1, min(4, os.cpu_count() or 1))
+    return max(1, min(4, cores or os.cpu_count() or 1))
 
 
-def _read_all(feed: str, files: list[tuple[Path, str]]) -> Iterator[Instance | str]:
+def _read_all(
+    feed: str, files: list[tuple[Path, str]], cores: int | None = None
+) -> Iterator[Instance | str]:
     """`read_files` over every file, in order; in worker processes when the feed is large
     (pydicom's parsing, 1.3-1.7 ms a header, is the cost; the result does not depend
     on the number of workers)."""
     chunks = [files[i : i + CHUNK_FILES] for i in range(0, len(files), CHUNK_FILES)]
-    workers = _workers(len(files))
+    workers = _workers(len(files), cores)
     if workers > 1 and len(chunks) > 1:
         log.info("%s: reading %d file(s) in %d processes", feed, len(files), workers)
         context = multiprocessing.get_context("spawn")
@@ -143,8 +147,11 @@ def _quarantine(rejected: list[tuple[str, str]], feed: str) -> pa.Table:
     )
 
 
-def extract_dicom(feed: FeedConfig, key: bytes, sink: RecordSink) -> list[FileStats]:
-    """Read every file under feed.path (sorted), writing canonical records to `sink`.
+def extract_dicom(
+    feed: FeedConfig, key: bytes, sink: RecordSink, *, cores: int | None = None
+) -> list[FileStats]:
+    """Read every file under feed.path (sorted), writing canonical records to `sink`;
+    a large feed's headers in up to `cores` processes (`_workers`).
 
     Each file is one record (line 1); each coded finding of an SR or SEG file is one more
     record of that file (lines 2, 3, ...). A file that is empty, not DICOM, truncated or
@@ -159,7 +166,7 @@ def extract_dicom(feed: FeedConfig, key: bytes, sink: RecordSink) -> list[FileSt
     for folder, reason in unlisted:  # counted, so the report shows what was not read
         stats.append(FileStats(RECORD_SET, folder, records_in=1, quarantined=1, message=reason))
         rejected.append((folder, reason))
-    for (_, relative), read in zip(files, _read_all(feed.name, files), strict=True):
+    for (_, relative), read in zip(files, _read_all(feed.name, files, cores), strict=True):
         st = FileStats(RECORD_SET, relative, records_in=1)
         stats.append(st)
         if isinstance(read, Instance):
