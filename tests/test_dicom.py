@@ -82,9 +82,10 @@ def test_a_large_feed_reads_in_no_more_processes_than_its_cores(
     """Given one core (beside other feeds on 2 vCPUs), a large feed reads its headers in
     this process; given more, in as many processes (up to 4); the site's setting wins."""
     import etl.sources.dicom as dicom
+    from etl.sources import processes
 
     monkeypatch.delenv(dicom.WORKERS_ENV, raising=False)
-    monkeypatch.setattr(dicom.os, "cpu_count", lambda: 8)
+    monkeypatch.setattr(processes.os, "cpu_count", lambda: 8)
     assert dicom._workers(dicom.PARALLEL_FILES - 1) == 1  # a small feed
     assert dicom._workers(dicom.PARALLEL_FILES) == 4  # at most 4
     assert dicom._workers(dicom.PARALLEL_FILES, cores=2) == 2

@@ -135,3 +135,29 @@ def test_each_feed_gets_its_share_of_the_cores(tmp_path: Path, monkeypatch) -> N
     assert given == {"ehr": 4, "lab": 4, "pacs": 4}
     NightlyRun.start(config, tmp_path / "alone").extract("lab")
     assert given["lab"] is None  # one feed on its own: the machine's
+
+
+def test_the_lab_and_pacs_feeds_are_handed_their_cores(tmp_path: Path, monkeypatch) -> None:
+    """`_dispatch` passes the feed's share of the cores on to the lab and PACS readers,
+    which cap their parsing processes at it."""
+    import etl.sources.dicom as dicom
+    import etl.sources.hl7v2 as hl7v2
+    from etl.config import FeedConfig
+    from etl.pipeline import steps
+
+    config = load_config(_config(tmp_path, "d", lab=DEMO_LAB, pacs=DEMO_PACS))
+    handed: dict[str, int | None] = {}
+
+    def reader(kind: str):  # type: ignore[no-untyped-def]
+        def read(*args, cores=None, **kwargs):  # type: ignore[no-untyped-def]
+            handed[kind] = cores
+            return []
+
+        return read
+
+    monkeypatch.setattr(hl7v2, "extract_hl7", reader("hl7v2"))
+    monkeypatch.setattr(dicom, "extract_dicom", reader("dicom"))
+    for kind, path in (("hl7v2", DEMO_LAB), ("dicom", DEMO_PACS)):
+        feed = FeedConfig(name=kind, kind=kind, path=path)
+        steps._dispatch(feed, config, b"k" * 32, None, 1)  # type: ignore[arg-type]
+    assert handed == {"hl7v2": 1, "dicom": 1}

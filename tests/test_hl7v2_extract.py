@@ -422,11 +422,12 @@ def test_future_dates_are_judged_against_todays_clock(monkeypatch) -> None:
 def test_a_large_feed_parses_in_no_more_processes_than_its_cores(
     tmp_path: Path, monkeypatch
 ) -> None:
+    from etl.sources import processes
     from etl.sources.hl7v2 import extract as hl7_extract
 
     monkeypatch.delenv(hl7_extract.WORKERS_ENV, raising=False)
     monkeypatch.setattr(hl7_extract, "PARALLEL_BYTES", 1)
-    monkeypatch.setattr(hl7_extract.os, "cpu_count", lambda: 8)
+    monkeypatch.setattr(processes.os, "cpu_count", lambda: 8)
     paths = []
     for i in range(6):
         paths.append(tmp_path / f"{i}.hl7")

@@ -27,6 +27,7 @@ from etl.pseudonym import install_duckdb_macro
 from etl.sources.dicom.headers import Instance, Unusable, read_instance
 from etl.sources.dicom.records import FEATURE_COLUMNS, INSTANCE_COLUMNS, canonical_tables
 from etl.sources.ehr import FileStats, RecordSink
+from etl.sources.processes import worker_processes
 
 log = logging.getLogger(__name__)
 
@@ -84,15 +85,9 @@ def read_files(files: list[tuple[Path, str]]) -> list[Instance | str]:
 
 
 def _workers(n_files: int, cores: int | None = None) -> int:
-    """Processes to read with: OMOP_ETL_DICOM_WORKERS, else up to 4 for a large feed, no
-    more than the `cores` it may use (default: the machine's). One process means in this
-    one."""
-    configured = os.environ.get(WORKERS_ENV)
-    if configured:
-        return max(1, int(configured))
-    if n_files < PARALLEL_FILES:
-        return 1
-    return max(1, min(4, cores or os.cpu_count() or 1))
+    """Processes to read with (`processes.worker_processes`): OMOP_ETL_DICOM_WORKERS, else
+    up to 4 for a feed of `PARALLEL_FILES` files or more, no more than its `cores`."""
+    return worker_processes(WORKERS_ENV, large=lambda: n_files >= PARALLEL_FILES, cores=cores)
 
 
 def _read_all(

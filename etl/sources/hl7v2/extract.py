@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
-import os
 import tempfile
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -40,6 +39,7 @@ from etl.sources.ehr import FileStats, RecordSink
 from etl.sources.hl7v2.bulk import PlainRows, read_plain
 from etl.sources.hl7v2.framing import RawMessage, split_messages
 from etl.sources.hl7v2.message import parse
+from etl.sources.processes import MOST, worker_processes
 from etl.sql_text import sql_literal
 
 log = logging.getLogger(__name__)
@@ -272,16 +272,16 @@ def _chunks(jobs: list[tuple[str, int, str, Path]]) -> list[list[tuple[int, str,
 
 
 def _workers(paths: list[Path], cores: int | None = None) -> int:
-    """Processes to parse with: OMOP_ETL_HL7_WORKERS, else up to 4 for a large feed, no
-    more than the `cores` it may use (default: the machine's). One process means in this
-    one: beside another feed on 2 vCPUs, two parsing processes took 36-44% more CPU for
+    """Processes to parse with (`processes.worker_processes`): OMOP_ETL_HL7_WORKERS, else
+    up to 4 (and one a file) for a feed of `PARALLEL_BYTES` or more, no more than its
+    `cores`. Beside another feed on 2 vCPUs, two parsing processes took 36-44% more CPU for
     the same work than alone (bench/HISTORY.md, thirty-fifth session)."""
-    configured = os.environ.get(WORKERS_ENV)
-    if configured:
-        return max(1, int(configured))
-    if len(paths) < 2 or sum(p.stat().st_size for p in paths) < PARALLEL_BYTES:
-        return 1
-    return max(1, min(4, cores or os.cpu_count() or 1, len(paths)))
+    return worker_processes(
+        WORKERS_ENV,
+        large=lambda: len(paths) > 1 and sum(p.stat().st_size for p in paths) >= PARALLEL_BYTES,
+        cores=cores,
+        most=min(MOST, len(paths)),
+    )
 
 
 def _read_all(
