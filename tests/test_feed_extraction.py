@@ -161,3 +161,17 @@ def test_the_lab_and_pacs_feeds_are_handed_their_cores(tmp_path: Path, monkeypat
         feed = FeedConfig(name=kind, kind=kind, path=path)
         steps._dispatch(feed, config, b"k" * 32, None, 1)  # type: ignore[arg-type]
     assert handed == {"hl7v2": 1, "dicom": 1}
+
+
+def test_a_worker_count_that_is_not_a_number_is_refused_by_name(monkeypatch) -> None:
+    """A site's OMOP_ETL_HL7_WORKERS / OMOP_ETL_DICOM_WORKERS that is not a whole number
+    stops the feed with a message naming the variable, not a bare ValueError."""
+    import etl.sources.dicom as dicom
+    from etl.config import ConfigError
+    from etl.sources.hl7v2 import extract as hl7_extract
+
+    monkeypatch.setenv(dicom.WORKERS_ENV, "two")
+    with pytest.raises(ConfigError, match="OMOP_ETL_DICOM_WORKERS='two': not a whole number"):
+        dicom._workers(1)
+    monkeypatch.setenv(hl7_extract.WORKERS_ENV, " 3 ")
+    assert hl7_extract._workers([]) == 3  # spaces around a number are fine

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 
+from etl.config import ConfigError
+
 MOST = 4  # processes a feed parses in at most, whatever the machine
 
 
@@ -13,10 +15,14 @@ def worker_processes(
 ) -> int:
     """The site's `env_var` when it is set; else 1 for a feed that is not `large()`;
     else up to `most`, and no more than the `cores` the feed may use (default: the
-    machine's). One process means in the caller's own."""
-    configured = os.environ.get(env_var)
+    machine's). One process means in the caller's own. A setting that is not a whole
+    number is refused (`ConfigError`, naming the variable) before any file is read."""
+    configured = os.environ.get(env_var, "").strip()
     if configured:
-        return max(1, int(configured))
+        try:
+            return max(1, int(configured))
+        except ValueError:
+            raise ConfigError(f"{env_var}={configured!r}: not a whole number") from None
     if not large():
         return 1
     return max(1, min(most, cores or os.cpu_count() or 1))
